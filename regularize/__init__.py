@@ -1,0 +1,42 @@
+"""regularize: add dropout to existing Keras models without losing a weight.
+
+The public names load lazily, so `regularize --help` starts without
+importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "add_dropout": "regularize.api",
+    "remove_dropout": "regularize.api",
+    "plan": "regularize.api",
+    "load_model": "regularize.io",
+    "save_model": "regularize.io",
+    "Policy": "regularize.policy",
+    "Report": "regularize.report",
+    "Site": "regularize.report",
+    "RegularizeError": "regularize.errors",
+    "PolicyError": "regularize.errors",
+    "UnsupportedModelError": "regularize.errors",
+    "ModelLoadError": "regularize.errors",
+    "ModelSaveError": "regularize.errors",
+    "RegularizeWarning": "regularize.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'regularize' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

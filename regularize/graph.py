@@ -1,0 +1,165 @@
+"""Read-only facts about a Keras layer graph: nodes, consumers, layer kinds.
+
+Nothing here changes a model or builds one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Iterator
+
+import keras
+
+# Keras has no public name for the Functional class; `keras.models.clone_model`
+# itself dispatches on it.
+from keras.src.models.functional import Functional
+
+DROPOUT_CLASSES = (
+    keras.layers.Dropout,  # SpatialDropout1D/2D/3D subclass it
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+ACTIVATION_CLASSES = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    keras.layers.Softmax,
+)
+RECURRENT_CLASSES = (keras.layers.RNN, keras.layers.Bidirectional)
+
+# Inserted layers are named `<anchor>__dropout` (`_<n>` added on a name clash),
+# so a second run and `remove_dropout` recognise the tool's own work.
+SUFFIX = "__dropout"
+_OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
+
+
+def is_graph_model(layer: object) -> bool:
+    """Whether `layer` is a model whose layer graph is recorded."""
+    return isinstance(layer, (Functional, keras.Sequential))
+
+
+def is_dropout(op: object) -> bool:
+    return isinstance(op, DROPOUT_CLASSES)
+
+
+def is_own_dropout(op: object) -> bool:
+    """Whether `op` is a dropout layer this tool inserted."""
+    return is_dropout(op) and bool(_OWN_NAME.search(op.name))
+
+
+def is_recurrent(op: object) -> bool:
+    return isinstance(op, RECURRENT_CLASSES)
+
+
+def is_batchnorm(op: object) -> bool:
+    return isinstance(op, keras.layers.BatchNormalization)
+
+
+def activation_of(op: object) -> str | None:
+    """Name of the non-linearity `op` ends with, or None if it has none.
+
+    Covers standalone activation layers and layers with a fused `activation=`
+    (Dense, Conv*, SeparableConv*, DepthwiseConv*, Conv*Transpose, ...).
+    Recurrent layers are not activation sites: they get their own dropout.
+    """
+    if is_graph_model(op) or is_recurrent(op) or is_dropout(op):
+        return None
+    if isinstance(op, ACTIVATION_CLASSES) and not isinstance(op, keras.layers.Activation):
+        return type(op).__name__.lower()
+    fn = getattr(op, "activation", None)
+    if not callable(fn) or fn is keras.activations.linear:
+        return None
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return None if name == "linear" else name
+
+
+def graph_of(model: keras.Model) -> Functional:
+    """The Functional graph behind a Functional or a built Sequential model."""
+    if isinstance(model, keras.Sequential):
+        return model._functional
+    return model
+
+
+def iter_nodes(graph: Functional) -> Iterator:
+    """Yields the graph's call nodes from inputs to outputs.
+
+    Iterates `_nodes_by_depth` like Keras' own `_run_through_graph` (which is
+    not recursive, so 2,000-layer chains are fine).
+    """
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                yield node
+
+
+def consumers(graph: Functional) -> dict[int, list]:
+    """Maps `id(tensor)` to the operations of `graph` that read it."""
+    readers: dict[int, list] = {}
+    for node in iter_nodes(graph):
+        for tensor in node.input_tensors:
+            readers.setdefault(id(tensor), []).append(node.operation)
+    return readers
+
+
+def data_format_near(node, limit: int = 64) -> str:
+    """The `data_format` of the nearest upstream layer that declares one.
+
+    Standalone activations carry no `data_format`, so a channels_first
+    network is recognised from the convolution or pooling feeding it.
+    """
+    for _ in range(limit):
+        fmt = getattr(node.operation, "data_format", None)
+        if fmt in ("channels_first", "channels_last"):
+            return fmt
+        parents = node.parent_nodes
+        if not parents:
+            break
+        node = parents[0]
+    return keras.config.image_data_format()
+
+
+def dropout_kind(rank: int, data_format: str) -> str:
+    """Dropout class for a tensor of `rank`: Spatial on feature maps."""
+    if rank in (4, 5) or (rank == 3 and data_format == "channels_last"):
+        return f"SpatialDropout{rank - 2}D"
+    return "Dropout"  # rank 2, or a channels_first 1D map (see make_dropout)
+
+
+def make_dropout(kind: str, rate: float, name: str, anchor, shape, data_format: str):
+    """A new dropout layer of `kind` with the anchor's dtype policy.
+
+    The anchor's policy matters: a float32 Dropout after a mixed_float16 layer
+    would cast the activations back to float32 and change inference.
+    """
+    common = {"rate": rate, "name": name, "dtype": anchor.dtype_policy}
+    if kind == "Dropout" and len(shape) == 3 and data_format == "channels_first":
+        # SpatialDropout1D only knows channels_last: drop whole channels of
+        # (batch, channels, steps) with a broadcast noise shape instead.
+        return keras.layers.Dropout(noise_shape=(None, shape[1], 1), **common)
+    if kind.startswith("SpatialDropout") and kind != "SpatialDropout1D":
+        common["data_format"] = data_format
+    return getattr(keras.layers, kind)(**common)
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    if base not in taken:
+        return base
+    n = 1
+    while f"{base}_{n}" in taken:
+        n += 1
+    return f"{base}_{n}"
+
+
+@contextlib.contextmanager
+def recursion_limit(at_least: int):
+    """Raises Python's recursion limit to `at_least` inside the block."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, at_least))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)

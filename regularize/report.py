@@ -1,0 +1,107 @@
+"""Typed records of what a rewrite did (or would do), and their rendering."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+# `Site.action` values.
+INSERT = "insert"  # a new dropout layer goes after the layer
+UPDATE = "update"  # the tool's own layer (or an RNN setting) gets a new rate
+KEEP = "keep"  # dropout that was already there stays as it is
+SKIP = "skip"  # a candidate the rewrite leaves alone; `reason` says why
+REMOVE = "remove"  # remove_dropout strips it
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One place where dropout could go, and what the rewrite does there.
+
+    Attributes:
+        layer: Path of the layer the dropout follows (or the recurrent layer),
+            nested models joined with "/", e.g. "resnet50/conv1_relu".
+        layer_class: Keras class name of that layer.
+        kind: "Dropout", "SpatialDropout1D/2D/3D", "recurrent", ...
+        rate: The rate applied, or None for a skipped site.
+        action: One of "insert", "update", "keep", "skip", "remove".
+        reason: Why the rewrite did what it did.
+        shape: The output shape of the layer, e.g. "(None, 8, 8, 64)".
+    """
+
+    layer: str
+    layer_class: str
+    kind: str
+    rate: float | None
+    action: str
+    reason: str
+    shape: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+    """Collects the sites of one rewrite; pass one to `add_dropout(report=...)`."""
+
+    sites: list[Site] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, site: Site) -> None:
+        self.sites.append(site)
+
+    def counts(self) -> dict[str, collections.Counter]:
+        """Number of sites per action, then per kind (or per reason for skips)."""
+        counts: dict[str, collections.Counter] = {}
+        for site in self.sites:
+            key = site.reason if site.action in (SKIP, KEEP) else site.kind
+            counts.setdefault(site.action, collections.Counter())[key] += 1
+        return counts
+
+    def changed(self) -> int:
+        """How many sites the rewrite changes."""
+        return sum(s.action in (INSERT, UPDATE, REMOVE) for s in self.sites)
+
+    def summary_lines(self) -> list[str]:
+        """Short human summary: one line per action, most common first."""
+        verbs = {
+            INSERT: "inserted",
+            UPDATE: "updated",
+            REMOVE: "removed",
+            KEEP: "kept",
+            SKIP: "skipped",
+        }
+        lines = []
+        for action in (INSERT, UPDATE, REMOVE, KEEP, SKIP):
+            counter = self.counts().get(action)
+            if not counter:
+                continue
+            total = sum(counter.values())
+            parts = ", ".join(f"{n} {key}" for key, n in counter.most_common())
+            lines.append(f"{verbs[action]} {_plural(total, 'site')}: {parts}")
+        if not lines:
+            lines.append("no candidate sites found")
+        return lines
+
+    def to_dict(self) -> dict:
+        return {
+            "sites": [dataclasses.asdict(s) for s in self.sites],
+            "summary": {a: dict(c) for a, c in self.counts().items()},
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render_plan(self) -> str:
+        """One line per site, for `--dry-run` and golden files."""
+        width = max((len(s.layer) for s in self.sites), default=0)
+        lines = []
+        for s in self.sites:
+            rate = "" if s.rate is None else f" rate={s.rate:g}"
+            lines.append(
+                f"{s.action:<6} {s.layer:<{width}}  {s.kind}{rate}  ({s.reason})"
+            )
+        return "\n".join(lines + self.summary_lines())
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -1,0 +1,272 @@
+"""The CLI: exit codes, one-line errors, outputs; one real subprocess run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import keras
+import pytest
+from click.testing import CliRunner
+from conftest import assert_exact
+from conftest import cnn_functional
+from conftest import inserted
+
+from regularize.cli import cli
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture
+def model_file(saved_cnn, tmp_path):
+    path = tmp_path / "cnn.keras"
+    path.write_bytes(saved_cnn.read_bytes())
+    return path
+
+
+def test_add_dropout_writes_default_output_next_to_input(model_file):
+    before = _digest(model_file)
+    result = _invoke("add-dropout", model_file, "--rate", "0.3")
+    assert result.exit_code == 0, result.output
+    out = model_file.with_name("cnn_dropout.keras")
+    assert result.stdout.splitlines() == [
+        "inserted 4 sites: 3 SpatialDropout2D, 1 Dropout",
+        "skipped 1 site: 1 feeds BatchNormalization",
+        f"wrote {out}",
+    ]
+    assert _digest(model_file) == before
+    new = keras.models.load_model(out)
+    assert set(inserted(new)) == {"r2__dropout", "c3__dropout", "leaky__dropout", "fc__dropout"}
+    assert_exact(keras.models.load_model(model_file), new, cnn_functional().x)
+    assert new.compiled
+
+
+def test_existing_output_needs_force(model_file, tmp_path):
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"precious")
+    result = _invoke("add-dropout", model_file, "-o", out)
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        f"Error: Invalid value for '-o' / '--output': '{out}' already exists. "
+        "Pass --force to overwrite it."
+    )
+    assert out.read_bytes() == b"precious"
+    result = _invoke("add-dropout", model_file, "-o", out, "--force")
+    assert result.exit_code == 0
+    assert zipfile.is_zipfile(out)
+
+
+def test_output_equal_to_input_is_refused(model_file):
+    before = _digest(model_file)
+    result = _invoke("add-dropout", model_file, "-o", model_file, "--force")
+    assert result.exit_code == 2
+    assert "the output would overwrite the input" in _error_line(result)
+    assert _digest(model_file) == before
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("1.5", "'1.5'"), ("-0.1", "'-0.1'"), ("abc", "'abc'"), ("nan", "'nan'")]
+)
+def test_bad_rate_exit_2(model_file, value, shown):
+    result = _invoke("add-dropout", model_file, "--rate", value)
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        f"Error: Invalid value for '--rate': Expected a float in [0, 1). Received: {shown}"
+    )
+    assert not model_file.with_name("cnn_dropout.keras").exists()
+
+
+def test_bad_recurrent_rate_exit_2(model_file):
+    result = _invoke("add-dropout", model_file, "--recurrent-rate", "1")
+    assert result.exit_code == 2
+    assert "Invalid value for '--recurrent-rate'" in _error_line(result)
+
+
+def test_missing_input_exit_2(tmp_path):
+    result = _invoke("add-dropout", tmp_path / "nope.keras")
+    assert result.exit_code == 2
+    assert _error_line(result).startswith("Error: Invalid value for 'INPUT': no such file.")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.keras", b"", "the file is empty (0 bytes)"),
+        ("noise.keras", b"\x8f" * 999, "not a `.keras` archive"),
+        ("noise.h5", b"\x01" * 999, "not an HDF5 file"),
+    ],
+)
+def test_unreadable_model_exit_1(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = _invoke("add-dropout", path)
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line.startswith("Error: Cannot read model: ")
+    assert message in line
+    assert f"Received: path='{path}'" in line
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_truncated_and_not_a_model_zip_exit_1(model_file, tmp_path):
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(model_file.read_bytes()[:1000])
+    result = _invoke("add-dropout", cut)
+    assert result.exit_code == 1 and "not a `.keras` archive" in _error_line(result)
+    other = tmp_path / "other.keras"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("data.csv", "1,2")
+    result = _invoke("add-dropout", other)
+    assert result.exit_code == 1 and "no `config.json`" in _error_line(result)
+
+
+def test_dry_run_writes_nothing(model_file):
+    result = _invoke("add-dropout", model_file, "--dry-run")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0].startswith("skip   c1")
+    assert "dry run: nothing written" in result.stdout
+    assert sorted(p.name for p in model_file.parent.iterdir()) == ["cnn.keras"]
+
+
+def test_json_output(model_file, tmp_path):
+    out = tmp_path / "j.keras"
+    result = _invoke("add-dropout", model_file, "-o", out, "--json", "--rate", "0.2")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["output"] == str(out)
+    assert data["summary"] == {
+        "insert": {"SpatialDropout2D": 3, "Dropout": 1},
+        "skip": {"feeds BatchNormalization": 1},
+    }
+    assert {s["rate"] for s in data["sites"] if s["action"] == "insert"} == {0.2}
+
+
+def test_lambda_model_needs_unsafe(tmp_path):
+    inp = keras.Input((3,))
+    x = keras.layers.Dense(3, activation="relu", name="fc")(inp)
+    out = keras.layers.Lambda(lambda t: t + 1.0, name="plus")(x)
+    path = tmp_path / "lam.keras"
+    keras.Model(inp, out).save(path)
+    result = _invoke("add-dropout", path)
+    assert result.exit_code == 1
+    assert "--unsafe" in _error_line(result)
+    result = _invoke("add-dropout", path, "--unsafe")
+    assert result.exit_code == 0, result.output
+
+
+def test_subclassed_model_file_is_refused_cleanly(tmp_path):
+    module = tmp_path / "net.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import keras
+
+            @keras.saving.register_keras_serializable(package="t")
+            class Net(keras.Model):
+                def __init__(self, **kwargs):
+                    super().__init__(**kwargs)
+                    self.fc = keras.layers.Dense(2)
+
+                def call(self, x):
+                    return self.fc(x)
+            """
+        )
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import net
+
+        model = net.Net()
+        model(keras.ops.ones((1, 3)))
+        path = tmp_path / "sub.keras"
+        model.save(path)
+        result = _invoke("add-dropout", path, "--custom-objects", module)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.exit_code == 1
+    assert "Cannot rewrite subclassed model 'Net'" in _error_line(result)
+
+
+def test_remove_dropout_command(model_file, tmp_path):
+    with_dropout = tmp_path / "with.keras"
+    assert _invoke("add-dropout", model_file, "-o", with_dropout).exit_code == 0
+    result = _invoke("remove-dropout", with_dropout, "-o", tmp_path / "without.keras")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0] == "removed 4 sites: 3 SpatialDropout2D, 1 Dropout"
+    assert inserted(keras.models.load_model(tmp_path / "without.keras")) == {}
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from regularize.cli import cli\n"
+        "r = CliRunner().invoke(cli, ['add-dropout', '--help'])\n"
+        "assert r.exit_code == 0 and '--rate' in r.output, r.output\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_real_subprocess_then_fresh_process_fits(model_file, tmp_path):
+    """The console script, then plain Keras in a process without regularize."""
+    out = tmp_path / "fresh.keras"
+    run = subprocess.run(
+        ["regularize", "add-dropout", str(model_file), "-o", str(out), "--rate", "0.25"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    assert run.stdout.splitlines()[-1] == f"wrote {out}"
+    check = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import keras
+        model = keras.models.load_model({str(out)!r})
+        assert model.compiled
+        names = [layer.name for layer in model.layers]
+        assert "fc__dropout" in names and "r2__dropout" in names, names
+        x = np.random.default_rng(0).normal(size=(4, 12, 12, 3)).astype("float32")
+        y = np.zeros((4, 2), "float32")
+        history = model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        assert not any(m.startswith("regularize") for m in sys.modules), "regularize imported"
+        print("fit ok")
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    fresh = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.strip() == "fit ok"
+
+
+def test_python_dash_m_runs():
+    run = subprocess.run(
+        [sys.executable, "-m", "regularize", "--version"], capture_output=True, text=True
+    )
+    assert run.returncode == 0
+    assert run.stdout.strip() == "regularize, version 0.1.0"

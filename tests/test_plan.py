@@ -1,0 +1,183 @@
+"""Where dropout goes and why not elsewhere; re-runs; remove_dropout."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import L
+from conftest import assert_exact
+from conftest import cnn_functional
+from conftest import inserted
+from conftest import mlp_sequential
+from conftest import recurrent
+from conftest import rnn_dropout
+
+import regularize
+
+
+def _by_layer(sites):
+    return {s.layer: (s.action, s.reason) for s in sites}
+
+
+def test_plan_reasons_on_cnn():
+    case = cnn_functional()
+    sites = _by_layer(regularize.plan(case.model, rate=0.3))
+    assert sites == {
+        "c1": ("skip", "feeds BatchNormalization"),
+        "r2": ("insert", "after relu"),
+        "c3": ("insert", "after silu"),
+        "leaky": ("insert", "after leakyrelu"),
+        "fc": ("insert", "after gelu"),
+    }
+
+
+def test_plan_builds_nothing():
+    case = cnn_functional()
+    nodes = {layer.name: len(layer._inbound_nodes) for layer in case.model.layers}
+    regularize.plan(case.model, rate=0.3)
+    assert {layer.name: len(layer._inbound_nodes) for layer in case.model.layers} == nodes
+
+
+def test_plan_matches_rewrite():
+    case = cnn_functional()
+    report = regularize.Report()
+    regularize.add_dropout(case.model, 0.3, report=report)
+    assert report.sites == regularize.plan(case.model, 0.3)
+
+
+def test_never_after_model_output():
+    case = mlp_sequential()
+    sites = _by_layer(regularize.plan(case.model))
+    assert sites["probs"] == ("skip", "model output")
+
+
+def test_existing_user_dropout_is_kept_not_stacked():
+    inp = keras.Input((4,))
+    x = L.Dense(4, activation="relu", name="fc")(inp)
+    x = L.Dropout(0.5, name="user_drop")(x)
+    out = L.Dense(1, name="out")(x)
+    model = keras.Model(inp, out)
+    report = regularize.Report()
+    new = regularize.add_dropout(model, 0.2, report=report)
+    assert _by_layer(report.sites)["fc"] == ("keep", "already followed by Dropout")
+    assert new.get_layer("user_drop").rate == 0.5
+    assert inserted(new) == {}
+
+
+def test_rerun_same_rate_changes_nothing():
+    case = cnn_functional()
+    once = regularize.add_dropout(case.model, 0.3)
+    report = regularize.Report()
+    twice = regularize.add_dropout(once, 0.3, report=report)
+    assert inserted(twice) == inserted(once)
+    assert report.changed() == 0
+    assert [layer.name for layer in twice.layers] == [layer.name for layer in once.layers]
+
+
+def test_rerun_new_rate_updates_in_place():
+    case = cnn_functional()
+    once = regularize.add_dropout(case.model, 0.3)
+    report = regularize.Report()
+    twice = regularize.add_dropout(once, 0.5, report=report)
+    assert {k: v[1] for k, v in inserted(twice).items()} == dict.fromkeys(inserted(once), 0.5)
+    assert [layer.name for layer in twice.layers] == [layer.name for layer in once.layers]
+    assert {s.action for s in report.sites} == {"update", "skip"}
+    # the first rewrite's layers are not mutated
+    assert {v[1] for v in inserted(once).values()} == {0.3}
+    assert_exact(case.model, twice, case.x)
+
+
+def test_rerun_rate_zero_removes_own_layers_only():
+    inp = keras.Input((4,))
+    x = L.Dense(4, activation="relu", name="fc")(inp)
+    x = L.Dropout(0.5, name="user_drop")(x)
+    x = L.Dense(4, activation="relu", name="fc2")(x)
+    out = L.Dense(1, name="out")(x)
+    model = keras.Model(inp, out)
+    once = regularize.add_dropout(model, 0.3)
+    assert set(inserted(once)) == {"fc2__dropout"}
+    zero = regularize.add_dropout(once, 0.0)
+    assert inserted(zero) == {}
+    assert "user_drop" in [layer.name for layer in zero.layers]
+
+
+def test_remove_dropout_restores_structure():
+    case = cnn_functional()
+    new = regularize.add_dropout(case.model, 0.3)
+    report = regularize.Report()
+    stripped = regularize.remove_dropout(new, report=report)
+    assert [layer.name for layer in stripped.layers] == [layer.name for layer in case.model.layers]
+    assert sum(s.action == "remove" for s in report.sites) == 4
+    assert_exact(case.model, stripped, case.x)
+
+
+def test_remove_dropout_strips_every_family_member_and_rnn_settings():
+    inp = keras.Input((6, 3))
+    h = L.LSTM(4, dropout=0.2, recurrent_dropout=0.1, return_sequences=True, name="lstm")(inp)
+    h = L.SpatialDropout1D(0.1, name="sd")(h)
+    h = L.GaussianDropout(0.1, name="gd")(h)
+    h = L.Flatten(name="flat")(h)
+    h = L.AlphaDropout(0.1, name="ad")(h)
+    h = L.Dense(3, activation="selu", name="fc")(h)
+    h = L.Dropout(0.3, name="plain")(h)
+    out = L.Dense(1, name="out")(h)
+    model = keras.Model(inp, out)
+    stripped = regularize.remove_dropout(model)
+    names = [layer.name for layer in stripped.layers]
+    assert names[1:] == ["lstm", "flat", "fc", "out"]
+    lstm = stripped.get_layer("lstm")
+    assert (lstm.dropout, lstm.recurrent_dropout) == (0.0, 0.0)
+    x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(model(x, training=False)), np.asarray(stripped(x, training=False)), atol=1e-6
+    )
+
+
+def test_recurrent_rate_sets_both_directions_and_warns():
+    case = recurrent()
+    report = regularize.Report()
+    with pytest.warns(regularize.RegularizeWarning):
+        new = regularize.add_dropout(case.model, 0.25, recurrent_rate=0.1, report=report)
+    bi = new.get_layer("bi")
+    for layer in (bi.forward_layer, bi.backward_layer):
+        assert (layer.dropout, layer.recurrent_dropout) == (0.25, 0.1)
+    assert new.get_layer("gru").recurrent_dropout == 0.1
+    assert any("cuDNN" in w for w in report.warnings)
+    assert any("LSTM" in w for w in report.warnings)
+    # LSTM switches kernel (implementation=1) with recurrent dropout: equal to
+    # float rounding only; the warning says so.
+    for a, b in zip(
+        keras.tree.flatten(case.model(case.x, training=False)),
+        keras.tree.flatten(new(case.x, training=False)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_rate_on_gru_only_is_bit_exact():
+    inp = keras.Input((5, 3))
+    out = L.GRU(4, name="gru")(inp)
+    model = keras.Model(inp, out)
+    new = regularize.add_dropout(model, 0.2, recurrent_rate=0.2)
+    x = np.random.default_rng(1).normal(size=(2, 5, 3)).astype("float32")
+    assert_exact(model, new, x)
+
+
+def test_rnn_without_recurrent_rate_keeps_recurrent_dropout():
+    case = recurrent()
+    new = regularize.add_dropout(case.model, 0.3)
+    assert new.get_layer("gru").recurrent_dropout == 0.0
+    assert rnn_dropout(new)["gru"] == ("recurrent", 0.3)
+
+
+def test_shared_rnn_stays_shared():
+    inp_a = keras.Input((4, 2))
+    inp_b = keras.Input((4, 2))
+    lstm = L.LSTM(3, name="shared_lstm")
+    out = L.Add()([lstm(inp_a), lstm(inp_b)])
+    model = keras.Model([inp_a, inp_b], out)
+    new = regularize.add_dropout(model, 0.3)
+    rnns = [layer for layer in new.layers if isinstance(layer, L.LSTM)]
+    assert len(rnns) == 1 and rnns[0].dropout == 0.3
+    assert len(new.weights) == len(model.weights)

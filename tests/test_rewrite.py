@@ -1,0 +1,209 @@
+"""Every factory: structure, bit-exact inference, save -> reload."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import FACTORIES
+from conftest import L
+from conftest import all_layers
+from conftest import assert_exact
+from conftest import assert_same_model_except_dropout
+from conftest import assert_snapshot_equal
+from conftest import inserted
+from conftest import rnn_dropout
+from conftest import snapshot
+
+import regularize
+from regularize import graph
+
+
+def _expected_own(case):
+    return {k: v for k, v in case.expected.items() if v[0] != "recurrent"}
+
+
+def _expected_rnn(case):
+    return {k: v for k, v in case.expected.items() if v[0] == "recurrent"}
+
+
+@pytest.fixture(scope="module", params=FACTORIES, ids=lambda f: f.__name__)
+def rewritten(request):
+    case = request.param()
+    before = snapshot(case.model)
+    new = regularize.add_dropout(case.model, rate=0.3)
+    return case, before, new
+
+
+def test_structure(rewritten):
+    case, _, new = rewritten
+    assert inserted(new) == _expected_own(case)
+    assert rnn_dropout(new) == _expected_rnn(case)
+    if isinstance(case.model, keras.Sequential):
+        assert isinstance(new, keras.Sequential)
+    assert_same_model_except_dropout(case.model, new)
+
+
+def test_inference_bit_exact(rewritten):
+    case, _, new = rewritten
+    assert_exact(case.model, new, case.x)
+
+
+def test_input_model_untouched(rewritten):
+    case, before, _ = rewritten
+    assert_snapshot_equal(before, snapshot(case.model))
+    assert inserted(case.model) == {}
+
+
+def test_shares_variables(rewritten):
+    """Same variable objects, no copy (rebuilt RNN layers excepted)."""
+    case, _, new = rewritten
+    rebuilt = set(_expected_rnn(case))
+    new_layers = dict(all_layers(new))
+    for path, layer in all_layers(case.model):
+        if path in rebuilt or graph.is_graph_model(layer):
+            continue
+        for v, w in zip(layer.weights, new_layers[path].weights, strict=True):
+            assert v is w, path
+
+
+def test_save_reload_exact(rewritten, tmp_path):
+    case, _, new = rewritten
+    path = tmp_path / "new.keras"
+    regularize.save_model(new, path)
+    loaded = keras.models.load_model(path)
+    assert_exact(new, loaded, case.x)
+    assert inserted(loaded) == _expected_own(case)
+    assert rnn_dropout(loaded) == _expected_rnn(case)
+    assert [p for p, _ in all_layers(loaded)] == [p for p, _ in all_layers(new)]
+    assert loaded.compiled == case.model.compiled
+    if case.model.compiled:
+        assert loaded.get_compile_config()["loss"] == case.model.get_compile_config()["loss"]
+
+
+def test_dropout_is_active_in_training(rewritten):
+    """Inserted layers do fire: training outputs differ from inference ones."""
+    case, _, new = rewritten
+    keras.utils.set_random_seed(0)
+    train = [np.asarray(t) for t in keras.tree.flatten(new(case.x, training=True))]
+    infer = [np.asarray(t) for t in keras.tree.flatten(case.model(case.x, training=True))]
+    assert any(not np.array_equal(a, b) for a, b in zip(train, infer, strict=True))
+
+
+def test_compiled_input_gives_compiled_output(rewritten):
+    case, _, new = rewritten
+    assert new.compiled == case.model.compiled
+    if case.model.compiled:
+        old_cfg = case.model.get_compile_config()
+        new_cfg = new.get_compile_config()
+        assert new_cfg["loss"] == old_cfg["loss"]
+        assert new_cfg["metrics"] == old_cfg["metrics"]
+        assert new_cfg["optimizer"] == old_cfg["optimizer"]
+        assert new.optimizer is not case.model.optimizer
+
+
+def test_nested_trainable_flags_kept():
+    from conftest import nested_two_levels
+
+    case = nested_two_levels()
+    new = regularize.add_dropout(case.model, 0.3)
+    mid = new.get_layer("mid")
+    assert mid is not case.model.get_layer("mid")
+    inner = mid.get_layer("inner")
+    assert inner.trainable is False
+    assert mid.trainable is True
+    assert inner.get_layer("inner_conv").trainable is False
+
+
+def test_frozen_base_called_inference_only_is_reused_and_reported():
+    from conftest import frozen_base_inference
+
+    case = frozen_base_inference()
+    report = regularize.Report()
+    new = regularize.add_dropout(case.model, 0.3, report=report)
+    assert new.get_layer("base") is case.model.get_layer("base")
+    skipped = {s.layer: s.reason for s in report.sites if s.action == "skip"}
+    assert "training=False" in skipped["base/b_conv"]
+    assert "training=False" in skipped["base/b_conv2"]
+    assert set(skipped) == {"base/b_conv", "base/b_conv2"}
+
+
+def test_mixed_precision_dtype_follows_anchor():
+    from conftest import mixed_precision
+
+    case = mixed_precision()
+    new = regularize.add_dropout(case.model, 0.3)
+    assert new.get_layer("fc__dropout").dtype_policy.name == "mixed_float16"
+    assert new.output.dtype == case.model.output.dtype == "float32"
+
+
+def test_sequential_stays_sequential_with_order():
+    from conftest import mlp_sequential
+
+    case = mlp_sequential()
+    new = regularize.add_dropout(case.model, 0.3)
+    assert isinstance(new, keras.Sequential)
+    assert [layer.name for layer in new.layers] == [
+        "d1",
+        "d1__dropout",
+        "d2",
+        "act",
+        "act__dropout",
+        "probs",
+    ]
+    assert new.name == "mlp"
+    assert new.input_shape == case.model.input_shape
+
+
+def test_dict_outputs_keep_names_for_compile_loss_dict():
+    from conftest import multi_io_dict
+
+    case = multi_io_dict()
+    new = regularize.add_dropout(case.model, 0.3)
+    out = new(case.x, training=False)
+    assert set(out) == {"label", "value"}
+    y = {"label": np.array([0, 1]), "value": np.zeros((2, 1), "float32")}
+    history = new.fit(case.x, y, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_channels_first_1d_drops_whole_channels():
+    from conftest import conv_ranks
+
+    case = conv_ranks()
+    new = regularize.add_dropout(case.model, 0.5)
+    layer = new.get_layer("cf1d__dropout")
+    mask = np.asarray(layer(np.ones((1, 5, 8), "float32"), training=True))[0]
+    # each channel row is all kept or all dropped
+    assert all(len(set(row.tolist())) == 1 for row in mask)
+    assert new.get_layer("prelu__dropout").data_format == "channels_first"
+
+
+def test_ops_nodes_are_replayed():
+    from conftest import ops_nodes
+
+    case = ops_nodes()
+    new = regularize.add_dropout(case.model, 0.3)
+    old_ops = [type(op).__name__ for op in case.model.operations if not isinstance(op, L.Layer)]
+    new_ops = [type(op).__name__ for op in new.operations if not isinstance(op, L.Layer)]
+    assert old_ops and old_ops == new_ops
+
+
+@pytest.mark.slow
+def test_2000_layer_chain(tmp_path):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    x = inp
+    for i in range(2000):
+        x = L.Dense(4, activation="relu", name=f"d{i}")(x)
+    out = L.Dense(1, name="out")(x)
+    model = keras.Model(inp, out)
+    new = regularize.add_dropout(model, 0.1)
+    assert len(inserted(new)) == 2000
+    data = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    assert_exact(model, new, data)
+    path = tmp_path / "deep.keras"
+    regularize.save_model(new, path)
+    loaded = regularize.load_model(path)
+    assert len(loaded.layers) == len(new.layers)
+    assert_exact(new, loaded, data)
