@@ -133,7 +133,9 @@ def remove_dropout_command(**common):
     _process(transform, "nodropout", **common)
 
 
-def _process(transform, suffix, *, input, output, force, dry_run, as_json, custom_objects, unsafe, debug):
+def _process(
+    transform, suffix, *, input, output, force, dry_run, as_json, custom_objects, unsafe, debug
+):
     """Checks the paths, loads, transforms, reports and (unless dry) saves."""
     if not input.exists():
         raise click.BadParameter(

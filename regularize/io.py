@@ -59,9 +59,7 @@ def load_model(
     objects = _custom_objects(custom_objects)
     try:
         with graph.recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
-            model = keras.saving.load_model(
-                path, compile=compile, safe_mode=safe_mode
-            )
+            model = keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     except Exception as err:  # Keras raises many types; one line each here
         raise ModelLoadError(_explain_load_error(path, err)) from err
     if not isinstance(model, keras.Model):
@@ -116,13 +114,11 @@ def check_output_path(path: Path, *, overwrite: bool) -> None:
         )
     if not path.parent.is_dir():
         raise ModelSaveError(
-            f"Cannot write model to {str(path)!r}: folder {str(path.parent)!r} "
-            "does not exist."
+            f"Cannot write model to {str(path)!r}: folder {str(path.parent)!r} does not exist."
         )
     if path.exists() and not overwrite:
         raise ModelSaveError(
-            f"Output {str(path)!r} already exists. Pass --force (overwrite=True) "
-            "to replace it."
+            f"Output {str(path)!r} already exists. Pass --force (overwrite=True) to replace it."
         )
 
 
@@ -251,8 +247,7 @@ def _custom_objects(spec) -> dict:
         raise
     except Exception as err:
         raise ModelLoadError(
-            f"Cannot read custom objects from {text!r}: "
-            f"{type(err).__name__}: {_first_line(err)}"
+            f"Cannot read custom objects from {text!r}: {type(err).__name__}: {_first_line(err)}"
         ) from err
     # Classes and functions defined in the module; registered ones
     # (`@keras.saving.register_keras_serializable`) are found by Keras anyway.

@@ -19,8 +19,7 @@ def validate_rate(name: str, value: object, *, allow_none: bool = False) -> floa
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise PolicyError(
-            f"Invalid `{name}`. Expected a float in [0, 1). "
-            f"Received: {name}={value!r}"
+            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={value!r}"
         )
     rate = float(value)
     if math.isnan(rate) or not 0.0 <= rate < 1.0:

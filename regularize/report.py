@@ -97,9 +97,7 @@ class Report:
         lines = []
         for s in self.sites:
             rate = "" if s.rate is None else f" rate={s.rate:g}"
-            lines.append(
-                f"{s.action:<6} {s.layer:<{width}}  {s.kind}{rate}  ({s.reason})"
-            )
+            lines.append(f"{s.action:<6} {s.layer:<{width}}  {s.kind}{rate}  ({s.reason})")
         return "\n".join(lines + self.summary_lines())
 
 

@@ -35,6 +35,9 @@ STRIP = "strip"
 
 _INFERENCE_ONLY = "nested model always called with training=False: dropout would never fire"
 _warned: set[str] = set()
+# Keras' graph sort recurses once per node; TensorFlow leaves Python's
+# recursion limit at 3,000, and a few frames sit on top of each level.
+_PLAIN_LOAD_NODES = 2500
 
 
 @dataclasses.dataclass
@@ -77,6 +80,12 @@ def rewrite(
     # doubles that path past Python's default limit.
     with graph.recursion_limit(4 * _count_nodes(model) + 1000):
         new = _rewrite_model(model, run, prefix="", inert=None, top=True)
+    if new is not None and _count_nodes(new) > _PLAIN_LOAD_NODES:
+        run.report.warnings.append(
+            f"the new model has {_count_nodes(new)} graph nodes: plain "
+            "`keras.models.load_model` recurses once per node and needs "
+            "`sys.setrecursionlimit(20000)` first (`regularize.load_model` does this)"
+        )
     if new is not None and getattr(model, "compiled", False):
         config = model.get_compile_config()
         if config:
@@ -123,7 +132,9 @@ def _rewrite_model(model, run: _Run, prefix: str, inert: str | None, top: bool =
     if not walk.changed and not top:
         return model
     if isinstance(model, keras.Sequential):
-        new = keras.Sequential([fn.inputs[0]._keras_history.operation] + walk.sequence, name=model.name)
+        new = keras.Sequential(
+            [fn.inputs[0]._keras_history.operation] + walk.sequence, name=model.name
+        )
     else:
         outputs = tree.pack_sequence_as(fn._outputs_struct, walk.outputs())
         new = keras.Model(inputs=fn._inputs_struct, outputs=outputs, name=model.name)
@@ -166,7 +177,7 @@ class _Walk:
                 if graph.activation_of(op) and self.run_.mode == ADD:
                     outputs = self._activation(node, outputs)
             if self.run_.build:
-                for old, new in zip(node.outputs, tree.flatten(outputs)):
+                for old, new in zip(node.outputs, tree.flatten(outputs), strict=True):
                     self.tensors[id(old)] = new
 
     def outputs(self) -> list:
@@ -378,7 +389,7 @@ def _dropout_settings(config):
 
 def _describe_change(old, new) -> str:
     parts = []
-    for name, a, b in zip(("dropout", "recurrent_dropout"), old, new):
+    for name, a, b in zip(("dropout", "recurrent_dropout"), old, new, strict=True):
         parts.append(f"{name}={b:g}" if a == b else f"{name} {a:g} -> {b:g}")
     return ", ".join(parts)
 

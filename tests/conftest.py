@@ -323,7 +323,12 @@ def assert_same_model_except_dropout(old, new):
 def snapshot(model) -> list:
     """What must not change in the input model: configs and weight values."""
     return [
-        (path, type(layer).__name__, repr(layer.get_config()), [np.asarray(w) for w in layer.weights])
+        (
+            path,
+            type(layer).__name__,
+            repr(layer.get_config()),
+            [np.asarray(w) for w in layer.weights],
+        )
         for path, layer in all_layers(model)
     ]
 

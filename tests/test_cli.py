@@ -257,7 +257,11 @@ def test_real_subprocess_then_fresh_process_fits(model_file, tmp_path):
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     fresh = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env,
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
         cwd=tmp_path,
     )
     assert fresh.returncode == 0, fresh.stderr

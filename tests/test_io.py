@@ -125,7 +125,7 @@ def test_lambda_refused_in_safe_mode(tmp_path):
     assert model.get_layer("double") is not None
 
 
-CUSTOM = '''
+CUSTOM = """
 import keras
 
 class Scale(keras.layers.Layer):
@@ -138,7 +138,7 @@ class Scale(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor}
-'''
+"""
 
 
 def test_custom_objects_from_file(tmp_path):

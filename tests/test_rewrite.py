@@ -198,8 +198,10 @@ def test_2000_layer_chain(tmp_path):
         x = L.Dense(4, activation="relu", name=f"d{i}")(x)
     out = L.Dense(1, name="out")(x)
     model = keras.Model(inp, out)
-    new = regularize.add_dropout(model, 0.1)
+    report = regularize.Report()
+    new = regularize.add_dropout(model, 0.1, report=report)
     assert len(inserted(new)) == 2000
+    assert any("sys.setrecursionlimit" in w for w in report.warnings)
     data = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
     assert_exact(model, new, data)
     path = tmp_path / "deep.keras"
