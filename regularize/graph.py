@@ -130,7 +130,7 @@ def dropout_kind(rank: int, data_format: str) -> str:
 
 
 def make_dropout(kind: str, rate: float, name: str, anchor, shape, data_format: str):
-    """A new dropout layer of `kind` with the anchor's dtype policy.
+    """A new dropout layer of `kind` with the anchor's dtype policy and flag.
 
     The anchor's policy matters: a float32 Dropout after a mixed_float16 layer
     would cast the activations back to float32 and change inference.
@@ -139,10 +139,15 @@ def make_dropout(kind: str, rate: float, name: str, anchor, shape, data_format: 
     if kind == "Dropout" and len(shape) == 3 and data_format == "channels_first":
         # SpatialDropout1D only knows channels_last: drop whole channels of
         # (batch, channels, steps) with a broadcast noise shape instead.
-        return keras.layers.Dropout(noise_shape=(None, shape[1], 1), **common)
-    if kind.startswith("SpatialDropout") and kind != "SpatialDropout1D":
-        common["data_format"] = data_format
-    return getattr(keras.layers, kind)(**common)
+        layer = keras.layers.Dropout(noise_shape=(None, shape[1], 1), **common)
+    else:
+        if kind.startswith("SpatialDropout") and kind != "SpatialDropout1D":
+            common["data_format"] = data_format
+        layer = getattr(keras.layers, kind)(**common)
+    # Inside a frozen base the new layer is frozen too, as `base.trainable =
+    # False` would have made it (SpatialDropout* take no `trainable` argument).
+    layer.trainable = anchor.trainable
+    return layer
 
 
 def unique_name(base: str, taken: set[str]) -> str:

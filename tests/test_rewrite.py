@@ -76,6 +76,14 @@ def test_save_reload_exact(rewritten, tmp_path):
     assert inserted(loaded) == _expected_own(case)
     assert rnn_dropout(loaded) == _expected_rnn(case)
     assert [p for p, _ in all_layers(loaded)] == [p for p, _ in all_layers(new)]
+
+    # Keras restores the flags of layers with weights; it does not serialize a
+    # nested model's own flag nor that of weightless layers (SpatialDropout*,
+    # InputLayer): the input model reloads the same way.
+    def flags(model):
+        return {p: layer.trainable for p, layer in all_layers(model) if layer.weights}
+
+    assert flags(loaded) == flags(new)
     assert loaded.compiled == case.model.compiled
     if case.model.compiled:
         assert loaded.get_compile_config()["loss"] == case.model.get_compile_config()["loss"]
@@ -113,6 +121,7 @@ def test_nested_trainable_flags_kept():
     assert inner.trainable is False
     assert mid.trainable is True
     assert inner.get_layer("inner_conv").trainable is False
+    assert inner.get_layer("inner_conv__dropout").trainable is False
 
 
 def test_frozen_base_called_inference_only_is_reused_and_reported():
