@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/bench.py            # full mode, about 2-3 minutes on 2 cores
+    python benchmarks/bench.py            # full mode, about 2 minutes on 2 cores
     python benchmarks/bench.py --quick    # fewer repetitions, about 1 minute
     python benchmarks/bench.py --json results.json
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="Write the results here instead of stdout.")
     args = parser.parse_args(argv)
     reps = 3 if args.quick else 7
-    cli_runs = 3 if args.quick else 5
+    cli_runs = 3 if args.quick else 7
 
     keras, tf = _import_quietly()
     import regularize
@@ -202,24 +202,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _import_quietly():
-    """Imports keras and tensorflow with TensorFlow's import-time banner kept off stderr.
+    """Imports keras and tensorflow without TensorFlow's import-time banner on stderr."""
+    from regularize.cli import import_keras_quietly
 
-    TensorFlow 2.21 writes INFO lines (oneDNN, CUDA) to file descriptor 2 from C++ while it is
-    imported, before absl logging exists and whatever TF_CPP_MIN_LOG_LEVEL says, so stderr is
-    pointed at /dev/null for the import alone.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import keras
-        import tensorflow as tf
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    import_keras_quietly()
+    import keras
+    import tensorflow as tf
+
     tf.get_logger().setLevel("ERROR")
     return keras, tf
 
@@ -375,6 +364,8 @@ def _bench_memory(path: Path) -> dict:
         f"{base_ratio:.1%} of weights (baseline, no target)"
     )
     print(f"                   method: {ours['method']}")
+    if base["method"] != ours["method"]:
+        print(f"                   method (baseline): {base['method']}")
     if ours["reset_error"]:
         print(f"                   clear_refs not writable: {ours['reset_error']}")
     return {

@@ -225,27 +225,13 @@ def _terminate(signum, frame):
 def _quiet(debug: bool):
     """Keeps TensorFlow's and Keras' log lines off stderr (unless --debug).
 
-    TensorFlow 2.21 writes INFO lines (oneDNN, CUDA) to file descriptor 2
-    from C++ while it is imported, before absl logging exists, and no
-    environment variable silences them: stderr is pointed at /dev/null for
-    the import alone. Python warnings are silenced too: the tool's own are
-    in the report and printed from there, one line each.
+    See `import_keras_quietly`. Python warnings are silenced too: the tool's
+    own are in the report and printed from there, one line each.
     """
     if debug:
         yield
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "keras" not in sys.modules:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        try:
-            import keras  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
+    import_keras_quietly()
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -253,6 +239,28 @@ def _quiet(debug: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def import_keras_quietly() -> None:
+    """Imports Keras (and TensorFlow) with stderr pointed at /dev/null meanwhile.
+
+    TensorFlow 2.21 writes INFO lines (oneDNN, CUDA) to file descriptor 2 from
+    C++ while it is imported, before absl logging exists, whatever
+    TF_CPP_MIN_LOG_LEVEL says.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "keras" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def main() -> None:

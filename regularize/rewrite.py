@@ -81,10 +81,11 @@ def rewrite(
     with graph.recursion_limit(4 * _count_nodes(model) + 1000):
         new = _rewrite_model(model, run, prefix="", inert=None, top=True)
     if new is not None and _count_nodes(new) > _PLAIN_LOAD_NODES:
-        run.report.warnings.append(
+        _warn(
+            run.report,
             f"the new model has {_count_nodes(new)} graph nodes: plain "
             "`keras.models.load_model` recurses once per node and needs "
-            "`sys.setrecursionlimit(20000)` first (`regularize.load_model` does this)"
+            "`sys.setrecursionlimit(20000)` first (`regularize.load_model` does this)",
         )
     if new is not None and getattr(model, "compiled", False):
         config = model.get_compile_config()
@@ -418,13 +419,18 @@ _LSTM_KERNEL = (
 
 
 def _warn_recurrent(report: Report, config: dict) -> None:
-    texts = [_CUDNN] + ([_LSTM_KERNEL] if _has_lstm_cell(config) else [])
-    for text in texts:
-        if text not in report.warnings:
-            report.warnings.append(text)
-        if text not in _warned:  # once per process
-            _warned.add(text)
-            warnings.warn(text, RegularizeWarning, stacklevel=2)
+    _warn(report, _CUDNN)
+    if _has_lstm_cell(config):
+        _warn(report, _LSTM_KERNEL)
+
+
+def _warn(report: Report, text: str) -> None:
+    """Records `text` in the report, and warns once per process."""
+    if text not in report.warnings:
+        report.warnings.append(text)
+    if text not in _warned:
+        _warned.add(text)
+        warnings.warn(text, RegularizeWarning, stacklevel=3)
 
 
 def _has_lstm_cell(config) -> bool:
