@@ -245,6 +245,19 @@ def mixed_precision():
     return Case(model, _x((8, 8, 2)), expected)
 
 
+def masked_sequence():
+    """A padding mask from Embedding flows through the inserted dropout."""
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((6,), dtype="int32", name="tokens")
+    x = L.Embedding(20, 4, mask_zero=True, name="embed")(inp)
+    x = L.Dense(5, activation="relu", name="fc")(x)
+    x = L.LSTM(3, name="lstm")(x)
+    model = keras.Model(inp, x, name="masked")
+    tokens = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0]], "int32")
+    expected = {"fc__dropout": ("SpatialDropout1D", 0.3), "lstm": ("recurrent", 0.3)}
+    return Case(model, tokens, expected)
+
+
 FACTORIES = [
     mlp_sequential,
     cnn_functional,
@@ -256,6 +269,7 @@ FACTORIES = [
     ops_nodes,
     recurrent,
     mixed_precision,
+    masked_sequence,
 ]
 
 

@@ -42,6 +42,8 @@ def model_file(saved_cnn, tmp_path):
     return path
 
 
+# Keras' own warning when it loads a compiled model whose optimizer was never built.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_add_dropout_writes_default_output_next_to_input(model_file):
     before = _digest(model_file)
     result = _invoke("add-dropout", model_file, "--rate", "0.3")
@@ -266,6 +268,69 @@ def test_real_subprocess_then_fresh_process_fits(model_file, tmp_path):
     )
     assert fresh.returncode == 0, fresh.stderr
     assert fresh.stdout.strip() == "fit ok"
+
+
+def test_sigterm_during_save_leaves_nothing(model_file, tmp_path):
+    """An interrupted write leaves neither the output nor a temporary file."""
+    out = tmp_path / "out.keras"
+    driver = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        from regularize.cli import import_keras_quietly
+        import_keras_quietly()
+        import keras
+
+        def save_then_die(self, path, *args, **kwargs):
+            with open(path, "wb") as f:
+                f.write(b"half a model")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+        keras.Model.save = save_then_die
+        from regularize.cli import main
+        sys.argv = ["regularize", "add-dropout", {str(model_file)!r}, "-o", {str(out)!r}]
+        main()
+        """
+    )
+    before = _digest(model_file)
+    run = subprocess.run(
+        [sys.executable, "-c", driver],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip() == "Aborted."
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.keras"]
+    assert _digest(model_file) == before
+
+
+def test_custom_objects_by_module_name(tmp_path, monkeypatch):
+    (tmp_path / "team_layers.py").write_text(
+        textwrap.dedent(
+            """
+            import keras
+
+            class Shift(keras.layers.Layer):
+                def call(self, x):
+                    return x + 1.0
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import team_layers
+
+    inp = keras.Input((3,))
+    out = team_layers.Shift(name="shift")(keras.layers.Dense(3, activation="relu", name="fc")(inp))
+    path = tmp_path / "shift.keras"
+    keras.Model(inp, out).save(path)
+    result = _invoke("add-dropout", path, "--custom-objects", "team_layers", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("insert fc")
+    result = _invoke("add-dropout", path, "--custom-objects", "no_such_module_xyz")
+    assert result.exit_code == 1
+    assert "Cannot read custom objects from 'no_such_module_xyz'" in _error_line(result)
 
 
 def test_python_dash_m_runs():

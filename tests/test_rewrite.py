@@ -208,7 +208,8 @@ def test_2000_layer_chain(tmp_path):
     out = L.Dense(1, name="out")(x)
     model = keras.Model(inp, out)
     report = regularize.Report()
-    new = regularize.add_dropout(model, 0.1, report=report)
+    with pytest.warns(regularize.RegularizeWarning, match="sys.setrecursionlimit"):
+        new = regularize.add_dropout(model, 0.1, report=report)
     assert len(inserted(new)) == 2000
     assert any("sys.setrecursionlimit" in w for w in report.warnings)
     data = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
