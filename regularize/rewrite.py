@@ -151,7 +151,7 @@ class _Walk:
 
     def __init__(self, fn, run: _Run, prefix: str, inert: str | None):
         self.fn = fn
-        self.run_ = run
+        self.ctx = run
         self.prefix = prefix
         self.inert = inert
         self.readers = graph.consumers(fn)
@@ -175,9 +175,9 @@ class _Walk:
                 outputs = self._recurrent(node)
             else:
                 outputs = self._call(op, node)
-                if graph.activation_of(op) and self.run_.mode == ADD:
+                if graph.activation_of(op) and self.ctx.mode == ADD:
                     outputs = self._activation(node, outputs)
-            if self.run_.build:
+            if self.ctx.build:
                 for old, new in zip(node.outputs, tree.flatten(outputs), strict=True):
                     self.tensors[id(old)] = new
 
@@ -188,7 +188,7 @@ class _Walk:
 
     def _call(self, op, node):
         """Calls `op` (or its replacement) as `node` called the original."""
-        if not self.run_.build:
+        if not self.ctx.build:
             return None
         args, kwargs = node.arguments.fill_in(self.tensors)
         self.sequence.append(op)
@@ -196,7 +196,7 @@ class _Walk:
 
     def _site(self, node, op, kind, rate, action, reason) -> None:
         shape = node.outputs[0].shape if node.outputs else ()
-        self.run_.report.add(
+        self.ctx.report.add(
             Site(
                 layer=self.prefix + op.name,
                 layer_class=type(op).__name__,
@@ -214,7 +214,7 @@ class _Walk:
 
     def _nested(self, node):
         op = node.operation
-        run = self.run_
+        run = self.ctx
         inert = self.inert
         if inert is None and run.mode == ADD and run.policy.skip_inference_only:
             calls = self.calls[id(op)]
@@ -232,7 +232,7 @@ class _Walk:
 
     def _activation(self, node, outputs):
         op = node.operation
-        run = self.run_
+        run = self.ctx
         if len(node.outputs) != 1:
             return outputs
         tensor = node.outputs[0]
@@ -277,7 +277,7 @@ class _Walk:
     def _retarget(self, node, layer, kind, fmt) -> None:
         """Decides what becomes of the tool's own dropout after `node`."""
         op = node.operation
-        run = self.run_
+        run = self.ctx
         rate = run.policy.rate
         tensor = node.outputs[0]
         old_kind = type(layer).__name__
@@ -300,7 +300,7 @@ class _Walk:
 
     def _dropout(self, node):
         op = node.operation
-        run = self.run_
+        run = self.ctx
         if run.mode == STRIP:
             if id(node.outputs[0]) in self.outputs_ids:
                 self._site(node, op, type(op).__name__, op.rate, KEEP, "model output")
@@ -319,7 +319,7 @@ class _Walk:
         return self._call(new, node)
 
     def _passthrough(self, node):
-        if not self.run_.build:
+        if not self.ctx.build:
             return None
         args, _ = node.arguments.fill_in(self.tensors)
         return args[0]
@@ -328,7 +328,7 @@ class _Walk:
 
     def _recurrent(self, node):
         op = node.operation
-        run = self.run_
+        run = self.ctx
         config = keras.saving.serialize_keras_object(op)
         settings = list(_dropout_settings(config))
         if not settings:

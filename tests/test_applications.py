@@ -46,6 +46,11 @@ def test_application(name, tmp_path):
     assert {id(v) for v in new.weights} == old_ids  # the same variables, no copy
     assert_exact(model, new, x)
 
+    report_again = regularize.Report()
+    again = regularize.add_dropout(new, 0.2, report=report_again)
+    assert report_again.changed() == 0  # a second run never stacks
+    assert [layer.name for layer in again.layers] == [layer.name for layer in new.layers]
+
     path = tmp_path / f"{name}.keras"
     regularize.save_model(new, path)
     loaded = keras.models.load_model(path)

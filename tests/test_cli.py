@@ -140,6 +140,14 @@ def test_truncated_and_not_a_model_zip_exit_1(model_file, tmp_path):
     assert result.exit_code == 1 and "no `config.json`" in _error_line(result)
 
 
+def test_debug_shows_the_exception(tmp_path):
+    path = tmp_path / "noise.keras"
+    path.write_bytes(b"\x8f" * 999)
+    result = CliRunner().invoke(cli, ["add-dropout", str(path), "--debug"])
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "ModelLoadError"
+
+
 def test_dry_run_writes_nothing(model_file):
     result = _invoke("add-dropout", model_file, "--dry-run")
     assert result.exit_code == 0

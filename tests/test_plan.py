@@ -181,3 +181,79 @@ def test_shared_rnn_stays_shared():
     rnns = [layer for layer in new.layers if isinstance(layer, L.LSTM)]
     assert len(rnns) == 1 and rnns[0].dropout == 0.3
     assert len(new.weights) == len(model.weights)
+
+
+def test_rerun_on_recurrent_model_changes_nothing():
+    case = recurrent()
+    once = regularize.add_dropout(case.model, 0.3)
+    report = regularize.Report()
+    twice = regularize.add_dropout(once, 0.3, report=report)
+    assert report.changed() == 0
+    assert {s.action for s in report.sites} == {"keep"}
+    for layer in once.layers:
+        assert twice.get_layer(layer.name) is layer
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+def test_nested_models_to_any_depth(depth):
+    """Model in model in model ...: the innermost activation still gets dropout."""
+    inp = keras.Input((4,))
+    hidden = L.Dense(4, activation="relu", name="core")(inp)
+    model = keras.Model(inp, L.Dense(4, name="core_out")(hidden), name="m0")
+    for level in range(1, depth + 1):
+        inner_in = keras.Input((4,))
+        model = keras.Model(inner_in, model(inner_in), name=f"m{level}")
+    outer_in = keras.Input((4,))
+    outer = keras.Model(outer_in, L.Dense(1, name="out")(model(outer_in)))
+    new = regularize.add_dropout(outer, 0.3)
+    path = "/".join(f"m{level}" for level in range(depth, -1, -1))
+    assert set(inserted(new)) == {f"{path}/core__dropout"}
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
+    assert_exact(outer, new, x)
+
+
+def test_sequential_inside_functional_and_back():
+    base = keras.Sequential(
+        [keras.Input((6,)), L.Dense(5, activation="relu", name="b1"), L.Dense(4, name="b2")],
+        name="seq_base",
+    )
+    inp = keras.Input((6,))
+    outer = keras.Model(inp, L.Dense(2, name="o")(L.ReLU(name="r")(base(inp))))
+    new = regularize.add_dropout(outer, 0.3)
+    new_base = new.get_layer("seq_base")
+    assert isinstance(new_base, keras.Sequential)
+    assert [layer.name for layer in new_base.layers] == ["b1", "b1__dropout", "b2"]
+    fn_in = keras.Input((6,))
+    fn_base = keras.Model(
+        fn_in,
+        L.Dense(4, activation="tanh", name="f1")(L.Dense(4, activation="relu", name="f0")(fn_in)),
+        name="fn_base",
+    )
+    seq = keras.Sequential([keras.Input((6,)), fn_base, L.Dense(2, name="o2")])
+    new_seq = regularize.add_dropout(seq, 0.3)
+    assert isinstance(new_seq, keras.Sequential)
+    assert set(inserted(new_seq)) == {"fn_base/f0__dropout"}
+    x = np.random.default_rng(0).normal(size=(2, 6)).astype("float32")
+    assert_exact(outer, new, x)
+    assert_exact(seq, new_seq, x)
+
+
+def test_keras_3_path_never_imports_tfmot_or_tf_keras():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "import keras, regularize\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation='relu'),"
+        " keras.layers.Dense(1)])\n"
+        "regularize.add_dropout(m)\n"
+        "regularize.plan(m)\n"
+        "bad = [n for n in sys.modules if n.startswith(('tensorflow_model_optimization', "
+        "'tf_keras'))]\n"
+        "assert not bad, bad\n"
+        "assert os.environ.get('TF_USE_LEGACY_KERAS') is None\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
