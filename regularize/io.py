@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ import h5py
 import keras
 
 from regularize import graph
+from regularize import training
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
 
@@ -45,7 +47,10 @@ def load_model(
         custom_objects: A dict of custom classes, or the path of a Python file
             or the name of a module that defines (or registers) them.
         safe_mode: Refuse Python-lambda `Lambda` layers (Keras' own guard).
-        compile: Restore the compile config saved with the model.
+        compile: Compile the model with the compile config saved with it.
+            For `.keras` files the optimizer starts fresh and unbuilt (its
+            saved state is not restored): no slot variables are made until
+            training starts.
 
     Returns:
         The loaded model.
@@ -57,9 +62,15 @@ def load_model(
     path = Path(path)
     _check_readable(path)
     objects = _custom_objects(custom_objects)
+    # Keras would compile a `.keras` model *and* build its optimizer (Adam:
+    # two slot variables per weight); compile it here from the saved config
+    # instead. Legacy `.h5` files keep Keras' own path.
+    lazy = compile and path.suffix == ".keras"
     try:
         with graph.recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
-            model = keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+            model = keras.saving.load_model(path, compile=compile and not lazy, safe_mode=safe_mode)
+            if lazy and isinstance(model, keras.Model):
+                training.compile_from_config(model, _saved_compile_config(path))
     except Exception as err:  # Keras raises many types; one line each here
         raise ModelLoadError(_explain_load_error(path, err)) from err
     if not isinstance(model, keras.Model):
@@ -89,6 +100,9 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
     try:
         with graph.recursion_limit(DEEP):
             model.save(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain
+        # `open()` would have.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -99,6 +113,12 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
             ) from err
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(path: Path, *, overwrite: bool) -> None:
@@ -120,6 +140,12 @@ def check_output_path(path: Path, *, overwrite: bool) -> None:
         raise ModelSaveError(
             f"Output {str(path)!r} already exists. Pass --force (overwrite=True) to replace it."
         )
+
+
+def _saved_compile_config(path: Path) -> dict | None:
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    return config.get("compile_config")
 
 
 def _check_readable(path: Path) -> None:

@@ -19,6 +19,7 @@ import keras
 from keras import tree
 
 from regularize import graph
+from regularize import training
 from regularize.errors import RegularizeWarning
 from regularize.errors import UnsupportedModelError
 from regularize.policy import Policy
@@ -88,11 +89,9 @@ def rewrite(
             "`sys.setrecursionlimit(20000)` first (`regularize.load_model` does this)",
         )
     if new is not None and getattr(model, "compiled", False):
-        config = model.get_compile_config()
-        if config:
-            # A fresh optimizer of the same config: slots of the old one
-            # refer to the old model's variable list.
-            new.compile_from_config(config)
+        # A fresh optimizer of the same config: the old one's slots belong to
+        # the old model's variable list.
+        training.compile_from_config(new, model.get_compile_config())
     return new
 
 

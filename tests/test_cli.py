@@ -42,8 +42,6 @@ def model_file(saved_cnn, tmp_path):
     return path
 
 
-# Keras' own warning when it loads a compiled model whose optimizer was never built.
-@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_add_dropout_writes_default_output_next_to_input(model_file):
     before = _digest(model_file)
     result = _invoke("add-dropout", model_file, "--rate", "0.3")

@@ -191,6 +191,25 @@ def test_save_refuses_existing_and_bad_paths(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.keras"]
 
 
+def test_saved_file_has_default_permissions(tmp_path):
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"")
+    path = regularize.save_model(mlp_sequential().model, tmp_path / "out.keras")
+    assert oct(path.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777)
+
+
+def test_load_compiles_without_building_the_optimizer(tmp_path):
+    case = mlp_sequential()
+    path = tmp_path / "compiled.keras"
+    case.model.save(path)
+    model = regularize.load_model(path)
+    assert model.compiled
+    assert model.get_compile_config()["loss"] == case.model.get_compile_config()["loss"]
+    assert not model.optimizer.built  # no slot variables until fit()
+    model.fit(case.x, np.array([0, 1]), epochs=1, verbose=0)
+    assert model.optimizer.built
+
+
 def test_save_h5_output(tmp_path):
     case = mlp_sequential()
     new = regularize.add_dropout(case.model, 0.3)

@@ -108,6 +108,7 @@ def test_compiled_input_gives_compiled_output(rewritten):
         assert new_cfg["metrics"] == old_cfg["metrics"]
         assert new_cfg["optimizer"] == old_cfg["optimizer"]
         assert new.optimizer is not case.model.optimizer
+        assert not new.optimizer.built  # no slot variables (2x weights for Adam) yet
 
 
 def test_nested_trainable_flags_kept():
