@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import zipfile
+from pathlib import Path
 
 import keras
 import pytest
@@ -237,8 +239,11 @@ def test_help_does_not_import_tensorflow():
 def test_real_subprocess_then_fresh_process_fits(model_file, tmp_path):
     """The console script, then plain Keras in a process without regularize."""
     out = tmp_path / "fresh.keras"
+    # The console script installed next to this interpreter (PATH may hold a shim or nothing).
+    script = Path(sysconfig.get_path("scripts")) / "regularize"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "regularize"]
     run = subprocess.run(
-        ["regularize", "add-dropout", str(model_file), "-o", str(out), "--rate", "0.25"],
+        [*command, "add-dropout", str(model_file), "-o", str(out), "--rate", "0.25"],
         capture_output=True,
         text=True,
         timeout=300,
