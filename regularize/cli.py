@@ -143,7 +143,7 @@ def _process(
             param_hint="'INPUT'",
         )
     if output is None:
-        output = input.with_name(f"{input.stem if input.is_file() else input.name}_{suffix}.keras")
+        output = input.with_name(f"{input.stem}_{suffix}.keras")
     if not dry_run:
         _check_output(input, output, force)
     signal.signal(signal.SIGTERM, _terminate)
@@ -188,32 +188,14 @@ def _process(
 
 
 def _check_output(input: Path, output: Path, force: bool) -> None:
-    hint = "'-o' / '--output'"
-    if output.suffix not in (".keras", ".h5"):
-        raise click.BadParameter(
-            f"unsupported file type. Expected a path ending in `.keras` or `.h5`. "
-            f"Received: {str(output)!r}",
-            param_hint=hint,
-        )
-    if output.resolve() == input.resolve():
-        raise click.BadParameter(
-            f"the output would overwrite the input. Expected another path. "
-            f"Received: {str(output)!r}",
-            param_hint=hint,
-        )
-    if output.is_dir():
-        raise click.BadParameter(
-            f"it is a folder. Expected a file path. Received: {str(output)!r}", param_hint=hint
-        )
-    if not output.parent.is_dir():
-        raise click.BadParameter(
-            f"folder {str(output.parent)!r} does not exist. Received: {str(output)!r}",
-            param_hint=hint,
-        )
-    if output.exists() and not force:
-        raise click.BadParameter(
-            f"{str(output)!r} already exists. Pass --force to overwrite it.", param_hint=hint
-        )
+    """Fails before the slow TensorFlow import if OUTPUT cannot be written."""
+    from regularize.errors import ModelSaveError
+    from regularize.paths import check_output_path
+
+    try:
+        check_output_path(output, overwrite=force, source=input)
+    except ModelSaveError as err:
+        raise click.BadParameter(str(err), param_hint="'-o' / '--output'") from err
 
 
 def _terminate(signum, frame):

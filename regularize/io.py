@@ -25,9 +25,9 @@ from regularize import graph
 from regularize import training
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
+from regularize.paths import check_output_path
 
 EXPECTED = "a `.keras` file or a Keras `.h5` file"
-SAVE_SUFFIXES = (".keras", ".h5")
 # Keras (de)serializes functional graphs recursively, one frame per node on
 # the longest path: allow models far deeper than the 2,000-layer target.
 DEEP = 20_000
@@ -119,27 +119,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def check_output_path(path: Path, *, overwrite: bool) -> None:
-    """Raises `ModelSaveError` if a model cannot be written to `path`."""
-    if path.suffix not in SAVE_SUFFIXES:
-        raise ModelSaveError(
-            f"Cannot write model to {str(path)!r}: unsupported file type. Expected a "
-            f"path ending in `.keras` or `.h5`. Received: suffix={path.suffix!r}"
-        )
-    if path.is_dir():
-        raise ModelSaveError(
-            f"Cannot write model to {str(path)!r}: it is a folder. Expected a file path."
-        )
-    if not path.parent.is_dir():
-        raise ModelSaveError(
-            f"Cannot write model to {str(path)!r}: folder {str(path.parent)!r} does not exist."
-        )
-    if path.exists() and not overwrite:
-        raise ModelSaveError(
-            f"Output {str(path)!r} already exists. Pass --force (overwrite=True) to replace it."
-        )
 
 
 def _saved_compile_config(path: Path) -> dict | None:

@@ -67,8 +67,8 @@ def test_existing_output_needs_force(model_file, tmp_path):
     result = _invoke("add-dropout", model_file, "-o", out)
     assert result.exit_code == 2
     assert _error_line(result) == (
-        f"Error: Invalid value for '-o' / '--output': '{out}' already exists. "
-        "Pass --force to overwrite it."
+        f"Error: Invalid value for '-o' / '--output': Cannot write model to '{out}': the file "
+        "already exists. Pass --force (overwrite=True in Python) to replace it."
     )
     assert out.read_bytes() == b"precious"
     result = _invoke("add-dropout", model_file, "-o", out, "--force")
@@ -80,7 +80,7 @@ def test_output_equal_to_input_is_refused(model_file):
     before = _digest(model_file)
     result = _invoke("add-dropout", model_file, "-o", model_file, "--force")
     assert result.exit_code == 2
-    assert "the output would overwrite the input" in _error_line(result)
+    assert "it is the input model. Expected another path." in _error_line(result)
     assert _digest(model_file) == before
 
 
@@ -100,6 +100,21 @@ def test_bad_recurrent_rate_exit_2(model_file):
     result = _invoke("add-dropout", model_file, "--recurrent-rate", "1")
     assert result.exit_code == 2
     assert "Invalid value for '--recurrent-rate'" in _error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("out.pt", "unsupported file type. Expected a path ending in `.keras` or `.h5`."),
+        ("missing/out.keras", "does not exist."),
+        (".", "it is a folder. Expected a file path."),
+    ],
+)
+def test_bad_output_path_exit_2_before_loading(model_file, name, message):
+    result = _invoke("add-dropout", model_file, "-o", model_file.parent / name)
+    assert result.exit_code == 2
+    assert message in _error_line(result)
+    assert "keras" not in result.stdout
 
 
 def test_missing_input_exit_2(tmp_path):
