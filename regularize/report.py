@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 
 # `Site.action` values.
 INSERT = "insert"  # a new dropout layer goes after the layer
@@ -87,9 +86,6 @@ class Report:
             "summary": {a: dict(c) for a, c in self.counts().items()},
             "warnings": list(self.warnings),
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     def render_plan(self) -> str:
         """One line per site, for `--dry-run` and golden files."""
