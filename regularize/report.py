@@ -69,8 +69,9 @@ class Report:
             SKIP: "skipped",
         }
         lines = []
+        counts = self.counts()
         for action in (INSERT, UPDATE, REMOVE, KEEP, SKIP):
-            counter = self.counts().get(action)
+            counter = counts.get(action)
             if not counter:
                 continue
             total = sum(counter.values())

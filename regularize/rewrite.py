@@ -81,10 +81,11 @@ def rewrite(
     # doubles that path past Python's default limit.
     with graph.recursion_limit(4 * _count_nodes(model) + 1000):
         new = _rewrite_model(model, run, prefix="", inert=None, top=True)
-    if new is not None and _count_nodes(new) > _PLAIN_LOAD_NODES:
+    nodes = _count_nodes(new) if new is not None else 0
+    if nodes > _PLAIN_LOAD_NODES:
         _warn(
             run.report,
-            f"the new model has {_count_nodes(new)} graph nodes: plain "
+            f"the new model has {nodes} graph nodes: plain "
             "`keras.models.load_model` recurses once per node and needs "
             "`sys.setrecursionlimit(20000)` first (`regularize.load_model` does this)",
         )
