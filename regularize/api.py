@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 
 from regularize import rewrite
+from regularize.errors import PolicyError
 from regularize.policy import Policy
 from regularize.report import Report
 from regularize.report import Site
@@ -15,7 +18,7 @@ def add_dropout(
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
-    policy: Policy | None = None,
+    policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> keras.Model:
     """Returns a new model with dropout after activations and in RNN layers.
@@ -30,7 +33,9 @@ def add_dropout(
             dropout this tool inserted earlier.
         recurrent_rate: `recurrent_dropout` for LSTM/GRU/SimpleRNN/ConvLSTM
             layers; None leaves it unchanged.
-        policy: Full settings; overrides `rate` and `recurrent_rate`.
+        policy: A `Policy`, or the path of a TOML policy file. A `Policy`
+            overrides `rate` and `recurrent_rate`; a file wins for the
+            settings it states and `rate` / `recurrent_rate` fill in the rest.
         report: If given, receives one `Site` record per candidate.
 
     Returns:
@@ -38,15 +43,36 @@ def add_dropout(
         input if the input was compiled.
 
     Raises:
-        PolicyError: A rate is not a float in [0, 1).
+        PolicyError: A rate is not a float in [0, 1), or the policy (file)
+            is invalid.
         UnsupportedModelError: The model is subclassed or not built.
 
     Example:
         >>> base = keras.applications.MobileNetV2(include_top=False, weights=None)
         >>> new = regularize.add_dropout(base, rate=0.2)
+        >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
     """
-    policy = policy or Policy(rate=rate, recurrent_rate=recurrent_rate)
+    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
     return rewrite.rewrite(model, policy, report=report)
+
+
+def resolve_policy(
+    policy: Policy | str | os.PathLike | None,
+    *,
+    rate: float | None = 0.3,
+    recurrent_rate: float | None = None,
+) -> Policy:
+    """A `Policy` from a `Policy`, a TOML file path, or None (rate settings)."""
+    if isinstance(policy, Policy):
+        return policy
+    if policy is None:
+        return Policy(rate=rate, recurrent_rate=recurrent_rate)
+    if isinstance(policy, (str, os.PathLike)):
+        return Policy.from_file(policy, rate=rate, recurrent_rate=recurrent_rate)
+    raise PolicyError(
+        "Invalid `policy`. Expected a `regularize.Policy` or the path of a TOML "
+        f"policy file. Received: policy of type {type(policy).__name__!r}"
+    )
 
 
 def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras.Model:
@@ -64,10 +90,15 @@ def plan(
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
-    policy: Policy | None = None,
+    policy: Policy | str | os.PathLike | None = None,
+    report: Report | None = None,
 ) -> list[Site]:
-    """The sites `add_dropout` would touch or skip, without building anything."""
-    policy = policy or Policy(rate=rate, recurrent_rate=recurrent_rate)
-    report = Report()
+    """The sites `add_dropout` would touch or skip, without building anything.
+
+    Takes the same arguments as `add_dropout`; `report` also receives the
+    warnings (e.g. a rule that matches nothing).
+    """
+    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
+    report = report if report is not None else Report()
     rewrite.rewrite(model, policy, build=False, report=report)
     return report.sites

@@ -69,61 +69,113 @@ def cli():
     """Add dropout to existing Keras models, keeping every pretrained weight."""
 
 
-def _model_options(func):
-    """Options shared by the commands that read one model and write another."""
-    options = [
-        click.argument("input", metavar="INPUT", type=click.Path(path_type=Path)),
-        click.option(
-            "-o",
-            "--output",
-            type=click.Path(path_type=Path),
-            help="Where to write the new model (.keras or .h5). "
-            "Default: next to INPUT, named INPUT_<suffix>.keras.",
-        ),
-        click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists."),
-        click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-        click.option(
-            "--custom-objects",
-            metavar="MODULE_OR_FILE",
-            help="Module name or .py file defining the model's custom layers.",
-        ),
-        click.option(
-            "--unsafe",
-            is_flag=True,
-            help="Allow Python-lambda Lambda layers (runs code from the file).",
-        ),
-        click.option("--debug", is_flag=True, help="Show tracebacks and library logs."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _options(*options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+_input_options = _options(
+    click.argument("input", metavar="INPUT", type=click.Path(path_type=Path)),
+    click.option(
+        "--custom-objects",
+        metavar="MODULE_OR_FILE",
+        help="Module name or .py file defining the model's custom layers.",
+    ),
+    click.option(
+        "--unsafe",
+        is_flag=True,
+        help="Allow Python-lambda Lambda layers (runs code from the file).",
+    ),
+    click.option("-q", "--quiet", is_flag=True, help="No progress display."),
+    click.option("--debug", is_flag=True, help="Show tracebacks and library logs."),
+)
+_output_options = _options(
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path),
+        help="Where to write the new model (.keras or .h5). "
+        "Default: next to INPUT, named INPUT_<suffix>.keras.",
+    ),
+    click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists."),
+    click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+)
+_policy_options = _options(
+    click.option(
+        "--policy",
+        "policy_file",
+        type=click.Path(path_type=Path),
+        help="TOML policy file (preset, rules, schedule). It wins for what it "
+        "states; --rate and --recurrent-rate fill in the rest.",
+    ),
+    click.option(
+        "--preset",
+        type=click.Choice(["all", "head", "blocks"]),
+        default=None,
+        help="Where dropout goes: after every activation (all, the default), only "
+        "in the classifier head (head), or at block outputs (blocks).",
+    ),
+    click.option(
+        "--rate", type=RATE, default=0.3, show_default=True, help="Dropout rate in [0, 1)."
+    ),
+    click.option(
+        "--recurrent-rate",
+        type=RATE,
+        default=None,
+        help="recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
+    ),
+)
+
+
+def _policy(policy_file, preset, rate, recurrent_rate, mc=False):
+    """The policy of a command line, checked before the slow TensorFlow import."""
+    from regularize.policy import Policy
+
+    defaults = {"rate": rate, "recurrent_rate": recurrent_rate}
+    if preset:
+        defaults["preset"] = preset
+    if mc:
+        defaults["mc"] = True
+    try:
+        if policy_file is None:
+            return Policy(**defaults)
+        return Policy.from_file(policy_file, **defaults)
+    except PolicyError as err:
+        raise click.BadParameter(str(err), param_hint="'--policy'") from err
 
 
 @cli.command("add-dropout")
-@_model_options
-@click.option("--rate", type=RATE, default=0.3, show_default=True, help="Dropout rate in [0, 1).")
+@_input_options
+@_output_options
+@_policy_options
 @click.option(
-    "--recurrent-rate",
-    type=RATE,
-    default=None,
-    help="recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
+    "--mc",
+    is_flag=True,
+    help="Monte Carlo dropout: dropout stays active at inference. Loading the "
+    "output needs `import regularize`.",
 )
-def add_dropout_command(rate, recurrent_rate, **common):
+def add_dropout_command(policy_file, preset, rate, recurrent_rate, mc, **common):
     """Insert dropout after activations and set RNN dropout.
 
     Writes a new model ready for fine-tuning: same weights, same names,
     same compile config, and the same predictions at inference.
     """
+    policy = _policy(policy_file, preset, rate, recurrent_rate, mc)
 
     def transform(api, model, report):
-        return api.add_dropout(model, rate, recurrent_rate=recurrent_rate, report=report)
+        return api.add_dropout(model, policy=policy, report=report)
 
     _process(transform, "dropout", **common)
 
 
 @cli.command("remove-dropout")
-@_model_options
+@_input_options
+@_output_options
 def remove_dropout_command(**common):
     """Strip every Dropout-family layer and zero RNN dropout."""
 
@@ -133,31 +185,74 @@ def remove_dropout_command(**common):
     _process(transform, "nodropout", **common)
 
 
-def _process(
-    transform, suffix, *, input, output, force, dry_run, as_json, custom_objects, unsafe, debug
-):
+@cli.command("inspect")
+@_input_options
+@_policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, **common):
+    """Show every candidate site and what the policy would do there.
+
+    Writes nothing: layer path, class, output shape, depth (0 at the inputs,
+    1 at the outputs), dropout already there, and the action with its reason.
+    """
+    policy = _policy(policy_file, preset, rate, recurrent_rate)
+
+    def transform(api, model, report):
+        api.plan(model, policy=policy, report=report)
+
+    report = _run(transform, **common)
+    _print_warnings(report)
+    if as_json:
+        data = {"input": str(common["input"]), "policy": policy.to_dict()}
+        data.update(report.to_dict())
+        click.echo(json.dumps(data, indent=2))
+    elif sys.stdout.isatty():
+        _print_table(report)
+    else:
+        click.echo(report.render_plan())
+
+
+def _process(transform, suffix, *, output, force, dry_run, as_json, **common):
     """Checks the paths, loads, transforms, reports and (unless dry) saves."""
-    if not input.exists():
-        raise click.BadParameter(
-            f"no such file. Expected a `.keras` or `.h5` model. Received: {str(input)!r}",
-            param_hint="'INPUT'",
-        )
+    input = common["input"]
     if output is None:
         output = input.with_name(f"{input.stem}_{suffix}.keras")
     if not dry_run:
+        _check_input(input)
         _check_output(input, output, force)
+    report = _run(transform, save_to=None if dry_run else output, force=force, **common)
+    _print_warnings(report)
+    if as_json:
+        data = {"input": str(input), "output": None if dry_run else str(output)}
+        data.update(report.to_dict())
+        click.echo(json.dumps(data, indent=2))
+    elif dry_run:
+        click.echo(report.render_plan())
+        click.echo("dry run: nothing written")
+    else:
+        for line in report.summary_lines():
+            click.echo(line)
+        click.echo(f"wrote {output}")
+
+
+def _run(transform, *, input, custom_objects, unsafe, quiet, debug, save_to=None, force=False):
+    """Loads INPUT, runs `transform(api, model, report)`, saves; one-line errors."""
+    _check_input(input)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        with _quiet(debug):
+        with _quiet(debug), _progress(quiet or debug) as step:
+            step(f"loading {input}")
             from regularize import api
             from regularize import io
             from regularize.report import Report
 
             model = io.load_model(input, custom_objects=custom_objects, safe_mode=not unsafe)
             report = Report()
+            step("rewriting")
             new = transform(api, model, report)
-            if not dry_run:
-                io.save_model(new, output, overwrite=force)
+            if save_to is not None:
+                step(f"writing {save_to}")
+                io.save_model(new, save_to, overwrite=force)
     except RegularizeError as err:
         if debug:
             raise
@@ -172,19 +267,51 @@ def _process(
             f"internal error: {type(err).__name__}: {first} (run again with --debug "
             "for the traceback)"
         ) from err
+    return report
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool):
+    """Yields `step(text)`: a spinner line on a terminal, nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda text: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("starting") as status:
+        yield lambda text: status.update(text + " ...")
+
+
+def _print_warnings(report) -> None:
     for note in report.warnings:
         click.echo(f"Warning: {note}", err=True)
-    if as_json:
-        data = {"input": str(input), "output": None if dry_run else str(output)}
-        data.update(report.to_dict())
-        click.echo(json.dumps(data, indent=2))
-    elif dry_run:
-        click.echo(report.render_plan())
-        click.echo("dry run: nothing written")
-    else:
-        for line in report.summary_lines():
-            click.echo(line)
-        click.echo(f"wrote {output}")
+
+
+def _print_table(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from regularize.report import COLUMNS
+
+    table = Table(box=None, header_style="bold")
+    for column in COLUMNS:
+        table.add_column(column.upper(), overflow="fold")
+    styles = {"insert": "green", "update": "yellow", "remove": "red", "skip": "dim"}
+    for row in report.rows():
+        table.add_row(*(row[c] for c in COLUMNS), style=styles.get(row["action"]))
+    console = Console()
+    console.print(table)
+    for line in report.summary_lines():
+        console.print(line, highlight=False)
+
+
+def _check_input(input: Path) -> None:
+    if not input.exists():
+        raise click.BadParameter(
+            f"no such file. Expected a `.keras` or `.h5` model. Received: {str(input)!r}",
+            param_hint="'INPUT'",
+        )
 
 
 def _check_output(input: Path, output: Path, force: bool) -> None:

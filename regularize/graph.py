@@ -30,6 +30,19 @@ ACTIVATION_CLASSES = (
     keras.layers.Softmax,
 )
 RECURRENT_CLASSES = (keras.layers.RNN, keras.layers.Bidirectional)
+# Layers that renormalize activations: the "head" preset starts after the last.
+NORMALIZATION_CLASSES = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "BatchNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "RMSNormalization",
+    )
+    if hasattr(keras.layers, name)
+)
+# A residual `Add` or a `Concatenate` closes a block (the "blocks" preset).
+MERGE_CLASSES = (keras.layers.Add, keras.layers.Concatenate)
 
 # Inserted layers are named `<anchor>__dropout` (`_<n>` added on a name clash),
 # so a second run and `remove_dropout` recognise the tool's own work.
@@ -57,6 +70,24 @@ def is_recurrent(op: object) -> bool:
 
 def is_batchnorm(op: object) -> bool:
     return isinstance(op, keras.layers.BatchNormalization)
+
+
+def is_merge(op: object) -> bool:
+    return isinstance(op, MERGE_CLASSES)
+
+
+def is_normalization(op: object) -> bool:
+    """Whether `op` is, or (a nested model) contains, a normalization layer."""
+    if is_graph_model(op):
+        return contains_normalization(op)
+    return isinstance(op, NORMALIZATION_CLASSES)
+
+
+def contains_normalization(model: keras.Model) -> bool:
+    return any(
+        isinstance(layer, NORMALIZATION_CLASSES)
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
 
 
 def activation_of(op: object) -> str | None:
@@ -105,6 +136,39 @@ def consumers(graph: Functional) -> dict[int, list]:
     return readers
 
 
+def levels(graph: Functional, weight) -> dict[int, int]:
+    """Maps `id(node)` to the length of the longest path from the inputs to it.
+
+    `weight(operation)` is how many levels one call adds: 1 for a layer, the
+    length of a nested model, 0 for dropout (so inserting dropout does not
+    move any site's depth).
+    """
+    end: dict[int, int] = {}
+    for node in iter_nodes(graph):
+        start = max((end.get(id(p), 0) for p in node.parent_nodes), default=0)
+        end[id(node)] = start + weight(node.operation)
+    return end
+
+
+def normalization_after(graph: Functional, tail: bool) -> dict[int, bool]:
+    """Maps `id(node)` to whether a normalization layer lies downstream of it.
+
+    `tail` says whether one lies downstream of the graph's outputs (for a
+    nested model: in the model that calls it).
+    """
+    outputs = {id(t) for t in graph.outputs}
+    after: dict[int, bool] = {}
+    for node in reversed(list(iter_nodes(graph))):  # consumers before producers
+        flag = after.get(id(node), False)
+        if tail and any(id(t) in outputs for t in node.outputs):
+            flag = True
+        after[id(node)] = flag
+        down = flag or is_normalization(node.operation)
+        for parent in node.parent_nodes:
+            after[id(parent)] = after.get(id(parent), False) or down
+    return after
+
+
 def data_format_near(node, limit: int = 64) -> str:
     """The `data_format` of the nearest upstream layer that declares one.
 
@@ -129,25 +193,41 @@ def dropout_kind(rank: int, data_format: str) -> str:
     return "Dropout"  # rank 2, or a channels_first 1D map (see make_dropout)
 
 
-def make_dropout(kind: str, rate: float, name: str, anchor, shape, data_format: str):
+def make_dropout(
+    kind: str, rate: float, name: str, anchor, shape, data_format: str, *, mc: bool = False
+):
     """A new dropout layer of `kind` with the anchor's dtype policy and flag.
 
     The anchor's policy matters: a float32 Dropout after a mixed_float16 layer
-    would cast the activations back to float32 and change inference.
+    would cast the activations back to float32 and change inference. With
+    `mc`, the layer is the MC twin of `kind` (active at inference too).
     """
     common = {"rate": rate, "name": name, "dtype": anchor.dtype_policy}
-    if kind == "Dropout" and len(shape) == 3 and data_format == "channels_first":
+    classes = keras.layers
+    if mc:
+        from regularize import mc as mc_layers
+
+        classes = mc_layers
+        kind = "MC" + kind
+    if kind in ("Dropout", "MCDropout") and len(shape) == 3 and data_format == "channels_first":
         # SpatialDropout1D only knows channels_last: drop whole channels of
         # (batch, channels, steps) with a broadcast noise shape instead.
-        layer = keras.layers.Dropout(noise_shape=(None, shape[1], 1), **common)
-    else:
-        if kind.startswith("SpatialDropout") and kind != "SpatialDropout1D":
-            common["data_format"] = data_format
-        layer = getattr(keras.layers, kind)(**common)
+        common["noise_shape"] = (None, shape[1], 1)
+    if "SpatialDropout" in kind and not kind.endswith("SpatialDropout1D"):
+        common["data_format"] = data_format
+    layer = getattr(classes, kind)(**common)
     # Inside a frozen base the new layer is frozen too, as `base.trainable =
     # False` would have made it (SpatialDropout* take no `trainable` argument).
     layer.trainable = anchor.trainable
     return layer
+
+
+def is_layer_class(name: str) -> bool:
+    """Whether `name` is a Keras layer class or a registered custom layer."""
+    cls = getattr(keras.layers, name, None)
+    if cls is None:
+        cls = keras.saving.get_registered_object(name)
+    return isinstance(cls, type) and issubclass(cls, keras.layers.Layer)
 
 
 def unique_name(base: str, taken: set[str]) -> str:

@@ -1,12 +1,60 @@
-"""Where dropout goes and how much: validated settings for one rewrite."""
+"""Where dropout goes and how much: presets, rules, a depth schedule, TOML files.
+
+Pure Python (no Keras import), so the Keras 2 engine's child process can use
+the same decisions. The engine describes each site as a `Candidate` of plain
+facts; `Policy.decide` turns it into a `Decision`.
+
+A policy file (TOML):
+
+    preset = "all"            # "all", "head" or "blocks"
+    rate = 0.2
+    recurrent_rate = 0.1      # RNN recurrent_dropout; absent: left as it is
+    existing = "keep"         # dropout already in the model: keep, retarget, remove
+    mc = false                # dropout stays active at inference (MC dropout)
+
+    [schedule]                # rate grows linearly with depth, before rules
+    start = 0.1
+    end = 0.4
+
+    [[rule]]                  # rules apply in order; the last match wins
+    match = "block5_*"        # name glob; "outer/inner/layer" paths for nested models
+    class = "Conv2D"          # Keras class of the layer the dropout follows
+    depth = [0.5, 1.0]        # fraction of the graph, inputs 0 .. outputs 1
+    trainable = true
+    rate = 0.4
+    kind = "spatial"          # auto, dropout, spatial, gaussian, alpha
+    skip = false
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import numbers
+import os
+import tomllib
+from collections.abc import Callable
+from collections.abc import Mapping
 
 from regularize.errors import PolicyError
+
+PRESETS = ("all", "head", "blocks")
+KINDS = ("auto", "dropout", "spatial", "gaussian", "alpha")
+EXISTING = ("keep", "retarget", "remove")
+RECURRENT = "recurrent"
+_KIND_CLASS = {"dropout": "Dropout", "gaussian": "GaussianDropout", "alpha": "AlphaDropout"}
+_POLICY_KEYS = (
+    "preset",
+    "rate",
+    "recurrent_rate",
+    "schedule",
+    "rule",
+    "existing",
+    "mc",
+    "skip_inference_only",
+)
+_RULE_KEYS = ("match", "class", "depth", "trainable", "rate", "recurrent_rate", "kind", "skip")
 
 
 def validate_rate(name: str, value: object, *, allow_none: bool = False) -> float | None:
@@ -30,25 +78,377 @@ def validate_rate(name: str, value: object, *, allow_none: bool = False) -> floa
 
 
 @dataclasses.dataclass(frozen=True)
+class Candidate:
+    """Plain facts about one site, computed by the engine that walks the graph.
+
+    Attributes:
+        path: The anchor layer's path, nested models joined by "/".
+        layer_class: Keras class name of the anchor layer.
+        activation: Its non-linearity ("relu", "selu", ...); None for RNNs.
+        depth: Position in the graph, 0 at the inputs, 1 at the outputs.
+        trainable: The anchor layer's `trainable` flag.
+        auto_kind: The dropout class the rank calls for ("Dropout",
+            "SpatialDropout1D/2D/3D"), or "recurrent" for an RNN layer.
+        in_head: No normalization layer lies between the site and any output
+            (in a model without normalization: the output is at most rank 2).
+        block_output: The site follows a residual `Add` or a `Concatenate`.
+    """
+
+    path: str
+    layer_class: str
+    activation: str | None
+    depth: float
+    trainable: bool
+    auto_kind: str
+    in_head: bool = False
+    block_output: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the policy wants at one site.
+
+    Attributes:
+        rate: Dropout rate (RNN input dropout); 0 means nothing goes there.
+        kind: Keras class to insert ("Dropout", "SpatialDropout2D",
+            "GaussianDropout", "AlphaDropout") or "recurrent".
+        reason: Why, in a few words.
+        recurrent_rate: RNN `recurrent_dropout`; None leaves it unchanged.
+        rule: Index of the last rule that matched, or None.
+        skipped: The preset or a rule leaves the site out (rate is then 0).
+    """
+
+    rate: float
+    kind: str
+    reason: str
+    recurrent_rate: float | None = None
+    rule: int | None = None
+    skipped: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One `[[rule]]`: which sites it matches and what it sets there.
+
+    Unset fields (None) neither filter nor set anything. A matching rule
+    that sets `rate` or `kind` without `skip = true` includes the site even
+    where the preset leaves it out.
+    """
+
+    match: str | None = None
+    layer_class: str | None = None
+    depth: tuple[float, float] | None = None
+    trainable: bool | None = None
+    rate: float | None = None
+    recurrent_rate: float | None = None
+    kind: str | None = None
+    skip: bool | None = None
+
+    def matches(self, c: Candidate) -> bool:
+        if self.match is not None and not _glob(self.match, c.path):
+            return False
+        if self.layer_class is not None and self.layer_class != c.layer_class:
+            return False
+        if self.depth is not None and not self.depth[0] <= c.depth <= self.depth[1]:
+            return False
+        return self.trainable is None or self.trainable == c.trainable
+
+    def describe(self, index: int) -> str:
+        what = [
+            f"{k}={v!r}"
+            for k, v in (("match", self.match), ("class", self.layer_class))
+            if v is not None
+        ]
+        return f"rule {index + 1}" + (f" ({', '.join(what)})" if what else "")
+
+    def to_dict(self) -> dict:
+        data = {"match": self.match, "class": self.layer_class, "depth": self.depth}
+        data.update(trainable=self.trainable, rate=self.rate, kind=self.kind, skip=self.skip)
+        data["recurrent_rate"] = self.recurrent_rate
+        return {k: (list(v) if k == "depth" and v else v) for k, v in data.items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
 class Policy:
-    """Settings of one rewrite.
+    """Where and how much dropout; `add_dropout(model, policy=Policy(...))`.
 
     Attributes:
         rate: Dropout rate after activations and RNN input dropout.
         recurrent_rate: `recurrent_dropout` for RNN layers; None leaves it as
             it is (recurrent dropout disables the cuDNN kernel on GPU).
+        preset: "all" (every eligible activation), "head" (only after the
+            last normalization layer, the classifier head of a pretrained
+            CNN), or "blocks" (after the activation ending a residual or
+            concatenation block).
+        schedule: (start, end): the rate grows linearly with depth from start
+            (inputs) to end (outputs) instead of `rate`; rules still apply.
+        rules: `Rule`s applied in order; the last match wins.
+        existing: Dropout the model already had (not inserted by this tool):
+            "keep" it, "retarget" it like the tool's own, or "remove" it.
+        mc: Insert dropout that stays active at inference (MC dropout).
         skip_inference_only: Leave nested models that are always called with
             `training=False` alone: dropout inside them would never fire.
+        source: Where the policy came from, for messages.
     """
 
     rate: float = 0.3
     recurrent_rate: float | None = None
+    preset: str = "all"
+    schedule: tuple[float, float] | None = None
+    rules: tuple[Rule, ...] = ()
+    existing: str = "keep"
+    mc: bool = False
     skip_inference_only: bool = True
+    source: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "rate", validate_rate("rate", self.rate))
-        object.__setattr__(
-            self,
-            "recurrent_rate",
-            validate_rate("recurrent_rate", self.recurrent_rate, allow_none=True),
+        where = f" in {self.source}" if self.source else ""
+        _set = object.__setattr__
+        _set(self, "rate", _rate("rate", self.rate, where))
+        _set(self, "recurrent_rate", _rate("recurrent_rate", self.recurrent_rate, where, True))
+        _set(self, "preset", _choice("preset", self.preset, PRESETS, where))
+        _set(self, "existing", _choice("existing", self.existing, EXISTING, where))
+        _set(self, "mc", _flag("mc", self.mc, where))
+        inference_only = _flag("skip_inference_only", self.skip_inference_only, where)
+        _set(self, "skip_inference_only", inference_only)
+        if self.schedule is not None:
+            _set(self, "schedule", _schedule(self.schedule, where))
+        rules = self.rules
+        if isinstance(rules, Rule) or not isinstance(rules, (list, tuple)):
+            raise PolicyError(
+                f"Invalid `rules`{where}. Expected a list of rules. Received: rules={rules!r}"
+            )
+        _set(self, "rules", tuple(_rule(r, i, where) for i, r in enumerate(rules)))
+
+    # -- building ---------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping, *, source: str = "", **defaults) -> Policy:
+        """A policy from a dict shaped like the TOML file.
+
+        Keys the dict states win; `defaults` (e.g. the CLI's `--rate`) fill
+        in the rest.
+        """
+        where = f" in {source}" if source else ""
+        if not isinstance(data, Mapping):
+            raise PolicyError(
+                f"Invalid policy{where}. Expected a table of settings. "
+                f"Received: {type(data).__name__}"
+            )
+        _no_unknown(data, _POLICY_KEYS, "policy key", where)
+        values = {k: v for k, v in defaults.items() if v is not None}
+        values.update({k: v for k, v in data.items() if k not in ("rule", "schedule")})
+        if "schedule" in data:
+            values["schedule"] = data["schedule"]
+        if "rule" in data:
+            values["rules"] = data["rule"]
+        return cls(source=source, **values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **defaults) -> Policy:
+        """Reads a TOML policy file; `defaults` fill in what it does not state."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise PolicyError(
+                f"Cannot read policy file: no such file. Expected a TOML file. "
+                f"Received: {str(path)!r}"
+            ) from None
+        except IsADirectoryError:
+            raise PolicyError(
+                f"Cannot read policy file: it is a folder. Expected a TOML file. "
+                f"Received: {str(path)!r}"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise PolicyError(
+                f"Cannot read policy file {str(path)!r}: not valid TOML ({err}). "
+                "Expected `key = value` lines and [[rule]] tables."
+            ) from err
+        return cls.from_dict(data, source=str(path), **defaults)
+
+    def to_dict(self) -> dict:
+        """JSON-able settings; `Policy.from_dict(p.to_dict()) == p`."""
+        data = {
+            "preset": self.preset,
+            "rate": self.rate,
+            "existing": self.existing,
+            "mc": self.mc,
+            "skip_inference_only": self.skip_inference_only,
+        }
+        if self.recurrent_rate is not None:
+            data["recurrent_rate"] = self.recurrent_rate
+        if self.schedule is not None:
+            data["schedule"] = {"start": self.schedule[0], "end": self.schedule[1]}
+        if self.rules:
+            data["rule"] = [r.to_dict() for r in self.rules]
+        return data
+
+    # -- deciding ---------------------------------------------------------
+
+    def decide(self, c: Candidate) -> Decision:
+        """What goes at the site `c`: the preset, then the schedule, then the rules."""
+        recurrent = c.auto_kind == RECURRENT
+        skip = self._preset_skip(c)
+        rate = self._base_rate(c.depth)
+        kind = "auto"
+        rec_rate = self.recurrent_rate
+        last = None
+        for i, rule in enumerate(self.rules):
+            if not rule.matches(c):
+                continue
+            last = i
+            if rule.rate is not None:
+                rate = rule.rate
+            if rule.kind is not None:
+                kind = rule.kind
+            if rule.recurrent_rate is not None:
+                rec_rate = rule.recurrent_rate
+            if rule.skip is not None:
+                skip = "skipped by " + rule.describe(i) if rule.skip else None
+            elif rule.rate is not None or rule.kind is not None:
+                skip = None
+        by_rule = f", {self.rules[last].describe(last)}" if last is not None else ""
+        if skip:
+            return Decision(0.0, c.auto_kind, skip, None, last, skipped=True)
+        if recurrent:
+            return Decision(rate, RECURRENT, f"recurrent{by_rule}", rec_rate, last)
+        cls = self._kind_class(kind, c)
+        if rate == 0:
+            return Decision(0.0, cls, f"rate is 0{by_rule}", None, last)
+        anchor = c.activation or c.layer_class
+        return Decision(rate, cls, f"after {anchor}{by_rule}", None, last)
+
+    def _preset_skip(self, c: Candidate) -> str | None:
+        if c.activation is None and c.auto_kind != RECURRENT and self.preset != "blocks":
+            return f"preset {self.preset}: not after an activation"
+        if self.preset == "head" and not c.in_head:
+            return "preset head: before the last normalization layer"
+        if self.preset == "blocks" and not c.block_output:
+            return "preset blocks: not a block output"
+        return None
+
+    def _base_rate(self, depth: float) -> float:
+        if self.schedule is None:
+            return self.rate
+        start, end = self.schedule
+        return round(start + (end - start) * min(max(depth, 0.0), 1.0), 4)
+
+    @staticmethod
+    def _kind_class(kind: str, c: Candidate) -> str:
+        if kind == "auto":
+            # AlphaDropout keeps a SELU network's self-normalizing mean and variance.
+            return "AlphaDropout" if c.activation == "selu" else c.auto_kind
+        if kind == "spatial":
+            return c.auto_kind  # Dropout where the tensor is not a feature map
+        return _KIND_CLASS[kind]
+
+    def check_classes(self, is_known: Callable[[str], bool]) -> None:
+        """Raises `PolicyError` for a rule `class` that `is_known` rejects."""
+        for i, rule in enumerate(self.rules):
+            if rule.layer_class is not None and not is_known(rule.layer_class):
+                where = f" in {self.source}" if self.source else ""
+                raise PolicyError(
+                    f"Invalid `class` in rule {i + 1}{where}: no Keras layer class has that "
+                    f"name. Expected a class name such as 'Conv2D' or 'ReLU'. "
+                    f"Received: class={rule.layer_class!r}"
+                )
+
+
+def _glob(pattern: str, path: str) -> bool:
+    """A bare glob matches a layer at any depth; one with "/" the whole path."""
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    return fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+
+
+def _rate(name: str, value, where: str, allow_none: bool = False) -> float | None:
+    try:
+        return validate_rate(name, value, allow_none=allow_none)
+    except PolicyError:
+        raise PolicyError(
+            f"Invalid `{name}`{where}. Expected a float in [0, 1). Received: {name}={value!r}"
+        ) from None
+
+
+def _choice(name: str, value, allowed: tuple, where: str) -> str:
+    if value not in allowed:
+        raise PolicyError(
+            f"Invalid `{name}`{where}. Expected one of {', '.join(map(repr, allowed))}. "
+            f"Received: {name}={value!r}"
         )
+    return value
+
+
+def _flag(name: str, value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(
+            f"Invalid `{name}`{where}. Expected true or false. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _no_unknown(data: Mapping, known: tuple, what: str, where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise PolicyError(
+                f"Unknown {what} {key!r}{where}. Expected one of "
+                f"{', '.join(known)}. Received: {key}={data[key]!r}"
+            )
+
+
+def _schedule(value, where: str) -> tuple[float, float]:
+    if isinstance(value, Mapping):
+        _no_unknown(value, ("start", "end"), "schedule key", where)
+        if set(value) != {"start", "end"}:
+            raise PolicyError(
+                f"Invalid `schedule`{where}. Expected both `start` and `end`. "
+                f"Received: schedule={dict(value)!r}"
+            )
+        value = (value["start"], value["end"])
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise PolicyError(
+            f"Invalid `schedule`{where}. Expected start and end rates. Received: schedule={value!r}"
+        )
+    return (_rate("schedule.start", value[0], where), _rate("schedule.end", value[1], where))
+
+
+def _rule(value, index: int, where: str) -> Rule:
+    label = f"rule {index + 1}{where}"
+    if isinstance(value, Rule):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"Invalid {label}. Expected a table of rule keys. Received: {value!r}")
+    _no_unknown(value, _RULE_KEYS, "key", f" in {label}")
+    out = {}
+    for key in ("match", "class"):
+        if key in value:
+            if not isinstance(value[key], str) or not value[key]:
+                raise PolicyError(
+                    f"Invalid `{key}` in {label}. Expected a non-empty string. "
+                    f"Received: {key}={value[key]!r}"
+                )
+            out["layer_class" if key == "class" else key] = value[key]
+    if "depth" in value:
+        depth = value["depth"]
+        ok = (
+            isinstance(depth, (list, tuple))
+            and len(depth) == 2
+            and all(isinstance(d, numbers.Real) and not isinstance(d, bool) for d in depth)
+            and 0 <= depth[0] <= depth[1] <= 1
+        )
+        if not ok:
+            raise PolicyError(
+                f"Invalid `depth` in {label}. Expected [low, high] with "
+                f"0 <= low <= high <= 1. Received: depth={depth!r}"
+            )
+        out["depth"] = (float(depth[0]), float(depth[1]))
+    for key in ("trainable", "skip"):
+        if key in value:
+            out[key] = _flag(key, value[key], f" in {label}")
+    for key in ("rate", "recurrent_rate"):
+        if key in value:
+            out[key] = _rate(key, value[key], f" in {label}")
+    if "kind" in value:
+        out["kind"] = _choice("kind", value["kind"], KINDS, f" in {label}")
+    return Rule(**out)

@@ -26,6 +26,8 @@ class Site:
         action: One of "insert", "update", "keep", "skip", "remove".
         reason: Why the rewrite did what it did.
         shape: The output shape of the layer, e.g. "(None, 8, 8, 64)".
+        depth: Position in the graph, 0 at the inputs, 1 at the outputs.
+        existing: Dropout the site already has, e.g. "Dropout(0.5)", or "".
     """
 
     layer: str
@@ -35,6 +37,8 @@ class Site:
     action: str
     reason: str
     shape: str = ""
+    depth: float | None = None
+    existing: str = ""
 
 
 @dataclasses.dataclass
@@ -88,14 +92,37 @@ class Report:
             "warnings": list(self.warnings),
         }
 
-    def render_plan(self) -> str:
-        """One line per site, for `--dry-run` and golden files."""
-        width = max((len(s.layer) for s in self.sites), default=0)
-        lines = []
+    def rows(self) -> list[dict[str, str]]:
+        """One row of display strings per site, keyed by `COLUMNS`."""
+        rows = []
         for s in self.sites:
-            rate = "" if s.rate is None else f" rate={s.rate:g}"
-            lines.append(f"{s.action:<6} {s.layer:<{width}}  {s.kind}{rate}  ({s.reason})")
+            rows.append(
+                {
+                    "action": s.action,
+                    "layer": s.layer,
+                    "class": s.layer_class,
+                    "shape": s.shape,
+                    "depth": "" if s.depth is None else f"{s.depth:.2f}",
+                    "existing": s.existing or "-",
+                    "dropout": s.kind if s.rate is None else f"{s.kind}({s.rate:g})",
+                    "reason": s.reason,
+                }
+            )
+        return rows
+
+    def render_plan(self) -> str:
+        """A plain-text table of the sites and a summary, for `--dry-run`,
+        `inspect` without a terminal, and golden files."""
+        rows = self.rows()
+        widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in COLUMNS}
+        lines = []
+        for row in [{c: c.upper() for c in COLUMNS}] + rows if rows else []:
+            cells = [row[c].ljust(widths[c]) for c in COLUMNS]
+            lines.append("  ".join(cells).rstrip())
         return "\n".join(lines + self.summary_lines())
+
+
+COLUMNS = ("action", "layer", "class", "shape", "depth", "existing", "dropout", "reason")
 
 
 def _plural(n: int, word: str) -> str:

@@ -22,6 +22,9 @@ from regularize import graph
 from regularize import training
 from regularize.errors import RegularizeWarning
 from regularize.errors import UnsupportedModelError
+from regularize.policy import RECURRENT
+from regularize.policy import Candidate
+from regularize.policy import Decision
 from regularize.policy import Policy
 from regularize.report import INSERT
 from regularize.report import KEEP
@@ -51,6 +54,22 @@ class _Run:
     report: Report
     models: dict = dataclasses.field(default_factory=dict)  # id(old) -> new
     layers: dict = dataclasses.field(default_factory=dict)  # id(old) -> new or None
+    lengths: dict = dataclasses.field(default_factory=dict)  # id(model) -> levels
+    matched: set = dataclasses.field(default_factory=set)  # rules that matched a site
+    total: int = 1  # levels from the inputs to the outputs of the whole model
+    has_norm: bool = False
+
+    def weight(self, op) -> int:
+        """Levels one call of `op` adds to a path (see `graph.levels`)."""
+        if graph.is_dropout(op):
+            return 0
+        if not graph.is_graph_model(op):
+            return 1
+        if id(op) not in self.lengths:
+            fn = graph.graph_of(op)
+            ends = graph.levels(fn, self.weight) if fn is not None else {}
+            self.lengths[id(op)] = max(ends.values(), default=1)
+        return self.lengths[id(op)]
 
 
 def rewrite(
@@ -74,13 +93,19 @@ def rewrite(
         UnsupportedModelError: `model` is subclassed or not built.
     """
     _check_supported(model)
+    classes = {type(layer).__name__ for layer in model._flatten_layers()}
+    policy.check_classes(lambda name: name in classes or graph.is_layer_class(name))
     run = _Run(policy=policy, mode=mode, build=build, report=report or Report())
+    run.total = max(run.weight(model), 1)
+    run.has_norm = graph.contains_normalization(model)
     # `keras.Model(inputs, outputs)` sorts the graph with a recursive search
     # (keras/src/ops/function.py: _build_map_helper), one frame per node on the
     # longest path; dropout after every activation of a 2,000-layer chain
     # doubles that path past Python's default limit.
     with graph.recursion_limit(4 * _count_nodes(model) + 1000):
         new = _rewrite_model(model, run, prefix="", inert=None, top=True)
+    if mode == ADD:
+        _warn_unmatched(run)
     nodes = _count_nodes(new) if new is not None else 0
     if nodes > _PLAIN_LOAD_NODES:
         _warn(
@@ -121,12 +146,31 @@ def _count_nodes(model: keras.Model) -> int:
     return sum(len(nodes) for nodes in fn._nodes_by_depth.values()) if fn else 0
 
 
-def _rewrite_model(model, run: _Run, prefix: str, inert: str | None, top: bool = False):
-    """Rewrites one (possibly nested) model; returns it unchanged if nothing changed."""
+def _warn_unmatched(run: _Run) -> None:
+    for i, rule in enumerate(run.policy.rules):
+        if rule.match is not None and i not in run.matched:
+            where = f" of {run.policy.source}" if run.policy.source else ""
+            _warn(run.report, f"{rule.describe(i)}{where} matches no candidate site")
+
+
+def _rewrite_model(
+    model,
+    run: _Run,
+    prefix: str,
+    inert: str | None,
+    top: bool = False,
+    offset: int = 0,
+    tail: bool = False,
+):
+    """Rewrites one (possibly nested) model; returns it unchanged if nothing changed.
+
+    `offset` is the level at which the model's inputs sit in the whole graph
+    and `tail` whether a normalization layer follows its outputs there.
+    """
     fn = graph.graph_of(model)
     if fn is None:  # an unbuilt nested Sequential: nothing is known inside
         return model
-    walk = _Walk(fn, run, prefix, inert)
+    walk = _Walk(fn, run, prefix, inert, offset, tail)
     walk.run()
     if not run.build:
         return None
@@ -149,11 +193,14 @@ def _rewrite_model(model, run: _Run, prefix: str, inert: str | None, top: bool =
 class _Walk:
     """One pass over one graph: decides each node and, if building, replays it."""
 
-    def __init__(self, fn, run: _Run, prefix: str, inert: str | None):
+    def __init__(self, fn, run: _Run, prefix: str, inert: str | None, offset: int, tail: bool):
         self.fn = fn
         self.ctx = run
         self.prefix = prefix
         self.inert = inert
+        self.offset = offset
+        self.ends = graph.levels(fn, run.weight)
+        self.norm_after = graph.normalization_after(fn, tail)
         self.readers = graph.consumers(fn)
         self.outputs_ids = {id(t) for t in fn.outputs}
         self.names = {op.name for op in fn.operations}
@@ -165,6 +212,7 @@ class _Walk:
             self.calls.setdefault(id(node.operation), []).append(node)
 
     def run(self) -> None:
+        blocks = self.ctx.policy.preset == "blocks"
         for node in graph.iter_nodes(self.fn):
             op = node.operation
             if graph.is_graph_model(op):
@@ -175,11 +223,25 @@ class _Walk:
                 outputs = self._recurrent(node)
             else:
                 outputs = self._call(op, node)
-                if graph.activation_of(op) and self.ctx.mode == ADD:
+                if self.ctx.mode == ADD and self._is_site(node, blocks):
                     outputs = self._activation(node, outputs)
             if self.ctx.build:
                 for old, new in zip(node.outputs, tree.flatten(outputs), strict=True):
                     self.tensors[id(old)] = new
+
+    def _is_site(self, node, blocks: bool) -> bool:
+        """Activations; with the blocks preset, merges no activation follows.
+
+        A layer the tool's own dropout follows is a site too, so that a new
+        policy can remove or re-target that dropout.
+        """
+        op = node.operation
+        if graph.activation_of(op):
+            return True
+        readers = [r for t in node.outputs for r in self.readers.get(id(t), [])]
+        if any(graph.is_own_dropout(r) for r in readers):
+            return True
+        return blocks and graph.is_merge(op) and not any(map(graph.activation_of, readers))
 
     def outputs(self) -> list:
         return [self.tensors[id(x)] for x in self.fn.outputs]
@@ -194,7 +256,10 @@ class _Walk:
         self.sequence.append(op)
         return op(*args, **kwargs)
 
-    def _site(self, node, op, kind, rate, action, reason) -> None:
+    def _depth(self, node) -> float:
+        return round((self.offset + self.ends[id(node)]) / self.ctx.total, 4)
+
+    def _site(self, node, op, kind, rate, action, reason, existing="") -> None:
         shape = node.outputs[0].shape if node.outputs else ()
         self.ctx.report.add(
             Site(
@@ -205,10 +270,35 @@ class _Walk:
                 action=action,
                 reason=reason,
                 shape=str(tuple(shape)),
+                depth=self._depth(node),
+                existing=existing,
             )
         )
         if action in (INSERT, UPDATE, REMOVE):
             self.changed = True
+
+    def _decide(self, node, auto_kind: str) -> Decision:
+        """Asks the policy about the site at `node`; notes which rules matched."""
+        op = node.operation
+        rank = len(node.outputs[0].shape) if node.outputs else 0
+        if self.ctx.has_norm:
+            in_head = not self.norm_after[id(node)]
+        else:  # no normalization anywhere: the head is where the maps are flat
+            in_head = rank <= 2
+        parents = [p.operation for p in node.parent_nodes]
+        candidate = Candidate(
+            path=self.prefix + op.name,
+            layer_class=type(op).__name__,
+            activation=graph.activation_of(op),
+            depth=self._depth(node),
+            trainable=bool(op.trainable),
+            auto_kind=auto_kind,
+            in_head=in_head,
+            block_output=graph.is_merge(op) or any(map(graph.is_merge, parents)),
+        )
+        policy = self.ctx.policy
+        self.ctx.matched.update(i for i, r in enumerate(policy.rules) if r.matches(candidate))
+        return policy.decide(candidate)
 
     # -- nested models ----------------------------------------------------
 
@@ -221,8 +311,10 @@ class _Walk:
             if all(n.arguments.kwargs.get("training") is False for n in calls):
                 inert = _INFERENCE_ONLY
         if id(op) not in run.models:
-            new = _rewrite_model(op, run, f"{self.prefix}{op.name}/", inert)
-            run.models[id(op)] = new
+            offset = self.offset + self.ends[id(node)] - run.weight(op)
+            tail = self.norm_after[id(node)]
+            prefix = f"{self.prefix}{op.name}/"
+            run.models[id(op)] = _rewrite_model(op, run, prefix, inert, offset=offset, tail=tail)
         new = run.models[id(op)]
         if new is not op and run.build:
             self.changed = True
@@ -236,77 +328,108 @@ class _Walk:
         if len(node.outputs) != 1:
             return outputs
         tensor = node.outputs[0]
-        rate = run.policy.rate
         fmt = graph.data_format_near(node)
-        kind = graph.dropout_kind(len(tensor.shape), fmt)
+        auto_kind = graph.dropout_kind(len(tensor.shape), fmt)
         readers = self.readers.get(id(tensor), [])
         dropouts = [r for r in readers if graph.is_dropout(r)]
+        existing = ", ".join(f"{type(d).__name__}({d.rate:g})" for d in dropouts)
+        decision = self._decide(node, auto_kind)
 
         def skip(reason, action=SKIP):
-            self._site(node, op, kind, None, action, reason)
+            self._site(node, op, decision.kind, None, action, reason, existing)
             return outputs
 
         if self.inert:
-            return skip(self.inert)
-        if id(tensor) in self.outputs_ids:
+            reason = self.inert
+        elif id(tensor) in self.outputs_ids:
             return skip("model output")
+        elif decision.skipped:
+            reason = decision.reason
+        else:
+            reason = None
         if dropouts:
             for layer in dropouts:
-                if graph.is_own_dropout(layer):
-                    self._retarget(node, layer, kind, fmt)
+                if graph.is_own_dropout(layer) or run.policy.existing != "keep":
+                    self._retarget(node, layer, decision, fmt, reason, existing)
                 else:
                     skip(f"already followed by {type(layer).__name__}", KEEP)
             return outputs
+        if reason:
+            return skip(reason)
         if any(graph.is_batchnorm(r) for r in readers):
             return skip("feeds BatchNormalization")
         if not readers:
             return skip("output not used")
-        if rate == 0:
-            return skip("rate is 0")
-        self._site(node, op, kind, rate, INSERT, f"after {graph.activation_of(op)}")
+        if decision.rate == 0:
+            return skip(decision.reason)
+        self._site(node, op, decision.kind, decision.rate, INSERT, decision.reason, existing)
         if not run.build:
             return outputs
         if id(op) not in run.layers:
             name = graph.unique_name(op.name + graph.SUFFIX, self.names)
             self.names.add(name)
-            run.layers[id(op)] = graph.make_dropout(kind, rate, name, op, tensor.shape, fmt)
+            run.layers[id(op)] = self._make(decision, name, op, tensor, fmt)
         dropout = run.layers[id(op)]
         self.sequence.append(dropout)
         return dropout(outputs)
 
-    def _retarget(self, node, layer, kind, fmt) -> None:
-        """Decides what becomes of the tool's own dropout after `node`."""
+    def _make(self, decision: Decision, name: str, op, tensor, fmt: str):
+        return graph.make_dropout(
+            decision.kind,
+            decision.rate,
+            name,
+            op,
+            tensor.shape,
+            fmt,
+            mc=self.ctx.policy.mc,
+        )
+
+    def _retarget(self, node, layer, decision: Decision, fmt, skip_reason, existing) -> None:
+        """Decides what becomes of a dropout layer after `node`.
+
+        The tool's own layers always follow the policy; the model's own ones
+        only with `existing = "retarget"` or `"remove"`.
+        """
         op = node.operation
         run = self.ctx
-        rate = run.policy.rate
         tensor = node.outputs[0]
         old_kind = type(layer).__name__
-        if self.inert or rate == 0:
-            reason = self.inert or "rate is 0"
-            self._site(node, op, old_kind, layer.rate, REMOVE, reason)
+        own = graph.is_own_dropout(layer)
+        if not own and run.policy.existing == "remove":
+            skip_reason = "existing = remove"
+        elif not skip_reason and decision.rate == 0:
+            skip_reason = decision.reason
+        if skip_reason:
+            self._site(node, op, old_kind, layer.rate, REMOVE, skip_reason, existing)
             run.layers[id(layer)] = None
-        elif rate == layer.rate and old_kind == kind:
-            self._site(node, op, kind, rate, KEEP, "inserted earlier, same rate")
+        elif decision.rate == layer.rate and old_kind == self._wanted_class(decision):
+            why = "inserted earlier, same rate" if own else "already there, same rate"
+            self._site(node, op, decision.kind, decision.rate, KEEP, why, existing)
             run.layers[id(layer)] = layer
         else:
-            reason = f"rate {layer.rate:g} -> {rate:g}"
-            self._site(node, op, kind, rate, UPDATE, reason)
+            reason = f"{old_kind}({layer.rate:g}) -> {self._wanted_class(decision)}"
+            reason += f"({decision.rate:g})"
+            self._site(node, op, decision.kind, decision.rate, UPDATE, reason, existing)
             if run.build:
-                run.layers[id(layer)] = graph.make_dropout(
-                    kind, rate, layer.name, op, tensor.shape, fmt
-                )
+                run.layers[id(layer)] = self._make(decision, layer.name, op, tensor, fmt)
+
+    def _wanted_class(self, decision: Decision) -> str:
+        return ("MC" if self.ctx.policy.mc else "") + decision.kind
 
     # -- existing dropout layers ------------------------------------------
 
     def _dropout(self, node):
         op = node.operation
         run = self.ctx
-        if run.mode == STRIP:
-            if id(node.outputs[0]) in self.outputs_ids:
+        is_output = id(node.outputs[0]) in self.outputs_ids
+        strip = run.mode == STRIP or (run.policy.existing == "remove" and id(op) not in run.layers)
+        if strip:
+            if is_output:
                 self._site(node, op, type(op).__name__, op.rate, KEEP, "model output")
                 return self._call(op, node)
             rate = getattr(op, "rate", None)
-            self._site(node, op, type(op).__name__, rate, REMOVE, "strip dropout")
+            why = "strip dropout" if run.mode == STRIP else "existing = remove"
+            self._site(node, op, type(op).__name__, rate, REMOVE, why)
             return self._passthrough(node)
         if id(op) not in run.layers:  # a user's dropout: left as it is
             return self._call(op, node)
@@ -334,26 +457,28 @@ class _Walk:
         if not settings:
             self._site(node, op, "recurrent", None, SKIP, "cell has no dropout setting")
             return self._call(op, node)
-        if run.mode == STRIP:
-            target = (0.0, 0.0)
-        else:
-            rec = run.policy.recurrent_rate
-            target = (run.policy.rate, rec)
         old = (settings[0]["dropout"], settings[0]["recurrent_dropout"])
-        new_values = (target[0], old[1] if target[1] is None else target[1])
+        existing = _describe_rnn(old)
+        if run.mode == STRIP:
+            new_values = (0.0, 0.0)
+        else:
+            decision = self._decide(node, RECURRENT)
+            skip = self.inert or (decision.reason if decision.skipped else None)
+            if skip:
+                self._site(node, op, "recurrent", None, SKIP, skip, existing)
+                return self._call(op, node)
+            rec = decision.recurrent_rate
+            new_values = (decision.rate, old[1] if rec is None else rec)
         reason = _describe_change(old, new_values)
-        if self.inert:
-            self._site(node, op, "recurrent", None, SKIP, self.inert)
-            return self._call(op, node)
         if all((s["dropout"], s["recurrent_dropout"]) == new_values for s in settings):
             action, reason = (SKIP, "rate is 0") if new_values == (0.0, 0.0) else (KEEP, reason)
-            self._site(node, op, "recurrent", new_values[0] or None, action, reason)
+            self._site(node, op, "recurrent", new_values[0] or None, action, reason, existing)
             return self._call(op, node)
         if run.mode == STRIP:
             action = REMOVE
         else:
             action = INSERT if old == (0.0, 0.0) else UPDATE
-        self._site(node, op, "recurrent", new_values[0], action, reason)
+        self._site(node, op, "recurrent", new_values[0], action, reason, existing)
         if new_values[1] > 0 and run.mode == ADD:
             _warn_recurrent(run.report, config)
         if not run.build:
@@ -370,6 +495,12 @@ class _Walk:
         if fresh:
             _copy_weights(op, new)
         return outputs
+
+
+def _describe_rnn(values) -> str:
+    if values == (0.0, 0.0):
+        return ""
+    return f"dropout={values[0]:g}, recurrent_dropout={values[1]:g}"
 
 
 def _dropout_settings(config):
