@@ -206,7 +206,7 @@ def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, **common
         data = {"input": str(common["input"]), "policy": policy.to_dict()}
         data.update(report.to_dict())
         click.echo(json.dumps(data, indent=2))
-    elif sys.stdout.isatty():
+    elif _is_terminal():
         _print_table(report)
     else:
         click.echo(report.render_plan())
@@ -281,6 +281,10 @@ def _progress(quiet: bool):
     console = Console(stderr=True)
     with console.status("starting") as status:
         yield lambda text: status.update(text + " ...")
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _print_warnings(report) -> None:

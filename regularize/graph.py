@@ -76,6 +76,11 @@ def is_merge(op: object) -> bool:
     return isinstance(op, MERGE_CLASSES)
 
 
+def is_activation_layer(op: object) -> bool:
+    """Whether `op` is a standalone activation layer (ReLU, Activation, ...)."""
+    return isinstance(op, ACTIVATION_CLASSES)
+
+
 def is_normalization(op: object) -> bool:
     """Whether `op` is, or (a nested model) contains, a normalization layer."""
     if is_graph_model(op):

@@ -294,7 +294,10 @@ class _Walk:
             trainable=bool(op.trainable),
             auto_kind=auto_kind,
             in_head=in_head,
-            block_output=graph.is_merge(op) or any(map(graph.is_merge, parents)),
+            # A standalone activation right after the merge closes the block; a
+            # layer with a fused activation there already starts the next one.
+            block_output=graph.is_merge(op)
+            or (graph.is_activation_layer(op) and any(map(graph.is_merge, parents))),
         )
         policy = self.ctx.policy
         self.ctx.matched.update(i for i, r in enumerate(policy.rules) if r.matches(candidate))
