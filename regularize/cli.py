@@ -19,6 +19,8 @@ from pathlib import Path
 import click
 
 from regularize import __version__
+from regularize import applications
+from regularize.errors import ModelLoadError
 from regularize.errors import PolicyError
 from regularize.errors import RegularizeError
 from regularize.policy import validate_rate
@@ -69,6 +71,15 @@ def cli():
     """Add dropout to existing Keras models, keeping every pretrained weight."""
 
 
+def _input_shape(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return applications.parse_input_shape(value)
+    except ModelLoadError as err:
+        raise click.BadParameter(str(err), ctx, param) from err
+
+
 def _options(*options):
     def decorate(func):
         for option in reversed(options):
@@ -90,18 +101,53 @@ _input_options = _options(
         is_flag=True,
         help="Allow Python-lambda Lambda layers (runs code from the file).",
     ),
+    click.option(
+        "--weights",
+        metavar="imagenet|none|PATH",
+        help="For INPUT keras.applications.NAME: ImageNet weights (the default, "
+        "downloaded once into ~/.keras), none (random), or a local weights file.",
+    ),
+    click.option(
+        "--no-top",
+        is_flag=True,
+        help="For INPUT keras.applications.NAME: leave out the classifier at the top.",
+    ),
+    click.option(
+        "--input-shape",
+        metavar="H,W,C",
+        callback=_input_shape,
+        help="For INPUT keras.applications.NAME: the input size, e.g. 224,224,3.",
+    ),
+    click.option(
+        "--classes",
+        type=click.IntRange(min=1),
+        help="For INPUT keras.applications.NAME: classes of the top (default 1000).",
+    ),
     click.option("-q", "--quiet", is_flag=True, help="No progress display."),
     click.option("--debug", is_flag=True, help="Show tracebacks and library logs."),
 )
+APPLICATION_FLAGS = {
+    "weights": "--weights",
+    "no_top": "--no-top",
+    "input_shape": "--input-shape",
+    "classes": "--classes",
+}
 _output_options = _options(
     click.option(
         "-o",
         "--output",
         type=click.Path(path_type=Path),
-        help="Where to write the new model (.keras or .h5). "
-        "Default: next to INPUT, named INPUT_<suffix>.keras.",
+        help="Where to write the new model (.keras or .h5; a folder for a SavedModel). "
+        "Default: next to INPUT, named INPUT_<suffix>.keras (Keras 2 inputs: "
+        "INPUT_<suffix>.h5 or INPUT_<suffix>/, as the input).",
     ),
     click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists."),
+    click.option(
+        "--to-keras3",
+        is_flag=True,
+        help="Keras 2 input (SavedModel, tfmot, TFOpLambda ...): write a Keras 3 "
+        ".keras file instead of a Keras 2 one, after checking its inference.",
+    ),
     click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
 )
@@ -170,7 +216,7 @@ def add_dropout_command(policy_file, preset, rate, recurrent_rate, mc, **common)
     def transform(api, model, report):
         return api.add_dropout(model, policy=policy, report=report)
 
-    _process(transform, "dropout", **common)
+    _process(transform, "dropout", legacy={"mode": "add", "policy": policy}, **common)
 
 
 @cli.command("remove-dropout")
@@ -182,7 +228,7 @@ def remove_dropout_command(**common):
     def transform(api, model, report):
         return api.remove_dropout(model, report=report)
 
-    _process(transform, "nodropout", **common)
+    _process(transform, "nodropout", legacy={"mode": "strip"}, **common)
 
 
 @cli.command("inspect")
@@ -200,7 +246,7 @@ def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, **common
     def transform(api, model, report):
         api.plan(model, policy=policy, report=report)
 
-    report = _run(transform, **common)
+    report = _run(transform, legacy={"mode": "plan", "policy": policy}, **common)
     _print_warnings(report)
     if as_json:
         data = {"input": str(common["input"]), "policy": policy.to_dict()}
@@ -212,15 +258,26 @@ def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, **common
         click.echo(report.render_plan())
 
 
-def _process(transform, suffix, *, output, force, dry_run, as_json, **common):
+def _process(transform, suffix, *, output, force, dry_run, as_json, to_keras3, legacy, **common):
     """Checks the paths, loads, transforms, reports and (unless dry) saves."""
+    from regularize import legacy as keras2
+
     input = common["input"]
-    if output is None:
+    kind = keras2.detect(input)
+    if output is None and kind:
+        output = keras2.default_output(input, suffix, to_keras3=to_keras3)
+    elif output is None and _is_application(input):
+        # In the working folder: INPUT names no folder.
+        output = Path(f"{applications.short_name(input)}_{suffix}.keras")
+    elif output is None:
         output = input.with_name(f"{input.stem}_{suffix}.keras")
     if not dry_run:
         _check_input(input)
-        _check_output(input, output, force)
-    report = _run(transform, save_to=None if dry_run else output, force=force, **common)
+        _check_output(input, output, force, keras2=bool(kind), to_keras3=to_keras3)
+    save_to = None if dry_run else output
+    report = _run(
+        transform, save_to=save_to, force=force, legacy=legacy, to_keras3=to_keras3, **common
+    )
     _print_warnings(report)
     if as_json:
         data = {"input": str(input), "output": None if dry_run else str(output)}
@@ -235,18 +292,57 @@ def _process(transform, suffix, *, output, force, dry_run, as_json, **common):
         click.echo(f"wrote {output}")
 
 
-def _run(transform, *, input, custom_objects, unsafe, quiet, debug, save_to=None, force=False):
-    """Loads INPUT, runs `transform(api, model, report)`, saves; one-line errors."""
+def _run(
+    transform,
+    *,
+    input,
+    custom_objects,
+    unsafe,
+    quiet,
+    debug,
+    weights,
+    no_top,
+    input_shape,
+    classes,
+    save_to=None,
+    force=False,
+    legacy=None,
+    to_keras3=False,
+):
+    """Loads INPUT, runs `transform(api, model, report)`, saves; one-line errors.
+
+    Keras 2 inputs (`legacy.detect`) go to the Keras 2 engine instead, with
+    `legacy` (the mode and policy) as the request.
+    """
+    from regularize import legacy as keras2
+
     _check_input(input)
+    flags = {"weights": weights, "no_top": no_top or None, "input_shape": input_shape}
+    flags["classes"] = classes
+    options = _application_options(input, {k: v for k, v in flags.items() if v is not None})
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if legacy is not None and keras2.detect(input):
+            request = dict(legacy, input=input, custom_objects=custom_objects)
+            request.update(safe_mode=not unsafe, overwrite=force, to_keras3=to_keras3)
+            request.update(output=save_to, dry_run=save_to is None)
+            # Keras 3 is needed here only to write a `.keras` file.
+            needs_keras = to_keras3 and save_to is not None
+            with _quiet(debug) if needs_keras else contextlib.nullcontext():
+                with _progress(quiet or debug) as step:
+                    step(f"rewriting {input} with the Keras 2 engine")
+                    return keras2.to_report(keras2.run(request, debug=debug))
         with _quiet(debug), _progress(quiet or debug) as step:
             step(f"loading {input}")
             from regularize import api
             from regularize import io
             from regularize.report import Report
 
-            model = io.load_model(input, custom_objects=custom_objects, safe_mode=not unsafe)
+            if _is_application(input):
+                _resolve(input)
+            model = io.load_model(
+                input, custom_objects=custom_objects, safe_mode=not unsafe, **options
+            )
             report = Report()
             step("rewriting")
             new = transform(api, model, report)
@@ -310,21 +406,65 @@ def _print_table(report) -> None:
         console.print(line, highlight=False)
 
 
+def _is_application(input: Path) -> bool:
+    return applications.is_application_name(input) and not input.exists()
+
+
+def _application_options(input: Path, flags: dict) -> dict:
+    """`load_model` options from the Application flags; exit 2 where they do not apply."""
+    if not _is_application(input):
+        if flags:
+            raise click.UsageError(
+                f"{', '.join(APPLICATION_FLAGS[k] for k in flags)}: only for INPUT "
+                f"keras.applications.NAME, not for a model file. Received: INPUT={str(input)!r}"
+            )
+        return {}
+    options = {}
+    if "weights" in flags:
+        options["weights"] = applications.parse_weights(flags["weights"])
+    if "no_top" in flags:
+        options["include_top"] = False
+    if "input_shape" in flags:
+        options["input_shape"] = flags["input_shape"]
+    if "classes" in flags:
+        options["classes"] = flags["classes"]
+    try:
+        applications.check_options(**options)
+    except ModelLoadError as err:
+        raise click.UsageError(str(err)) from err
+    return options
+
+
+def _resolve(input: Path) -> None:
+    """An unknown Application name is a bad argument: exit 2, with close matches."""
+    try:
+        applications.resolve(input)
+    except ModelLoadError as err:
+        raise click.BadParameter(str(err), param_hint="'INPUT'") from err
+
+
 def _check_input(input: Path) -> None:
-    if not input.exists():
+    if not input.exists() and not applications.is_application_name(input):
         raise click.BadParameter(
-            f"no such file. Expected a `.keras` or `.h5` model. Received: {str(input)!r}",
+            "no such file. Expected a `.keras` or `.h5` model or a SavedModel folder. "
+            f"Received: {str(input)!r}",
             param_hint="'INPUT'",
         )
 
 
-def _check_output(input: Path, output: Path, force: bool) -> None:
+def _check_output(
+    input: Path, output: Path, force: bool, *, keras2: bool = False, to_keras3: bool = False
+) -> None:
     """Fails before the slow TensorFlow import if OUTPUT cannot be written."""
+    from regularize import legacy
     from regularize.errors import ModelSaveError
     from regularize.paths import check_output_path
 
     try:
-        check_output_path(output, overwrite=force, source=input)
+        if keras2:
+            legacy.check_output(input, output, overwrite=force, to_keras3=to_keras3)
+        else:
+            check_output_path(output, overwrite=force, source=input)
     except ModelSaveError as err:
         raise click.BadParameter(str(err), param_hint="'-o' / '--output'") from err
 

@@ -15,19 +15,25 @@ import os
 import re
 import sys
 import tempfile
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
 import h5py
 import keras
 
+from regularize import applications
 from regularize import graph
 from regularize import training
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
+from regularize.errors import RegularizeWarning
 from regularize.paths import check_output_path
 
 EXPECTED = "a `.keras` file or a Keras `.h5` file"
+_TMP = ".tmp"  # temporary files: .<stem>.<pid>.<random>.tmp<suffix>
+_STARTED = time.time()  # temporary files older than this process may be stale
 # Keras (de)serializes functional graphs recursively, one frame per node on
 # the longest path: allow models far deeper than the 2,000-layer target.
 DEEP = 20_000
@@ -39,11 +45,13 @@ def load_model(
     custom_objects: dict | str | os.PathLike | None = None,
     safe_mode: bool = True,
     compile: bool = True,
+    **application_options,
 ) -> keras.Model:
-    """Loads a Keras 3 `.keras` file or a Keras `.h5` file.
+    """Loads a Keras 3 `.keras` file or a Keras `.h5` file, or builds a Keras Application.
 
     Args:
-        path: The model file.
+        path: The model file, or a Keras Application by name, e.g.
+            "keras.applications.ResNet50" (a file of that name wins).
         custom_objects: A dict of custom classes, or the path of a Python file
             or the name of a module that defines (or registers) them.
         safe_mode: Refuse Python-lambda `Lambda` layers (Keras' own guard).
@@ -51,14 +59,33 @@ def load_model(
             For `.keras` files the optimizer starts fresh and unbuilt (its
             saved state is not restored): no slot variables are made until
             training starts.
+        **application_options: For a Keras Application only: `weights`
+            ("imagenet", the default; None; or a weights file), `include_top`,
+            `input_shape`, `classes`, and its other arguments (see
+            `regularize.applications.load_application`).
 
     Returns:
         The loaded model.
 
     Raises:
         ModelLoadError: The path is missing, empty, not a model, corrupt, or
-            needs custom objects or `safe_mode=False`.
+            needs custom objects or `safe_mode=False`; the Application cannot
+            be built; Application options given with a model file.
+
+    Example:
+        >>> base = regularize.load_model(
+        ...     "keras.applications.ResNet50", weights=None, include_top=False,
+        ...     input_shape=(160, 160, 3))
     """
+    if applications.is_application_name(path) and not Path(path).exists():
+        return applications.load_application(path, **application_options)
+    if application_options:
+        given = ", ".join(f"{k}={v!r}" for k, v in application_options.items())
+        raise ModelLoadError(
+            "Cannot read model: Application options apply only to a "
+            "`keras.applications.NAME` input, not to a model file. "
+            f"Received: path={str(path)!r}, {given}"
+        )
     path = Path(path)
     _check_readable(path)
     objects = _custom_objects(custom_objects)
@@ -68,7 +95,7 @@ def load_model(
     lazy = compile and path.suffix == ".keras"
     try:
         with graph.recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
-            model = keras.saving.load_model(path, compile=compile and not lazy, safe_mode=safe_mode)
+            model = _load(path, compile=compile and not lazy, safe_mode=safe_mode)
             if lazy and isinstance(model, keras.Model):
                 training.compile_from_config(model, _saved_compile_config(path))
     except Exception as err:  # Keras raises many types; one line each here
@@ -81,11 +108,38 @@ def load_model(
     return model
 
 
+def _load(path: Path, *, compile: bool, safe_mode: bool):
+    """`keras.saving.load_model`, uncompiled if only the compile config fails.
+
+    Keras 3 cannot read every Keras 2 `.h5` compile config (`loss="mse"`,
+    loss objects: "Could not deserialize 'keras.metrics.mse'"), while the
+    model itself loads; a missing custom layer fails both ways.
+    """
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+    except Exception as err:
+        if not compile:
+            raise
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        except Exception:
+            raise err from None
+        warnings.warn(
+            f"the compile config of {path.name} does not load in Keras 3 "
+            f"({_first_line(err)}): the model is not compiled; compile it before fitting",
+            RegularizeWarning,
+            stacklevel=3,
+        )
+        return model
+
+
 def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Saves `model` atomically: the file at `path` is whole or absent.
 
     The model is written to a temporary file beside `path` and renamed over
-    it, so an interrupted run never leaves a partial model at `path`.
+    it, so an interrupted run never leaves a partial model at `path`. A
+    process killed outright (SIGKILL, power loss) cannot remove its
+    temporary file; the next save to the same `path` removes it.
 
     Raises:
         ModelSaveError: Wrong suffix, missing folder, existing file without
@@ -93,13 +147,17 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
     """
     path = Path(path)
     check_output_path(path, overwrite=overwrite)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent
-    )
-    os.close(fd)
+    _remove_stale_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.stem}.{os.getpid()}.", suffix=_TMP + path.suffix, dir=path.parent
+        )
+        os.close(fd)
+    except OSError as err:
+        raise ModelSaveError(f"Cannot write model to {str(path)!r}: {_os_error(err)}") from err
     try:
         with graph.recursion_limit(DEEP):
-            model.save(tmp)
+            _write(model, tmp)
         # mkstemp makes the file private (0600); give it the mode a plain
         # `open()` would have.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -108,11 +166,64 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(err, Exception):
-            raise ModelSaveError(
-                f"Cannot write model to {str(path)!r}: {_first_line(err)}"
-            ) from err
+            raise ModelSaveError(f"Cannot write model to {str(path)!r}: {_os_error(err)}") from err
         raise
     return path
+
+
+def _write(model: keras.Model, tmp: str) -> None:
+    if not tmp.endswith(".h5"):
+        model.save(tmp)
+        return
+    # HDF5 writing to a path of its own kills the process (SIGSEGV in
+    # `File.flush`) when a write fails, e.g. on a full disk; through a Python
+    # file object the failure is an ordinary OSError. `model.save` takes paths
+    # only, hence Keras' own legacy writer.
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with open(tmp, "wb") as stream, h5py.File(stream, "w") as f:
+        legacy_h5_format.save_model_to_hdf5(model, f)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Removes temporary files that killed earlier saves to `path` left behind.
+
+    Only this tool's own names for this very `path` are touched
+    (`.<stem>.<pid>.<random>.tmp<suffix>`), and only those whose process is
+    gone and that are older than this process: a save running at the same
+    time keeps its file.
+    """
+    own = re.compile(re.escape(f".{path.stem}.") + r"(\d+)\.[^.]+" + re.escape(_TMP + path.suffix))
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = own.fullmatch(entry.name)
+        if match is None or _is_running(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < _STARTED:
+                os.unlink(entry.path)
+
+
+def _is_running(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":
+        return True  # on Windows, os.kill(pid, 0) would end the process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to another user
+        return True
+    return True
+
+
+def _os_error(err: BaseException) -> str:
+    """An OS error's own words without the temporary file's name; else the first line."""
+    if isinstance(err, OSError) and err.strerror and err.errno:
+        return err.strerror
+    return _first_line(err)
 
 
 def _umask() -> int:
@@ -134,10 +245,14 @@ def _check_readable(path: Path) -> None:
     if path.is_dir():
         if (path / "saved_model.pb").exists():
             raise ModelLoadError(
-                "Cannot read model: SavedModel folders are not supported yet. "
-                f"Expected {EXPECTED}. {received}"
+                "Cannot read model: Keras 3 cannot load a SavedModel folder; the "
+                "`regularize` command (or `regularize.legacy.run`) rewrites Keras 2 "
+                f"SavedModels. Expected {EXPECTED}. {received}"
             )
-        raise ModelLoadError(f"Cannot read model: it is a folder. Expected {EXPECTED}. {received}")
+        raise ModelLoadError(
+            "Cannot read model: it is a folder, and not a SavedModel (no `saved_model.pb`). "
+            f"Expected {EXPECTED}. {received}"
+        )
     size = path.stat().st_size
     if size == 0:
         raise ModelLoadError(
@@ -212,14 +327,48 @@ def _explain_load_error(path: Path, err: Exception) -> str:
             f"Cannot read model: corrupt `.keras` archive ({_first_line(err)}). "
             f"Expected {EXPECTED}. {received}"
         )
-    match = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
-    if match:
+    name = _unknown_class(text)
+    if name:
         return (
-            f"Cannot read model: it uses the custom object {match.group(1)!r}, which "
-            "is not defined here. Pass --custom-objects with the module or `.py` "
-            f"file that defines it (custom_objects=...). {received}"
+            f"Cannot read model: it uses the custom object {name!r}, which is not defined "
+            "here (a custom layer or function, or a class of a newer Keras). Pass "
+            "--custom-objects with the module or `.py` file that defines it "
+            f"(custom_objects=...). {received}"
         )
-    return f"Cannot read model: {type(err).__name__}: {_first_line(err)}. {received}"
+    if isinstance(err, json.JSONDecodeError):
+        return (
+            f"Cannot read model: its model config is not valid JSON ({_first_line(err)}); "
+            f"the file is corrupt or was edited by hand. Expected {EXPECTED}. {received}"
+        )
+    if text.startswith("A total of") and "could not be loaded" in text:
+        # Keras lists the failing layers on later lines; the first is the why.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = lines[1].split(" Target variable:")[0] if len(lines) > 1 else lines[0]
+        layer = re.search(r"object <(\w+) name=([^,>]+)", lines[0])
+        where = f"layer {layer.group(2)!r} ({layer.group(1)}): " if layer else ""
+        return (
+            "Cannot read model: the saved weights do not fit the architecture in the "
+            f"model config ({where}{' '.join(detail.split()).rstrip('.')}); the file is "
+            f"corrupt or was edited by hand. {received}"
+        )
+    return f"Cannot read model: {type(err).__name__}: {_first_line(err).rstrip('.')}. {received}"
+
+
+_UNKNOWN_CLASS = (
+    r"Could not locate (?:class|function) '([^']+)'",
+    r"Could not deserialize '([^']+)' because it is not a KerasSaveable subclass",
+    r"Unknown (?:layer|object|activation|loss|metric|optimizer|initializer|"
+    r"regularizer|constraint)\w*: '([^']+)'",
+)
+
+
+def _unknown_class(text: str) -> str | None:
+    """The class or function name from Keras' "unknown object" messages."""
+    for pattern in _UNKNOWN_CLASS:
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1)
+    return None
 
 
 def _first_line(err: BaseException) -> str:

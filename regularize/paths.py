@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from regularize.errors import ModelSaveError
@@ -29,6 +30,14 @@ def check_output_path(path: Path, *, overwrite: bool, source: Path | None = None
         raise ModelSaveError(f"{where}: it is the input model. Expected another path.")
     if not path.parent.is_dir():
         raise ModelSaveError(f"{where}: folder {str(path.parent)!r} does not exist.")
+    # The temporary file goes beside `path`, so the folder must take new
+    # files. access() also reports a read-only file system; root passes it on
+    # permission bits, and a failing save then reports the OS error itself.
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ModelSaveError(
+            f"{where}: folder {str(path.parent)!r} is not writable. "
+            "Expected a folder you may create files in."
+        )
     if path.exists() and not overwrite:
         raise ModelSaveError(
             f"{where}: the file already exists. "

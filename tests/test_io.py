@@ -88,7 +88,7 @@ def test_folder_and_savedmodel_folder(tmp_path):
     with pytest.raises(ModelLoadError, match="it is a folder"):
         regularize.load_model(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="SavedModel folders are not supported yet"):
+    with pytest.raises(ModelLoadError, match="Keras 3 cannot load a SavedModel folder"):
         regularize.load_model(tmp_path)
 
 

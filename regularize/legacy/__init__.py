@@ -1,0 +1,518 @@
+"""Keras 2 models (tf_keras, tensorflow-model-optimization): the parent side.
+
+Models saved by TensorFlow <= 2.15 are Keras 2 models. Keras 3 reads many of
+their `.h5` files directly (that stays the main path); SavedModel folders and
+the `.h5` files Keras 3 cannot read go through the Keras 2 engine
+(`regularize/legacy/engine.py`, built on tf_keras).
+
+Why a child process: importing tensorflow-model-optimization sets
+`TF_USE_LEGACY_KERAS=1` in `os.environ` for the whole process
+(tensorflow_model_optimization/python/core/keras/compat.py), after which
+`tf.keras` means tf_keras, and a process holding Keras 3 and tf_keras layers
+side by side mixes them up. So the engine runs in `python -m regularize.legacy`
+with that variable set from the start, and this module imports neither
+TensorFlow, Keras, tf_keras nor tfmot: `detect` reads HDF5 attributes with
+h5py, `run` talks JSON to the child. Only `to_keras3` imports Keras 3 here, to
+turn the child's legacy `.h5` into a `.keras` file.
+
+Example:
+    >>> kind = legacy.detect("model_savedmodel")  # "savedmodel"
+    >>> result = legacy.run({"mode": "add", "input": "model_savedmodel",
+    ...                      "output": "model_dropout", "policy": {"rate": 0.2}})
+    >>> report = legacy.to_report(result)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from regularize.errors import ModelLoadError
+from regularize.errors import ModelSaveError
+from regularize.errors import PolicyError
+from regularize.errors import RegularizeError
+from regularize.errors import UnsupportedModelError
+from regularize.legacy.keras3 import convert
+from regularize.legacy.keras3 import keras3_fixes
+
+SAVEDMODEL = "savedmodel"
+KERAS2_H5 = "keras2-h5"
+MODES = ("add", "strip", "plan")
+H5_SUFFIXES = (".h5", ".hdf5")
+
+# Layer classes of tensorflow-model-optimization: Keras 3 has no tfmot, so a
+# file holding them needs the Keras 2 engine and cannot become a `.keras`.
+TFMOT_CLASSES = frozenset(
+    {
+        "PruneLowMagnitude",
+        "QuantizeAnnotate",
+        "QuantizeWrapper",
+        "QuantizeWrapperV2",
+        "QuantizeLayer",
+        "ClusterWeights",
+        "ClusterWeightsMHA",
+    }
+)
+# Layer classes tf_keras 2.21 has and Keras 3 lacks (computed once by
+# comparing `tf_keras.layers` with `keras.layers`; tf_keras no longer
+# changes). `TFOpLambda` / `SlicingOpLambda` record a `tf.*` call or a
+# slice in a Functional model: the commonest reason a Keras 2 `.h5` does not
+# load in Keras 3.
+KERAS2_ONLY_CLASSES = frozenset(
+    {
+        "TFOpLambda",
+        "SlicingOpLambda",
+        "DenseFeatures",
+        "LocallyConnected1D",
+        "LocallyConnected2D",
+        "RandomFourierFeatures",
+        "RandomHeight",
+        "RandomWidth",
+        "SyncBatchNormalization",
+        "ThresholdedReLU",
+        "DynamicEmbedding",
+    }
+)
+
+_ERRORS = {
+    cls.__name__: cls
+    for cls in (ModelLoadError, ModelSaveError, PolicyError, UnsupportedModelError)
+}
+_EXPECTED = "a Keras 2 `.h5` file or a Keras 2 SavedModel folder"
+
+
+def detect(path: str | os.PathLike) -> str | None:
+    """Whether `path` needs the Keras 2 engine, without importing TensorFlow.
+
+    Args:
+        path: A model file or folder.
+
+    Returns:
+        "savedmodel" for a folder holding `saved_model.pb`; "keras2-h5" for an
+        `.h5` file written by Keras 2 that Keras 3 cannot read: its config
+        names a class Keras 3 does not have (tfmot wrappers, `TFOpLambda`,
+        ...) or holds an argument or a nested model Keras 3's `.h5` reader
+        refuses (see `keras3_fixes`: LSTM's `time_major`, ...); None
+        otherwise, including for the Keras 2 `.h5` files Keras 3 reads itself
+        and for anything that is not a model (the Keras 3 loader says why).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return SAVEDMODEL if (path / "saved_model.pb").is_file() else None
+    if path.suffix not in H5_SUFFIXES or not path.is_file():
+        return None
+    try:
+        version, config = _h5_model(path)
+    except Exception:  # not HDF5, corrupt, no config: Keras 3's loader says why
+        return None
+    if version.startswith("3."):
+        return None
+    if _class_names(config) & (TFMOT_CLASSES | KERAS2_ONLY_CLASSES):
+        return KERAS2_H5
+    fixes, blockers = keras3_fixes(config)
+    return KERAS2_H5 if fixes or blockers else None
+
+
+def default_output(input: str | os.PathLike, suffix: str, *, to_keras3: bool = False) -> Path:
+    """Where the rewritten model goes by default: beside the input, in its family.
+
+    `model.h5` -> `model_<suffix>.h5`, `model/` -> `model_<suffix>/`, and with
+    `to_keras3` -> `model_<suffix>.keras`.
+    """
+    input = Path(input)
+    stem = input.name if input.is_dir() else input.stem
+    if to_keras3:
+        return input.with_name(f"{stem}_{suffix}.keras")
+    if input.is_dir():
+        return input.with_name(f"{stem}_{suffix}")
+    return input.with_name(f"{stem}_{suffix}{input.suffix}")
+
+
+def check_output(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    to_keras3: bool = False,
+) -> str:
+    """Raises `ModelSaveError` if the Keras 2 engine cannot write `output`.
+
+    An output ending in `.keras` means `to_keras3`; one ending in `.h5` is a
+    Keras 2 HDF5 file; any other path is a SavedModel folder.
+
+    Returns:
+        The output format: "keras", "h5" or "savedmodel".
+    """
+    input, output = Path(input), Path(output)
+    where = f"Cannot write model to {str(output)!r}"
+    fmt = output_format(output)
+    if to_keras3 and fmt != "keras":
+        raise ModelSaveError(
+            f"{where}: `to_keras3` writes a Keras 3 file. Expected a path ending in "
+            f"`.keras`. Received: suffix={output.suffix!r}"
+        )
+    if output.resolve() == input.resolve():
+        raise ModelSaveError(f"{where}: it is the input model. Expected another path.")
+    if not output.parent.is_dir():
+        raise ModelSaveError(f"{where}: folder {str(output.parent)!r} does not exist.")
+    if fmt == "savedmodel" and output.is_file():
+        raise ModelSaveError(
+            f"{where}: it is a file. Expected a folder path for a SavedModel "
+            "(or a path ending in `.h5` or `.keras`)."
+        )
+    if fmt != "savedmodel" and output.is_dir():
+        raise ModelSaveError(f"{where}: it is a folder. Expected a file path.")
+    if output.exists() and not overwrite:
+        raise ModelSaveError(
+            f"{where}: it already exists. Pass --force (overwrite=True in Python) to replace it."
+        )
+    return fmt
+
+
+def output_format(output: str | os.PathLike) -> str:
+    """The output format its path's suffix means: "keras", "h5" or "savedmodel"."""
+    suffix = Path(output).suffix
+    if suffix == ".keras":
+        return "keras"
+    return "h5" if suffix in H5_SUFFIXES else "savedmodel"
+
+
+def policy_to_dict(policy) -> dict:
+    """A `Policy` as the JSON-able dict the child rebuilds it from."""
+    if hasattr(policy, "to_dict"):
+        return policy.to_dict()
+    return dataclasses.asdict(policy)
+
+
+def run(request: dict, *, debug: bool = False) -> dict:
+    """Runs one request through the Keras 2 engine in a child process.
+
+    Args:
+        request: `mode` ("add", "strip", or "plan": "add" with `dry_run`),
+            `input`, `output` (not for a dry run), `dry_run` (report only),
+            `policy` (a `Policy` or its dict), `to_keras3`,
+            `custom_objects` (a `.py` path or a module name), `overwrite`,
+            `safe_mode` (default True: refuse Python-lambda `Lambda` layers).
+        debug: Let the child's stderr (TensorFlow logs, tracebacks) through.
+
+    Returns:
+        `{"sites": [site dicts], "warnings": [str], "output": path or None}`.
+
+    Raises:
+        ModelLoadError: The input is not a Keras 2 model, or needs custom objects.
+        ModelSaveError: The output cannot be written.
+        PolicyError: Invalid mode or rates.
+        UnsupportedModelError: The model cannot be rewritten (or, with
+            `to_keras3`, converted).
+        RegularizeError: The engine crashed; the message has its last words.
+    """
+    return _run_all([request], debug=debug, raise_errors=True)[0]
+
+
+def run_many(requests: list[dict], *, debug: bool = False) -> list[dict | RegularizeError]:
+    """Runs several requests in one child process (one TensorFlow import for all).
+
+    Returns:
+        One result dict per request, or the `RegularizeError` it raised, in
+        order. All requests are checked before the child starts, so one
+        cannot read the output of another of the same call.
+    """
+    return _run_all(requests, debug=debug, raise_errors=False)
+
+
+def _run_all(requests: list[dict], *, debug: bool, raise_errors: bool) -> list:
+    checked: list = []
+    for request in requests:
+        try:
+            checked.append(_validate(request))
+        except RegularizeError as err:
+            if raise_errors:
+                raise
+            checked.append(err)
+    with tempfile.TemporaryDirectory(prefix="regularize-legacy-") as tmp:
+        jobs = [_engine_job(r, Path(tmp), i) for i, r in enumerate(checked)]
+        todo = [job for job in jobs if job is not None]
+        answers = iter(_call_engine(todo, debug=debug) if todo else [])
+        out: list = []
+        for request, job in zip(checked, jobs, strict=True):
+            try:
+                if isinstance(request, RegularizeError):
+                    raise request
+                result = _unwrap(next(answers))
+                if job is not request:  # --to-keras3: the child wrote a Keras 2 `.h5`
+                    output = Path(request["output"])
+                    notes = convert(
+                        Path(job["output"]),
+                        Path(job["reference"]),
+                        output,
+                        custom_objects=request.get("custom_objects"),
+                        overwrite=request["overwrite"],
+                    )
+                    result["output"] = str(output)
+                    result["warnings"] = list(result.get("warnings", [])) + notes
+                out.append(result)
+            except RegularizeError as err:
+                if raise_errors:
+                    raise
+                out.append(err)
+    return out
+
+
+def _engine_job(request, tmp: Path, index: int) -> dict | None:
+    """What the child gets: the request, or for --to-keras3 a temporary `.h5` job."""
+    if not isinstance(request, dict):
+        return None
+    if not request["to_keras3"]:
+        return request
+    job = dict(request)
+    job.update(
+        output=str(tmp / f"model{index}.h5"),
+        reference=str(tmp / f"reference{index}.npz"),
+        overwrite=True,
+    )
+    return job
+
+
+def to_report(result: dict):
+    """The child's result as a `regularize.report.Report` (sites and warnings)."""
+    from regularize.report import Report
+    from regularize.report import Site
+
+    return Report(
+        sites=[Site(**site) for site in result.get("sites", [])],
+        warnings=list(result.get("warnings", [])),
+    )
+
+
+# -- checks before the child starts ---------------------------------------
+
+
+def _validate(request: dict) -> dict:
+    """Checks and normalises a request (absolute paths) before a child is paid for."""
+    request = dict(request)
+    mode = request.get("mode")
+    if mode not in MODES:
+        raise PolicyError(
+            f"Invalid `mode`. Expected one of {', '.join(map(repr, MODES))}. "
+            f"Received: mode={mode!r}"
+        )
+    policy = request.get("policy") or {}
+    if not isinstance(policy, dict):  # a Policy: its file name goes along for messages
+        request.setdefault("policy_source", getattr(policy, "source", ""))
+        policy = policy_to_dict(policy)
+    request["policy"] = policy
+    if request["policy"].get("mc") and mode == "add":
+        raise PolicyError(
+            "MC dropout is not available for Keras 2 models. Expected mc=false "
+            "(drop --mc), or convert the model to Keras 3 first. Received: mc=True"
+        )
+    # "plan" is "add" without writing; `dry_run` plans "strip" as well.
+    request["dry_run"] = mode == "plan" or bool(request.get("dry_run", False))
+    request["mode"] = mode = "add" if mode == "plan" else mode
+    request["to_keras3"] = bool(request.get("to_keras3", False))
+    request["overwrite"] = bool(request.get("overwrite", False))
+    request["safe_mode"] = bool(request.get("safe_mode", True))
+    source = Path(request.get("input") or "")
+    _check_input(source)
+    request["input"] = str(source.resolve())
+    spec = request.get("custom_objects")
+    if spec is not None:
+        text = str(spec)
+        is_file = text.endswith(".py") or os.sep in text
+        request["custom_objects"] = str(Path(text).resolve()) if is_file else text
+    if request["dry_run"]:
+        request["output"] = None
+        request["to_keras3"] = False
+        return request
+    if not request.get("output"):
+        raise ModelSaveError(
+            f"No output path given. Expected `output` for mode {mode!r}. Received: output=None"
+        )
+    output = Path(request["output"])
+    fmt = check_output(
+        source, output, overwrite=request["overwrite"], to_keras3=request["to_keras3"]
+    )
+    request["to_keras3"] = fmt == "keras"
+    if request["to_keras3"] and source.is_file():
+        refuse_keras3(_class_names(_h5_model(source)[1]))
+    request["output"] = str(output.resolve())
+    return request
+
+
+def _check_input(path: Path) -> None:
+    received = f"Received: path={str(path)!r}"
+    if not path.exists():
+        raise ModelLoadError(
+            f"Cannot read model: no such file or folder. Expected {_EXPECTED}. {received}"
+        )
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise ModelLoadError(
+                "Cannot read model: the folder is not a SavedModel (it has no "
+                f"`saved_model.pb`). Expected {_EXPECTED}. {received}"
+            )
+        if not (path / "keras_metadata.pb").is_file():
+            raise ModelLoadError(
+                "Cannot read model: the SavedModel holds no Keras model (no "
+                "`keras_metadata.pb`; written by `tf.saved_model.save` or Keras 3 "
+                "`model.export()`), so there is no layer graph to rewrite. "
+                f"Expected {_EXPECTED}. {received}"
+            )
+        return
+    if path.suffix not in H5_SUFFIXES:
+        raise ModelLoadError(
+            f"Cannot read model: unsupported file type {path.suffix or '(none)'!r}. "
+            f"Expected {_EXPECTED}. {received}"
+        )
+    try:
+        _h5_model(path)
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(
+            f"Cannot read model: not a readable HDF5 model ({_first_line(err)}). "
+            f"Expected {_EXPECTED}. {received}"
+        ) from err
+
+
+def _h5_model(path: Path) -> tuple[str, dict]:
+    """The `keras_version` and the model config of an HDF5 model file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "model_config" not in f.attrs:
+            raise ModelLoadError(
+                "Cannot read model: the `.h5` file holds weights only, no model config. "
+                f"Expected {_EXPECTED}. Received: path={str(path)!r}"
+            )
+        config = f.attrs["model_config"]
+        version = f.attrs.get("keras_version", "")
+    if isinstance(config, bytes):
+        config = config.decode("utf-8")
+    if isinstance(version, bytes):
+        version = version.decode("utf-8")
+    return str(version), json.loads(config)
+
+
+def _class_names(config) -> set[str]:
+    """Every `class_name` in a (model) config, nested ones included."""
+    names: set[str] = set()
+    _collect_classes(config, names)
+    return names
+
+
+def _collect_classes(config, names: set[str]) -> None:
+    if isinstance(config, dict):
+        name = config.get("class_name")
+        if isinstance(name, str):
+            names.add(name)
+        for value in config.values():
+            _collect_classes(value, names)
+    elif isinstance(config, list):
+        for value in config:
+            _collect_classes(value, names)
+
+
+def refuse_keras3(classes) -> None:
+    """Raises `UnsupportedModelError` if layer `classes` cannot exist in Keras 3."""
+    found = sorted(set(classes) & TFMOT_CLASSES)
+    if found:
+        raise UnsupportedModelError(
+            "Cannot convert to Keras 3: the model has tensorflow-model-optimization "
+            f"wrappers ({', '.join(found)}) and Keras 3 has no tfmot. Drop "
+            "--to-keras3 to keep a Keras 2 file, or strip the wrappers first "
+            "(`tfmot.sparsity.keras.strip_pruning`)."
+        )
+    found = sorted(set(classes) & KERAS2_ONLY_CLASSES)
+    if found:
+        raise UnsupportedModelError(
+            f"Cannot convert to Keras 3: the model has {', '.join(found)} layers, which "
+            "Keras 3 does not have (`TFOpLambda`: a `tf.*` call recorded by Keras 2). "
+            "Drop --to-keras3 to keep a Keras 2 file."
+        )
+
+
+# -- the child process ----------------------------------------------------
+
+
+def _call_engine(requests: list[dict], *, debug: bool) -> list[dict]:
+    """Runs the engine on `requests`; returns its answers (results or errors)."""
+    env = dict(os.environ)
+    env["TF_USE_LEGACY_KERAS"] = "1"
+    if not debug:
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    # The child must import this very package, installed or not.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    payload = {"requests": requests, "debug": debug}
+    with tempfile.TemporaryDirectory(prefix="regularize-legacy-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "regularize.legacy", "-", str(result_path)]
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=None if debug else subprocess.DEVNULL,
+                stderr=None if debug else subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        except OSError as err:
+            raise RegularizeError(
+                f"Cannot start the Keras 2 engine ({' '.join(command[:3])}): {_first_line(err)}"
+            ) from err
+        try:
+            _, stderr = proc.communicate(json.dumps(payload))
+        except BaseException:
+            # Ctrl-C, SIGTERM: let the child unwind too (it removes its
+            # temporary output) before giving up on it.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        answer = _read_answer(result_path)
+    if answer is None:
+        raise RegularizeError(_crash_message(proc.returncode, stderr or ""))
+    if "error" in answer:  # the request as a whole was refused
+        return [answer] * len(requests)
+    return answer["results"]
+
+
+def _read_answer(path: Path) -> dict | None:
+    try:
+        answer = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _crash_message(code: int, stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # TensorFlow's C++ log lines ("I0000 ...", "W0000 ...") are not last words.
+    words = [line for line in lines if line[:1] not in "IWE" or not line[1:5].isdigit()]
+    last = (words or lines or ["no message"])[-1]
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return (
+        f"The Keras 2 engine (python -m regularize.legacy) {how} without a result: {last} "
+        "(run again with --debug for its full output)"
+    )
+
+
+def _unwrap(answer: dict) -> dict:
+    if "error" not in answer:
+        return answer
+    cls = _ERRORS.get(answer.get("type"), RegularizeError)
+    raise cls(answer["error"])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.splitlines()[0].split())
