@@ -14,6 +14,7 @@ _EXPORTS = {
     "add_dropout": "regularize.api",
     "remove_dropout": "regularize.api",
     "plan": "regularize.api",
+    "mc_predict": "regularize.mc",
     "load_model": "regularize.io",
     "save_model": "regularize.io",
     "Policy": "regularize.policy",

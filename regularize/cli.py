@@ -516,6 +516,16 @@ def import_keras_quietly() -> None:
         os.close(devnull)
 
 
+def _register_commands() -> None:
+    # The sweep command lives in its own module; it imports no TensorFlow either.
+    from regularize.cli_sweep import sweep
+
+    cli.add_command(sweep)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="regularize")

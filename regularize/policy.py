@@ -187,7 +187,7 @@ class Policy:
             "keep" it, "retarget" it like the tool's own, or "remove" it.
         mc: Insert dropout that stays active at inference (MC dropout).
         skip_inference_only: Leave nested models that are always called with
-            `training=False` alone: dropout inside them would never fire.
+            `training=False` alone: the caller asked for inference mode there.
         source: Where the policy came from, for messages.
     """
 

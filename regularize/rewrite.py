@@ -37,7 +37,11 @@ from regularize.report import Site
 ADD = "add"
 STRIP = "strip"
 
-_INFERENCE_ONLY = "nested model always called with training=False: dropout would never fire"
+# Keras <= 3.15 lets the caller's `training` override a nested call's explicit
+# `training=False` (keras-team/keras#23364 removes that), so dropout there would
+# fire during `fit()`: the frozen base would not stay in the inference mode its
+# caller asked for. Keras 2 honours the flag, and dropout there never fires.
+_INFERENCE_ONLY = "nested model always called with training=False: kept in inference mode"
 _warned: set[str] = set()
 # Keras' graph sort recurses once per node; TensorFlow leaves Python's
 # recursion limit at 3,000, and a few frames sit on top of each level.

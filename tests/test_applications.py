@@ -33,9 +33,7 @@ def test_application(name, tmp_path):
     keras.utils.set_random_seed(0)
     # Logits, not softmax: with random weights the softmax of several of these
     # saturates (the same row for any input), and a comparison would prove little.
-    model = build(
-        weights=None, input_shape=(size, size, 3), classes=7, classifier_activation=None
-    )
+    model = build(weights=None, input_shape=(size, size, 3), classes=7, classifier_activation=None)
     x = np.random.default_rng(0).uniform(0, 255, size=(2, size, size, 3)).astype("float32")
     logits = np.asarray(model(x, training=False))
     assert not np.array_equal(logits[0], logits[1])

@@ -47,7 +47,11 @@ PLAN = "plan"
 
 SUFFIX = "__dropout"
 _OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
-_INFERENCE_ONLY = "nested model always called with training=False: dropout would never fire"
+# Keras <= 3.15 lets the caller's `training` override a nested call's explicit
+# `training=False` (keras-team/keras#23364 removes that), so dropout there would
+# fire during `fit()`: the frozen base would not stay in the inference mode its
+# caller asked for. Keras 2 honours the flag, and dropout there never fires.
+_INFERENCE_ONLY = "nested model always called with training=False: kept in inference mode"
 
 DROPOUT_CLASSES = (L.Dropout, L.GaussianDropout, L.AlphaDropout)  # Spatial* subclass Dropout
 ACTIVATION_CLASSES = (L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.Softmax, L.ThresholdedReLU)

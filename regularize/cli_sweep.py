@@ -1,0 +1,252 @@
+"""The `regularize sweep` command: fine-tune one variant per dropout rate.
+
+Registered on the main group in `cli.py`. Rates, data and output paths are
+checked before TensorFlow is imported, so bad arguments fail at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import warnings
+from pathlib import Path
+
+import click
+
+from regularize.errors import RegularizeError
+
+
+@click.command("sweep")
+@click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Image folder (one subfolder per class) or .npz with x_train, y_train, x_val, y_val.",
+)
+@click.option(
+    "--rates",
+    default="0,0.2,0.3,0.5",
+    show_default=True,
+    help="Comma-separated dropout rates in [0, 1); 0 is the baseline (added if absent).",
+)
+@click.option("--epochs", required=True, type=click.IntRange(min=1), help="Epochs per variant.")
+@click.option(
+    "--policy",
+    type=click.Path(path_type=Path),
+    help="TOML policy file; each variant uses it with its own rate.",
+)
+@click.option(
+    "--recurrent-rate",
+    default=None,
+    metavar="RATE|same",
+    help="recurrent_dropout of RNN layers: a rate, or 'same' as the variant's rate. "
+    "Default: unchanged.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seeds new layers, dropout masks, batch order and the folder split.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Global batch size.",
+)
+@click.option(
+    "--validation-split",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Fraction of an image folder kept for validation (split by --seed).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Results folder; run again with the same folder to resume. "
+    "Default: MODEL_sweep/ next to MODEL.",
+)
+@click.option(
+    "--save-best",
+    type=click.Path(path_type=Path),
+    help="Also write the best variant here (.keras or .h5).",
+)
+@click.option("--force", is_flag=True, help="Overwrite the --save-best file if it exists.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["none", "mirrored"]),
+    default="none",
+    show_default=True,
+    help="mirrored: train each variant on every GPU of this machine (tf.distribute).",
+)
+@click.option(
+    "--keras-tuner",
+    is_flag=True,
+    help="Run the variants as KerasTuner trials; with KERASTUNER_TUNER_ID, "
+    "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set, this process is the chief "
+    "or a worker of a search over several machines (--out on a shared file system).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option(
+    "--custom-objects",
+    metavar="MODULE_OR_FILE",
+    help="Module name or .py file defining the model's custom layers.",
+)
+@click.option("--unsafe", is_flag=True, help="Allow Python-lambda Lambda layers.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and library logs.")
+def sweep(
+    model,
+    data,
+    rates,
+    epochs,
+    policy,
+    recurrent_rate,
+    seed,
+    batch_size,
+    validation_split,
+    out,
+    save_best,
+    force,
+    strategy,
+    keras_tuner,
+    as_json,
+    custom_objects,
+    unsafe,
+    debug,
+):
+    """Fine-tune one variant of MODEL per dropout rate and compare them.
+
+    Every variant starts from MODEL's weights and trains with the same seed
+    and batch order; rate 0 is the baseline. Prints a table (train and
+    validation accuracy, generalization gap) with the best rate marked, and
+    writes results.json, curves.png and one model per variant to --out.
+    """
+    # TensorFlow-free checks first: they fail in a fraction of a second.
+    # Names, not `from regularize import sweep`: the package may export a
+    # `sweep` function under the module's name.
+    from regularize.errors import ModelSaveError
+    from regularize.errors import PolicyError
+    from regularize.paths import check_output_path
+    from regularize.sweep import DataError
+    from regularize.sweep import check_data
+    from regularize.sweep import format_rate
+    from regularize.sweep import parse_rates
+    from regularize.sweep import sweep as run_sweep
+
+    if not model.exists():
+        raise click.BadParameter(
+            f"no such file. Expected a `.keras` or `.h5` model. Received: {str(model)!r}",
+            param_hint="'MODEL'",
+        )
+    try:
+        rate_list = parse_rates(rates)
+    except PolicyError as err:
+        raise click.BadParameter(str(err), param_hint="'--rates'") from err
+    try:
+        check_data(data)
+    except DataError as err:
+        raise click.BadParameter(str(err), param_hint="'--data'") from err
+    recurrent = _recurrent_rate(recurrent_rate)
+    if policy is not None:
+        from regularize.policy import Policy
+
+        try:
+            policy = Policy.from_file(policy)
+        except PolicyError as err:
+            raise click.BadParameter(str(err), param_hint="'--policy'") from err
+    if save_best is not None:
+        try:
+            check_output_path(save_best, overwrite=force, source=model)
+        except ModelSaveError as err:
+            raise click.BadParameter(str(err), param_hint="'--save-best'") from err
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with _quiet(debug):
+            result = run_sweep(
+                model,
+                data,
+                rate_list,
+                epochs=epochs,
+                policy=policy,
+                recurrent_rate=recurrent,
+                seed=seed,
+                out=out,
+                batch_size=batch_size,
+                validation_split=validation_split,
+                save_best=save_best,
+                overwrite=force,
+                strategy=None if strategy == "none" else strategy,
+                keras_tuner=keras_tuner,
+                custom_objects=custom_objects,
+                safe_mode=not unsafe,
+            )
+    except RegularizeError as err:
+        if debug:
+            raise
+        raise click.ClickException(str(err)) from err
+    except (click.ClickException, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise click.ClickException(
+            f"internal error: {type(err).__name__}: {first} (run again with --debug "
+            "for the traceback)"
+        ) from err
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"compile: {result.compile_note}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(result.table())
+    if result.written:
+        click.echo(f"wrote {result.results_path} and {result.plot_path}")
+    if result.best_model is not None:
+        rate = format_rate(result.best_rate)
+        click.echo(f"wrote the best variant (rate {rate}) to {result.best_model}")
+
+
+def _recurrent_rate(value: str | None):
+    if value is None or value == "same":
+        return value
+    from regularize.errors import PolicyError
+    from regularize.policy import validate_rate
+
+    try:
+        return validate_rate("recurrent_rate", float(value))
+    except (ValueError, PolicyError):
+        raise click.BadParameter(
+            f"Expected a float in [0, 1) or 'same'. Received: {value!r}",
+            param_hint="'--recurrent-rate'",
+        ) from None
+
+
+def _terminate(signum, frame):
+    # Unwind like Ctrl-C: the variant in progress is dropped, finished ones stay.
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    """Keeps TensorFlow's log lines and Python warnings off stderr (unless --debug)."""
+    if debug:
+        yield
+        return
+    from regularize.cli import import_keras_quietly
+
+    import_keras_quietly()
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -1,0 +1,441 @@
+"""`regularize sweep`: variants, resume, results, plot, the CLI command and its errors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import click  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+# The module, even if the package exports a `sweep` function of the same name.
+sw = importlib.import_module("regularize.sweep")
+from regularize.cli_sweep import sweep as sweep_command  # noqa: E402
+from regularize.errors import PolicyError  # noqa: E402
+
+L = keras.layers
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _model(compiled=True, softmax=True):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            L.Conv2D(4, 3, padding="same", activation="relu", name="conv"),
+            L.Flatten(name="flat"),
+            L.Dense(16, activation="relu", name="fc"),
+            L.Dense(3, activation="softmax" if softmax else None, name="out"),
+        ],
+        name="tiny",
+    )
+    if compiled:
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _arrays(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n).astype("int32")
+    x = rng.normal(size=(n, 4, 4, 1)).astype("float32") * 0.5
+    x[np.arange(n), y, 0, 0] += 2.0  # learnable, and noisy enough to overfit
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    x_train, y_train = _arrays(48, 1)
+    x_val, y_val = _arrays(24, 2)
+    npz = root / "data.npz"
+    np.savez(npz, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val)
+    model = root / "tiny.keras"
+    _model().save(model)
+    return root, model, npz
+
+
+@pytest.fixture(scope="module")
+def first_run(files):
+    root, model, npz = files
+    out = root / "out"
+    result = sw.sweep(model, npz, [0, 0.5], epochs=2, out=out, seed=3, batch_size=16)
+    return result, out
+
+
+def test_sweep_writes_every_result(first_run):
+    result, out = first_run
+    assert [v.rate for v in result.variants] == [0.0, 0.5]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "curves.png",
+        "results.json",
+        "variant-0.5.json",
+        "variant-0.5.keras",
+        "variant-0.json",
+        "variant-0.keras",
+    ]
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("curves.png", "results.json", "variant-0.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name  # not mkstemp's 0600
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result.to_dict()))
+    assert saved["best_rate"] == result.best_rate
+    for v in result.variants:
+        assert v.epochs == 2 and len(v.history["val_accuracy"]) == 2
+        assert v.gap == pytest.approx(v.train_accuracy - v.val_accuracy)
+        assert v.best_val_accuracy == max(v.history["val_accuracy"])
+        assert v.metric == "accuracy"  # added to the model's compile config
+    assert result.compile_note == "compiled like the model (accuracy added to the metrics)"
+    baseline, dropout = result.variants
+    assert baseline.sites == ["skipped 3 sites: 2 rate is 0, 1 model output"]
+    assert dropout.sites[0] == "inserted 2 sites: 1 SpatialDropout2D, 1 Dropout"
+    # Each variant file is the variant itself: dropout in the 0.5 one only.
+    kinds = {
+        type(layer).__name__ for layer in keras.models.load_model(out / "variant-0.5.keras").layers
+    }
+    assert {"SpatialDropout2D", "Dropout"} <= kinds
+    assert not any(
+        isinstance(layer, L.Dropout)
+        for layer in keras.models.load_model(out / "variant-0.keras").layers
+    )
+
+
+def test_table_marks_the_best_rate(first_run):
+    result, _ = first_run
+    lines = result.table().splitlines()
+    assert lines[0].split() == [
+        "rate",
+        "train",
+        "acc",
+        "val",
+        "acc",
+        "best",
+        "val",
+        "acc",
+        "gap",
+    ] + ["epochs"]
+    marked = [line for line in lines[1:3] if line.split()[1] == "*"]
+    assert len(marked) == 1
+    assert marked[0].split()[0] == sw.format_rate(result.best_rate)
+    assert lines[-1].startswith("* best rate")
+
+
+def test_resume_trains_only_unfinished_variants_and_reproduces_them(files, first_run, monkeypatch):
+    _, model, npz = files
+    result, out = first_run
+    (out / "variant-0.5.json").unlink()
+    trained = []
+    real = sw._train_variant
+
+    def spy(run, rate, *args):
+        trained.append(rate)
+        return real(run, rate, *args)
+
+    monkeypatch.setattr(sw, "_train_variant", spy)
+    again = sw.sweep(model, npz, [0, 0.5], epochs=2, out=out, seed=3, batch_size=16)
+    assert trained == [0.5]
+    assert [v.resumed for v in again.variants] == [True, False]
+    assert any("resumed 1 finished variant" in note for note in again.notes)
+    # Same start weights, seed and batch order: trained alone, after another
+    # sweep in this process, the variant learns exactly what it learned first.
+    np.testing.assert_allclose(
+        again.variants[1].history["loss"], result.variants[1].history["loss"], rtol=1e-5
+    )
+    assert again.variants[1].history["val_accuracy"] == result.variants[1].history["val_accuracy"]
+    assert (out / "variant-0.5.json").is_file()
+    monkeypatch.setattr(sw, "_train_variant", None)  # nothing left to train
+    third = sw.sweep(model, npz, [0.5], epochs=2, out=out, seed=3, batch_size=16)
+    assert [v.rate for v in third.variants] == [0.0, 0.5]
+    assert third.notes[0] == "rate 0 (the baseline) added to the rates"
+
+
+def test_resume_refuses_a_folder_of_another_sweep(files, first_run):
+    _, model, npz = files
+    _, out = first_run
+    with pytest.raises(sw.SweepError, match=r"Cannot resume: .* \(epochs differ"):
+        sw.sweep(model, npz, [0, 0.5], epochs=3, out=out, seed=3, batch_size=16)
+
+
+def test_input_model_is_unchanged_and_default_compile_is_stated(files, tmp_path, monkeypatch):
+    _, _, npz = files
+    model = _model(compiled=False, softmax=False)
+    before = [np.array(v) for v in model.variables]
+    result = sw.sweep(model, npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16)
+    for a, b in zip(before, model.variables, strict=True):
+        np.testing.assert_array_equal(a, np.array(b))
+    assert not model.compiled
+    assert result.compile_note == (
+        "the model is not compiled: using the default Adam(learning_rate=0.001), "
+        "SparseCategoricalCrossentropy(from_logits=True), metrics=['accuracy']"
+    )
+    assert result.variants[0].metric == "accuracy"
+    # One epoch: the saved variants hold the last weights. The train accuracy
+    # is theirs in inference mode, not fit()'s running one with dropout on.
+    arrays = np.load(npz)
+    for v in result.variants:
+        saved = keras.models.load_model(tmp_path / "o" / v.model_file)
+        predicted = saved.predict(arrays["x_train"], verbose=0).argmax(axis=-1)
+        assert v.train_accuracy == pytest.approx((predicted == arrays["y_train"]).mean())
+    # A model built again (Keras names its optimizer "adam_1" now) resumes.
+    monkeypatch.setattr(sw, "_train_variant", None)
+    again = sw.sweep(
+        _model(False, False), npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16
+    )
+    assert [v.resumed for v in again.variants] == [True, True]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    x, y = _arrays(30, 4)
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / f"class_{label}"
+        folder.mkdir(exist_ok=True)
+        pixels = np.clip(image * 60 + 128, 0, 255).astype("uint8")
+        keras.utils.save_img(folder / f"{i}.png", pixels, scale=False)
+    return root
+
+
+def test_image_folder_and_save_best(files, image_folder, tmp_path):
+    _, model, _ = files
+    best = tmp_path / "best.keras"
+    result = sw.sweep(
+        model,
+        image_folder,
+        [0.2],
+        epochs=1,
+        out=tmp_path / "o",
+        validation_split=0.3,
+        save_best=best,
+        batch_size=8,
+    )
+    data = result.settings["data"]
+    assert (data["kind"], data["train"], data["val"], data["classes"]) == ("folder", 21, 9, 3)
+    assert data["color_mode"] == "grayscale" and data["image_size"] == [4, 4]
+    assert result.best_model == best
+    loaded = keras.models.load_model(best)
+    has_dropout = any(isinstance(layer, L.Dropout) for layer in loaded.layers)
+    assert has_dropout == (result.best_rate > 0)
+    with pytest.raises(Exception, match="already exists"):
+        sw.sweep(model, image_folder, [0.2], epochs=1, out=tmp_path / "o", save_best=best)
+
+
+def test_mirrored_strategy_runs_on_this_machine(files, tmp_path):
+    _, model, npz = files
+    result = sw.sweep(
+        model, npz, [0, 0.5], epochs=1, out=tmp_path / "o", strategy="mirrored", batch_size=16
+    )
+    assert result.settings["strategy"] == "MirroredStrategy"
+    assert [v.epochs for v in result.variants] == [1, 1]
+
+
+def test_plot_draws_mean_and_band_of_several_runs(tmp_path):
+    history = {"accuracy": [0.5, 0.7], "val_accuracy": [0.4, 0.5], "loss": [1, 0.5]}
+    runs = {
+        0.0: [{**history, "val_loss": [1.2, 1.1]}, {**history, "val_loss": [1.3, 1.0]}],
+        0.5: [{**history, "val_loss": [1.0, 0.9]}],
+    }
+    path = sw.plot_curves(runs, tmp_path / "p.png", title="t")
+    assert path.read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0,abc", "every entry must be a float"),
+        ("0,1.0", "1.0 is not a float in [0, 1)"),
+        ("-0.1", "-0.1 is not a float in [0, 1)"),
+        ("0.2,0.2", "a rate is given twice"),
+        ("", "every entry must be a float"),
+    ],
+)
+def test_parse_rates_refuses(text, message):
+    with pytest.raises(PolicyError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        sw.parse_rates(text)
+
+
+def test_parse_rates_sorts():
+    assert sw.parse_rates("0.5, 0, 0.2") == (0.0, 0.2, 0.5)
+
+
+# -- the command --------------------------------------------------------------
+
+
+def _group():
+    """The command under the project's own group class (one-line errors)."""
+    from regularize import cli
+
+    main = getattr(cli, "main", None)
+    base = main if isinstance(main, click.Group) else cli.cli
+    return type(base)(name="regularize", commands={"sweep": sweep_command})
+
+
+def _invoke(*args):
+    return CliRunner().invoke(_group(), ["sweep", *map(str, args)], catch_exceptions=False)
+
+
+def _error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_command_prints_table_and_writes_best(files, tmp_path):
+    _, model, npz = files
+    best = tmp_path / "best.keras"
+    out = tmp_path / "o"
+    result = _invoke(
+        model, "--data", npz, "--rates", "0,0.3", "--epochs", "1", "--out", out,
+        "--save-best", best, "--batch-size", "16",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "compile: compiled like the model (accuracy added to the metrics)"
+    assert lines[1].split()[0] == "rate"
+    assert lines[-2] == f"wrote {out / 'results.json'} and {out / 'curves.png'}"
+    assert lines[-1].startswith("wrote the best variant (rate ") and lines[-1].endswith(str(best))
+    assert best.is_file()
+
+
+def _bad_folder(root):
+    folder = root / "flat_images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("rates", "Invalid value for '--rates': Invalid `rates`: 2.0 is not a float in [0, 1)"),
+        ("letters", "Invalid value for '--rates': Invalid `rates`: every entry must be a float"),
+        ("missing_data", "Invalid value for '--data': Cannot read data: no such file or folder."),
+        ("no_keys", "Invalid value for '--data': Cannot read data: the `.npz` file has no x_val"),
+        ("flat", "Invalid value for '--data': Cannot read data: the folder has no subfolder"),
+        ("missing_model", "Invalid value for 'MODEL': no such file."),
+        ("epochs", "Invalid value for '--epochs': 0 is not in the range x>=1."),
+        ("recurrent", "Invalid value for '--recurrent-rate': Expected a float in [0, 1) or"),
+        ("policy", "Invalid value for '--policy': Cannot read policy file: no such file."),
+    ],
+)
+def test_command_errors_are_one_line(files, tmp_path, case, message):
+    _, model, npz = files
+    data, rates, epochs, extra = npz, "0,0.5", "1", []
+    if case == "rates":
+        rates = "0,2"
+    elif case == "letters":
+        rates = "0,x"
+    elif case == "missing_data":
+        data = tmp_path / "nothing.npz"
+    elif case == "no_keys":
+        data = tmp_path / "partial.npz"
+        np.savez(data, x_train=np.zeros((2, 4, 4, 1)), y_train=np.zeros(2))
+    elif case == "flat":
+        data = _bad_folder(tmp_path)
+    elif case == "missing_model":
+        model = tmp_path / "nothing.keras"
+    elif case == "epochs":
+        epochs = "0"
+    elif case == "recurrent":
+        extra = ["--recurrent-rate", "lots"]
+    elif case == "policy":
+        extra = ["--policy", tmp_path / "nothing.toml"]
+    result = _invoke(model, "--data", data, "--rates", rates, "--epochs", epochs, *extra)
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert line.startswith("Error: ")
+    assert message in line
+
+
+def test_command_runtime_error_is_one_line_exit_1(files, tmp_path):
+    _, model, _ = files
+    data = tmp_path / "wrong_shape.npz"
+    x, y = np.zeros((4, 5, 5, 1), "float32"), np.zeros(4, "int32")
+    np.savez(data, x_train=x, y_train=y, x_val=x, y_val=y)
+    result = _invoke(model, "--data", data, "--epochs", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    assert _error_line(result) == (
+        "Error: The data does not fit the model: x_train samples have shape (5, 5, 1), "
+        "the model expects (4, 4, 1). Received: x_train shape (n, 5, 5, 1)"
+    )
+
+
+def test_command_module_imports_no_tensorflow():
+    code = (
+        "import sys, regularize.cli_sweep, regularize.sweep; "
+        "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_command_json_resumes_a_finished_sweep(files, first_run, tmp_path):
+    _, model, npz = files
+    _, out = first_run
+    moved = tmp_path / "elsewhere.npz"  # same data at another path (another machine)
+    moved.write_bytes(npz.read_bytes())
+    result = _invoke(
+        model, "--data", moved, "--rates", "0,0.5", "--epochs", "2", "--seed", "3",
+        "--batch-size", "16", "--out", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [v["rate"] for v in data["variants"]] == [0.0, 0.5]
+    assert data["notes"] == [f"resumed 2 finished variants from {out} (rates 0, 0.5)"]
+    assert data == json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_keras_tuner_chief_and_two_workers_share_the_variants(files, tmp_path):
+    """A distributed KerasTuner search on this machine: 3 processes, as on 3 machines."""
+    pytest.importorskip("keras_tuner")
+    import socket
+
+    _, model, npz = files
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "shared"
+    args = [model, "--data", npz, "--rates", "0,0.2,0.5", "--epochs", "1", "--out", out]
+    code = "from regularize.cli_sweep import sweep; sweep(prog_name='regularize sweep')"
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        KERASTUNER_ORACLE_IP="127.0.0.1",
+        KERASTUNER_ORACLE_PORT=str(port),
+    )
+    procs = {
+        tuner_id: subprocess.Popen(
+            [sys.executable, "-c", code, *map(str, args), "--batch-size", "16", "--keras-tuner"],
+            env={**env, "KERASTUNER_TUNER_ID": tuner_id},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tuner_id in ("chief", "tuner0", "tuner1")
+    }
+    outputs = {}
+    for tuner_id, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (tuner_id, stderr[-2000:])
+        outputs[tuner_id] = stdout
+    trained = []
+    for tuner_id in ("tuner0", "tuner1"):
+        line = next(x for x in outputs[tuner_id].splitlines() if "KerasTuner worker" in x)
+        rates = line.split("trained rates ")[1].split(";")[0]
+        trained += [] if rates == "(none)" else rates.split(", ")
+    assert sorted(trained) == ["0", "0.2", "0.5"]  # each variant trained once
+    assert "note: KerasTuner chief: the workers trained the variants" in outputs["chief"]
+    saved = json.loads((out / "results.json").read_text())
+    assert [v["rate"] for v in saved["variants"]] == [0.0, 0.2, 0.5]
