@@ -86,6 +86,8 @@ def load_model(
             "`keras.applications.NAME` input, not to a model file. "
             f"Received: path={str(path)!r}, {given}"
         )
+    from regularize import mc  # noqa: F401  registers the MC dropout layers of `--mc` files
+
     path = Path(path)
     _check_readable(path)
     objects = _custom_objects(custom_objects)
@@ -280,7 +282,7 @@ def _check_keras_archive(path: Path, received: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except Exception as err:  # BadZipFile, OSError, EOFError, UnicodeDecodeError, ...
         raise ModelLoadError(
             f"Cannot read model: corrupt `.keras` archive ({_first_line(err)}). "
             f"Expected {EXPECTED}. {received}"
@@ -300,7 +302,7 @@ def _check_h5(path: Path, received: str) -> None:
     try:
         with h5py.File(path, "r") as f:
             has_config = "model_config" in f.attrs
-    except OSError as err:
+    except Exception as err:  # h5py: OSError, or RuntimeError for a damaged attribute table
         raise ModelLoadError(
             f"Cannot read model: corrupt HDF5 file ({_first_line(err)}). "
             f"Expected {EXPECTED}. {received}"

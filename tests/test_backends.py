@@ -1,0 +1,279 @@
+"""The Keras 3 path on the JAX backend, with TensorFlow out of reach.
+
+The rewrite uses `keras` APIs only, so it must run wherever Keras runs. A child process with
+`KERAS_BACKEND=jax` blocks every `import tensorflow` (as if it were not installed), then
+rewrites each factory model, saves and reloads it, runs the CLI and fine-tunes; the tests
+assert on its JSON report. Keras itself looks for TensorFlow lazily on other backends (its
+serializer checks for `tf.TensorShape` when TensorFlow is installed), so blocking the import
+is the way to prove the path does not need it.
+
+These tests run in the TensorFlow session too (the child picks its own backend), and CI runs
+this file again under `KERAS_BACKEND=jax` with the rest of the JAX subset.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import cnn_functional
+from conftest import inserted
+from conftest import masked_sequence
+from conftest import mlp_sequential
+from conftest import multi_io_dict
+from conftest import nested_two_levels
+from conftest import predict
+
+import regularize
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+# The modules a rewrite, a save, a load or a CLI run goes through. Keras 2 (`legacy/`) and
+# the tf.distribute sweep are TensorFlow features by design and are not listed.
+KERAS3_PATH = (
+    "__init__",
+    "__main__",
+    "api",
+    "applications",
+    "cli",
+    "errors",
+    "graph",
+    "io",
+    "paths",
+    "policy",
+    "report",
+    "rewrite",
+    "training",
+)
+TF_PACKAGES = ("tensorflow", "tf_keras", "tensorflow_model_optimization")
+# One of each path through the engine: Sequential + compile config, Functional with BN, nested
+# models, dict inputs and outputs, a rebuilt LSTM (with a mask). tests/test_rewrite.py runs
+# every factory on the session's backend; what is new here is the process without TensorFlow.
+# (`recurrent` is left out: its six RNN layers cost JAX ~30 s of compiling.)
+JAX_FACTORIES = (
+    mlp_sequential,
+    cnn_functional,
+    nested_two_levels,
+    multi_io_dict,
+    masked_sequence,
+)
+
+CHILD = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    import traceback
+
+    attempts = []
+
+
+    class NoTensorFlow:
+        # Makes `import tensorflow` fail as if TensorFlow were not installed, and records
+        # who asked.
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                # The frame that asked, outside importlib: Keras' lazy module, or a
+                # direct import.
+                asker = [
+                    f"{f.filename}:{f.lineno}"
+                    for f in traceback.extract_stack()[:-1]
+                    if "importlib" not in f.filename
+                ][-1]
+                attempts.append({"module": name, "from": asker})
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+
+    sys.meta_path.insert(0, NoTensorFlow())
+    sys.path.insert(0, sys.argv[1])
+    out = sys.argv[2]
+
+    import keras
+    import numpy as np
+    from click.testing import CliRunner
+    import conftest
+    from conftest import inserted
+    from conftest import predict
+    from conftest import rnn_dropout
+
+    import regularize
+    from regularize.cli import cli
+
+    result = {"backend": keras.backend.backend(), "factories": {}}
+    for name in sys.argv[3].split(","):
+        factory = getattr(conftest, name)
+        case = factory()
+        new = regularize.add_dropout(case.model, 0.3)
+        path = f"{out}/{factory.__name__}.keras"
+        regularize.save_model(new, path)
+        loaded = regularize.load_model(path)
+        stripped = regularize.remove_dropout(new)
+        old_out = predict(case.model, case.x)
+        result["factories"][factory.__name__] = {
+            "expected": {k: list(v) for k, v in case.expected.items()},
+            "inserted": {k: list(v) for k, v in {**inserted(new), **rnn_dropout(new)}.items()},
+            "exact": all(np.array_equal(a, b) for a, b in zip(old_out, predict(new, case.x))),
+            "reload_exact": all(
+                np.array_equal(a, b)
+                for a, b in zip(predict(new, case.x), predict(loaded, case.x))
+            ),
+            "reloaded_inserted": sorted(inserted(loaded)),
+            "stripped_exact": all(
+                np.array_equal(a, b) for a, b in zip(old_out, predict(stripped, case.x))
+            ),
+            "stripped_inserted": sorted(inserted(stripped)),
+        }
+        if factory.__name__ == "cnn_functional":
+            np.save(f"{out}/cnn_x.npy", case.x)
+            np.save(f"{out}/cnn_y.npy", predict(new, case.x)[0])
+            case.model.compile(optimizer="adam", loss="mse")
+            case.model.save(f"{out}/cnn_compiled.keras")
+
+    run = CliRunner().invoke(
+        cli,
+        ["add-dropout", f"{out}/cnn_compiled.keras", "-o", f"{out}/cli.keras", "--rate", "0.2"],
+    )
+    result["cli"] = {"exit_code": run.exit_code, "stdout": run.stdout, "stderr": run.stderr}
+    tuned = keras.models.load_model(f"{out}/cli.keras")
+    x = np.random.default_rng(0).normal(size=(16, 12, 12, 3)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(16, 2)).astype("float32")
+    before = [np.array(w) for w in tuned.trainable_weights]
+    history = tuned.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    result["fit"] = {
+        "loss": history.history["loss"],
+        "changed": sum(
+            not np.array_equal(a, np.array(b)) for a, b in zip(before, tuned.trainable_weights)
+        ),
+        "trainable": len(before),
+        "rates": sorted({layer.rate for layer in tuned.layers if hasattr(layer, "rate")}),
+    }
+    result["tensorflow_imported"] = "tensorflow" in sys.modules
+    result["tensorflow_attempts"] = attempts
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """Runs CHILD once on the JAX backend with TensorFlow blocked; returns its report."""
+    pytest.importorskip("jax")
+    out = tmp_path_factory.mktemp("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(TESTS),
+            str(out),
+            ",".join(f.__name__ for f in JAX_FACTORIES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=out,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out, json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_keras3_path_imports_no_tensorflow_module():
+    """No `import tensorflow` (nor tf_keras, tfmot) anywhere in the Keras 3 path's code."""
+    found = []
+    for name in KERAS3_PATH:
+        path = ROOT / "regularize" / f"{name}.py"
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            found += [
+                f"{path.name}:{node.lineno} {m}" for m in modules if m.split(".")[0] in TF_PACKAGES
+            ]
+    assert found == []
+
+
+def test_jax_backend_is_used(jax_run):
+    _, result = jax_run
+    assert result["backend"] == "jax"
+
+
+@pytest.mark.parametrize("factory", JAX_FACTORIES, ids=lambda f: f.__name__)
+def test_jax_rewrite_exact_and_reloads(jax_run, factory):
+    _, result = jax_run
+    found = result["factories"][factory.__name__]
+    expected = {k: tuple(v) for k, v in found["expected"].items()}
+    assert expected  # conftest's expectations, as the child read them
+    assert {k: tuple(v) for k, v in found["inserted"].items()} == expected
+    assert found["exact"] is True
+    assert found["reload_exact"] is True
+    own = sorted(k for k, v in expected.items() if v[0] != "recurrent")
+    assert found["reloaded_inserted"] == own
+    assert found["stripped_exact"] is True
+    assert found["stripped_inserted"] == []
+
+
+def test_jax_cli_runs_without_tensorflow(jax_run):
+    out, result = jax_run
+    cli = result["cli"]
+    assert cli["exit_code"] == 0, cli
+    assert cli["stderr"] == ""
+    assert cli["stdout"].splitlines()[-1] == f"wrote {out / 'cli.keras'}"
+
+
+def test_jax_fine_tunes_cli_output(jax_run):
+    _, result = jax_run
+    fit = result["fit"]
+    assert np.isfinite(fit["loss"][0])
+    assert fit["changed"] == fit["trainable"] > 0
+    assert fit["rates"] == [0.2]
+
+
+def test_jax_path_never_imports_tensorflow(jax_run):
+    """Keras may probe for TensorFlow (the probe fails here); regularize's engine never asks."""
+    _, result = jax_run
+    assert result["tensorflow_imported"] is False
+    package = str(ROOT / "regularize") + os.sep
+    # The CLI may preload TensorFlow, when installed, to keep its C++ banner off stderr.
+    cli = package + "cli.py:"
+    direct = [
+        a
+        for a in result["tensorflow_attempts"]
+        if a["from"].startswith(package) and not a["from"].startswith(cli)
+    ]
+    assert direct == []
+
+
+def test_file_rewritten_on_jax_loads_on_this_backend(jax_run):
+    """A `.keras` file is backend-neutral: JAX's output loads and predicts here."""
+    out, _ = jax_run
+    loaded = keras.models.load_model(out / "cnn_functional.keras")
+    assert sorted(inserted(loaded)) == sorted(
+        ["r2__dropout", "c3__dropout", "leaky__dropout", "fc__dropout"]
+    )
+    x, expected = np.load(out / "cnn_x.npy"), np.load(out / "cnn_y.npy")
+    received = predict(loaded, x)[0]
+    if keras.backend.backend() == "jax":
+        np.testing.assert_array_equal(received, expected)
+    else:  # another backend's kernels: equal up to float rounding
+        np.testing.assert_allclose(received, expected, rtol=1e-5, atol=1e-6)
+    report = regularize.Report()
+    again = regularize.add_dropout(loaded, 0.3, report=report)
+    assert report.changed() == 0
+    np.testing.assert_array_equal(predict(again, x)[0], received)
