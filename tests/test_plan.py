@@ -134,7 +134,11 @@ def test_remove_dropout_strips_every_family_member_and_rnn_settings():
     )
 
 
-def test_recurrent_rate_sets_both_directions_and_warns():
+def test_recurrent_rate_sets_both_directions_and_warns(monkeypatch):
+    from regularize import rewrite
+
+    # The Python warning fires once per process; another test may have had it.
+    monkeypatch.setattr(rewrite, "_warned", set())
     case = recurrent()
     report = regularize.Report()
     with pytest.warns(regularize.RegularizeWarning):
