@@ -7,8 +7,11 @@
 - Corrupt inputs (bad JSON, unknown class, weights that do not fit the
   config, a weights-only `.h5`, an unknown custom layer): one line that
   says what to do.
-- A fuzz run against the loader: only `RegularizeError` may escape, and the
-  input file is never changed. HYPOTHESIS_PROFILE=slow runs 2,000+ inputs.
+- A fuzz run against the loader (in a worker process): only
+  `RegularizeError` may escape, nothing crashes, the input file is never
+  changed. HYPOTHESIS_PROFILE=slow runs 2,500 inputs. Known upstream: HDF5
+  can loop forever reading an attribute of a damaged `.h5`; such inputs
+  are counted and kept, not failed.
 """
 
 from __future__ import annotations
@@ -41,11 +44,10 @@ import regularize
 from regularize import io as rio
 from regularize.cli import cli
 from regularize.errors import ModelSaveError
-from regularize.errors import RegularizeError
 
 L = keras.layers
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-FUZZ_EXAMPLES = {"ci": 150, "ci-shrink": 150, "slow": 2500}.get(PROFILE, 150)
+FUZZ_EXAMPLES = int(os.environ.get("REGULARIZE_FUZZ_EXAMPLES") or {"slow": 2500}.get(PROFILE, 150))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
@@ -307,7 +309,9 @@ def test_disk_full_during_save(model_file, tmp_path, monkeypatch, suffix):
 
 # A real I/O failure, not a simulation: the child may not write more than
 # 4 KiB per file (RLIMIT_FSIZE; Python ignores SIGXFSZ, so write() fails
-# with EFBIG). The model files are larger.
+# with EFBIG). The model files are larger. This found that HDF5 writing an
+# `.h5` to a path of its own crashes (SIGSEGV in `File.flush`) when a write
+# fails; `io.save_model` now writes `.h5` through a Python file object.
 _SMALL_DISK = """
 import json, resource, sys
 from click.testing import CliRunner
@@ -445,7 +449,7 @@ def test_unknown_custom_layer_names_class_and_option(tmp_path, monkeypatch, suff
     result = _invoke("add-dropout", path, "--dry-run")
     assert result.exit_code == 1
     line = _error_line(result)
-    assert "Twice" in line and "--custom-objects" in line, line
+    assert "Twice'" in line and "--custom-objects" in line, line
     result = _invoke("add-dropout", path, "--dry-run", "--custom-objects", module)
     assert result.exit_code == 0, result.output
     assert "fc" in result.stdout
@@ -453,7 +457,7 @@ def test_unknown_custom_layer_names_class_and_option(tmp_path, monkeypatch, suff
 
 # -- fuzzing the loader ------------------------------------------------------
 
-FUZZ = {"inputs": 0, "loaded": 0, "errors": {}}
+FUZZ = {"inputs": 0, "loaded": 0, "errors": {}, "h5py hangs": []}
 
 
 def _json_values():
@@ -550,27 +554,95 @@ def _damaged(draw, originals: dict):
     return how, ".keras", buffer.getvalue()
 
 
-def _load_one(folder: Path, how: str, suffix: str, data: bytes) -> None:
+# The loader runs in a worker process: HDF5 can hang in C code on a damaged
+# `.h5` (no signal reaches Python there) or crash the process. faulthandler
+# ends a stuck worker after HANG_SECONDS and writes where it was stuck.
+HANG_SECONDS = 30
+_WORKER = """
+import faulthandler, json, sys, warnings
+import keras
+import regularize
+from regularize.errors import RegularizeError
+warnings.simplefilter("ignore")
+log = open(sys.argv[1], "a")
+faulthandler.enable(log)
+for line in sys.stdin:
+    path = json.loads(line)
+    faulthandler.dump_traceback_later(float(sys.argv[2]), exit=True, file=log)
+    try:
+        result = {"loaded": isinstance(regularize.load_model(path), keras.Model)}
+    except RegularizeError as err:
+        result = {"refused": str(err)}
+    except BaseException as err:
+        result = {"escaped": f"{type(err).__name__}: {err}"}
+    faulthandler.cancel_dump_traceback_later()
+    print("@@" + json.dumps(result), flush=True)
+"""
+
+
+class _Loader:
+    """`regularize.load_model` in a worker process that is restarted after a hang or crash."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.log = folder / "worker.log"
+        self.process = None
+        self.count = 0
+
+    def load(self, path: Path) -> tuple[str, str]:
+        """("loaded" | "refused" | "escaped" | "died", detail)."""
+        self.count += 1
+        if self.count % 1000 == 0:  # Keras' global state grows with every load
+            self.close()
+        if self.process is None:
+            self.log.write_text("")
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(self.log), str(HANG_SECONDS)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=ENV,
+            )
+        self.process.stdin.write(json.dumps(str(path)) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("@@"):
+                ((kind, detail),) = json.loads(line[2:]).items()
+                return kind, str(detail)
+        code = self.process.wait()
+        self.process = None
+        return "died", f"exit code {code}; {self.log.read_text()[-1500:]}"
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+            self.process = None
+
+
+def _load_one(loader: _Loader, folder: Path, how: str, suffix: str, data: bytes) -> None:
     path = folder / f"fuzz{suffix}"
     path.write_bytes(data)
     FUZZ["inputs"] += 1
-    try:
-        model = regularize.load_model(path)
-    except RegularizeError as err:
-        text = str(err)
-        assert "\n" not in text and "Received: path=" in text, text
-        key = text.split(". Received:")[0][:60]
-        FUZZ["errors"][key] = FUZZ["errors"].get(key, 0) + 1
-    except Exception as err:
-        kept = folder / f"escaped-{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
-        kept.write_bytes(data)
-        raise AssertionError(
-            f"{type(err).__name__} escaped the loader ({how} input kept at {kept}): {err}"
-        ) from err
-    else:
-        assert isinstance(model, keras.Model)
-        FUZZ["loaded"] += 1
+    kind, detail = loader.load(path)
     assert path.read_bytes() == data  # the loader never writes to its input
+    if kind == "refused":
+        assert "\n" not in detail and "Received: path=" in detail, detail
+        key = detail.split(". Received:")[0][:60]
+        FUZZ["errors"][key] = FUZZ["errors"].get(key, 0) + 1
+        return
+    if kind == "loaded":
+        FUZZ["loaded"] += 1
+        return
+    kept = folder / f"{kind}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    kept.write_bytes(data)
+    if kind == "died" and "Timeout" in detail and "h5py/_hl/attrs.py" in detail:
+        # Upstream: HDF5 loops forever reading an attribute of some damaged
+        # `.h5` files (h5py 3.14 / HDF5 1.14.6); see the report.
+        FUZZ["h5py hangs"].append(str(kept))
+        return
+    raise AssertionError(f"{how} input ({kept}): {kind}: {detail}")
 
 
 def test_fuzz_loader(saved, tmp_path):
@@ -588,15 +660,20 @@ def test_fuzz_loader(saved, tmp_path):
     )
     @given(fuzz_inputs(originals))
     def load(case):
-        _load_one(tmp_path, *case)
+        _load_one(loader, tmp_path, *case)
 
+    loader = _Loader(tmp_path)
     start = time.perf_counter()
-    load()
+    try:
+        load()
+    finally:
+        loader.close()
     seconds = time.perf_counter() - start
     top = sorted(FUZZ["errors"].items(), key=lambda kv: -kv[1])[:8]
     print(
         f"\n[fuzz {PROFILE}] {FUZZ['inputs']} inputs in {seconds:.0f} s: "
         f"{FUZZ['loaded']} loaded, {sum(FUZZ['errors'].values())} refused "
-        f"({len(FUZZ['errors'])} distinct messages); most common: {top}"
+        f"({len(FUZZ['errors'])} distinct messages); most common: {top}; "
+        f"{len(FUZZ['h5py hangs'])} hung in h5py (upstream): {FUZZ['h5py hangs']}"
     )
     assert FUZZ["inputs"] >= FUZZ_EXAMPLES * 0.9
