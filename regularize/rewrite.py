@@ -60,6 +60,8 @@ class _Run:
     layers: dict = dataclasses.field(default_factory=dict)  # id(old) -> new or None
     lengths: dict = dataclasses.field(default_factory=dict)  # id(model) -> levels
     matched: set = dataclasses.field(default_factory=set)  # rules that matched a site
+    decisions: dict = dataclasses.field(default_factory=dict)  # id(layer) -> Decision
+    casts: dict = dataclasses.field(default_factory=dict)  # id(node) -> Identity
     total: int = 1  # levels from the inputs to the outputs of the whole model
     has_norm: bool = False
 
@@ -305,7 +307,10 @@ class _Walk:
         )
         policy = self.ctx.policy
         self.ctx.matched.update(i for i, r in enumerate(policy.rules) if r.matches(candidate))
-        return policy.decide(candidate)
+        # A shared layer gets one decision, its first call's: its calls share
+        # one dropout layer (a siamese branch stays siamese), and an RNN is
+        # rebuilt once for all its calls.
+        return self.ctx.decisions.setdefault(id(op), policy.decide(candidate))
 
     # -- nested models ----------------------------------------------------
 
@@ -402,6 +407,15 @@ class _Walk:
         tensor = node.outputs[0]
         old_kind = type(layer).__name__
         own = graph.is_own_dropout(layer)
+        if id(layer) in run.layers:  # a shared dropout, decided at its first call
+            done = run.layers[id(layer)]
+            if done is None:
+                self._site(node, op, old_kind, layer.rate, REMOVE, "shared, removed", existing)
+            else:
+                action = KEEP if done is layer else UPDATE
+                why = "shared, same as its first call"
+                self._site(node, op, type(done).__name__, done.rate, action, why, existing)
+            return
         if not own and run.policy.existing == "remove":
             skip_reason = "existing = remove"
         elif not skip_reason and decision.rate == 0:
@@ -452,6 +466,18 @@ class _Walk:
         if not self.ctx.build:
             return None
         args, _ = node.arguments.fill_in(self.tensors)
+        op = node.operation
+        if any(t.dtype != op.compute_dtype for t in node.input_tensors):
+            # A mixed-precision dropout also casts its input (float32 ->
+            # float16); an Identity of the same dtype policy keeps that cast,
+            # so inference does not change.
+            if id(node) not in self.ctx.casts:
+                self.ctx.casts[id(node)] = keras.layers.Identity(
+                    name=op.name, dtype=op.dtype_policy
+                )
+            cast = self.ctx.casts[id(node)]
+            self.sequence.append(cast)
+            return cast(args[0])
         return args[0]
 
     # -- recurrent layers -------------------------------------------------

@@ -44,7 +44,8 @@ CHILD = textwrap.dedent(
     import numpy as np
 
     path, folder = sys.argv[1], sys.argv[2]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices)
     with strategy.scope():
         model = keras.models.load_model(path)
     x = np.load(folder + "/x.npy")
@@ -97,7 +98,7 @@ def trained(tmp_path_factory):
         [sys.executable, "-c", CHILD, str(path), str(folder)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=180,
         env=env,
         cwd=folder,
     )
