@@ -9,6 +9,7 @@ traceback instead. TensorFlow is imported only once a command runs, so
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -509,7 +510,14 @@ def import_keras_quietly() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import keras  # noqa: F401
+        import keras
+
+        # On JAX or PyTorch, Keras still imports TensorFlow if it is installed
+        # (its serializer probes for `tf.TensorShape` on every save), later and
+        # with the same banner: import it now, while stderr is quiet.
+        if keras.backend.backend() != "tensorflow":
+            with contextlib.suppress(ImportError):
+                importlib.import_module("tensorflow")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

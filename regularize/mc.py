@@ -316,6 +316,9 @@ def _batches(x, batch_size: int):
     if _is_dataset(x):
         for element in x:
             inputs, _, _ = keras.utils.unpack_x_y_sample_weight(element)
+            if keras.backend.backend() != "tensorflow":
+                # tf.data yields TensorFlow tensors; JAX and PyTorch take arrays.
+                inputs = tree.map_structure(np.asarray, inputs)
             yield inputs, None
         return
     flat = tree.flatten(x)

@@ -277,3 +277,35 @@ def test_file_rewritten_on_jax_loads_on_this_backend(jax_run):
     again = regularize.add_dropout(loaded, 0.3, report=report)
     assert report.changed() == 0
     np.testing.assert_array_equal(predict(again, x)[0], received)
+
+
+# The backend-independent tests, run again on JAX in a child pytest. CI runs it
+# (jax is in the `test` extra); here it is part of the one test command.
+JAX_SUBSET = [
+    "tests/test_rewrite.py",
+    "tests/test_plan.py",
+    "tests/test_io.py",
+    "tests/test_cli.py",
+    "tests/test_mc.py",
+    "tests/test_backends.py",
+]
+
+
+@pytest.mark.slow
+def test_the_backend_independent_tests_pass_on_jax():
+    pytest.importorskip("jax")
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        pytest.skip("already running on JAX (this is the child run)")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+        + JAX_SUBSET,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+        cwd=ROOT,
+    )
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary, summary
