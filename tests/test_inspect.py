@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import subprocess
+import sys
+import time
 
 import keras
 import pytest
@@ -172,3 +176,36 @@ def test_remove_dropout_reports_what_it_removed(model_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == ("removed 4 sites: 3 SpatialDropout2D, 1 Dropout")
     assert inserted(keras.models.load_model(tmp_path / "without.keras")) == {}
+
+
+def test_every_help_starts_without_tensorflow():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from regularize.cli import cli\n"
+        "for args in ([], ['inspect'], ['remove-dropout'], ['sweep'], ['add-dropout']):\n"
+        "    r = CliRunner().invoke(cli, args + ['--help'])\n"
+        "    assert r.exit_code == 0 and 'Usage:' in r.output, (args, r.output)\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_shows_on_a_terminal_only(monkeypatch):
+    for quiet, terminal, shown in [(False, True, True), (True, True, False), (False, False, False)]:
+        stream = _Terminal() if terminal else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        with cli_module._progress(quiet) as step:
+            step("loading model.keras")
+            time.sleep(0.3)  # the spinner refreshes in its own thread
+        assert ("loading model.keras" in stream.getvalue()) is shown, (quiet, terminal)
+
+
+def test_quiet_flag_is_accepted(model_file):
+    result = _invoke("inspect", model_file, "-q")
+    assert result.exit_code == 0 and result.stderr == ""
