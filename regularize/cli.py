@@ -322,7 +322,7 @@ def _run(
     flags["classes"] = classes
     options = _application_options(input, {k: v for k, v in flags.items() if v is not None})
     signal.signal(signal.SIGTERM, _terminate)
-    try:
+    with one_line_errors(debug):
         if legacy is not None and keras2.detect(input):
             request = dict(legacy, input=input, custom_objects=custom_objects)
             request.update(safe_mode=not unsafe, overwrite=force, to_keras3=to_keras3)
@@ -350,6 +350,18 @@ def _run(
             if save_to is not None:
                 step(f"writing {save_to}")
                 io.save_model(new, save_to, overwrite=force)
+    return report
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool):
+    """Turns what the block raises into one `click.ClickException` line.
+
+    `RegularizeError`s keep their message; anything else is an internal
+    error with its first line. With `debug` the exception goes through.
+    """
+    try:
+        yield
     except RegularizeError as err:
         if debug:
             raise
@@ -364,7 +376,6 @@ def _run(
             f"internal error: {type(err).__name__}: {first} (run again with --debug "
             "for the traceback)"
         ) from err
-    return report
 
 
 @contextlib.contextmanager

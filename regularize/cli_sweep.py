@@ -6,15 +6,11 @@ checked before TensorFlow is imported, so bad arguments fail at once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import warnings
 from pathlib import Path
 
 import click
-
-from regularize.errors import RegularizeError
 
 
 @click.command("sweep")
@@ -129,6 +125,11 @@ def sweep(
     # TensorFlow-free checks first: they fail in a fraction of a second.
     # Names, not `from regularize import sweep`: the package may export a
     # `sweep` function under the module's name.
+    # The shared command-line plumbing (one-line errors, quiet imports,
+    # SIGTERM as Ctrl-C); imported here, as regularize.cli imports this module.
+    from regularize.cli import _quiet as quiet
+    from regularize.cli import _terminate
+    from regularize.cli import one_line_errors
     from regularize.errors import ModelSaveError
     from regularize.errors import PolicyError
     from regularize.paths import check_output_path
@@ -166,40 +167,25 @@ def sweep(
             raise click.BadParameter(str(err), param_hint="'--save-best'") from err
 
     signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with _quiet(debug):
-            result = run_sweep(
-                model,
-                data,
-                rate_list,
-                epochs=epochs,
-                policy=policy,
-                recurrent_rate=recurrent,
-                seed=seed,
-                out=out,
-                batch_size=batch_size,
-                validation_split=validation_split,
-                save_best=save_best,
-                overwrite=force,
-                strategy=None if strategy == "none" else strategy,
-                keras_tuner=keras_tuner,
-                custom_objects=custom_objects,
-                safe_mode=not unsafe,
-            )
-    except RegularizeError as err:
-        if debug:
-            raise
-        raise click.ClickException(str(err)) from err
-    except (click.ClickException, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:
-        if debug:
-            raise
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise click.ClickException(
-            f"internal error: {type(err).__name__}: {first} (run again with --debug "
-            "for the traceback)"
-        ) from err
+    with one_line_errors(debug), quiet(debug):
+        result = run_sweep(
+            model,
+            data,
+            rate_list,
+            epochs=epochs,
+            policy=policy,
+            recurrent_rate=recurrent,
+            seed=seed,
+            out=out,
+            batch_size=batch_size,
+            validation_split=validation_split,
+            save_best=save_best,
+            overwrite=force,
+            strategy=None if strategy == "none" else strategy,
+            keras_tuner=keras_tuner,
+            custom_objects=custom_objects,
+            safe_mode=not unsafe,
+        )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -227,26 +213,3 @@ def _recurrent_rate(value: str | None):
             f"Expected a float in [0, 1) or 'same'. Received: {value!r}",
             param_hint="'--recurrent-rate'",
         ) from None
-
-
-def _terminate(signum, frame):
-    # Unwind like Ctrl-C: the variant in progress is dropped, finished ones stay.
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _quiet(debug: bool):
-    """Keeps TensorFlow's log lines and Python warnings off stderr (unless --debug)."""
-    if debug:
-        yield
-        return
-    from regularize.cli import import_keras_quietly
-
-    import_keras_quietly()
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield

@@ -25,3 +25,9 @@ class ModelSaveError(RegularizeError, OSError):
 
 class RegularizeWarning(UserWarning):
     """Something the user should know about the rewrite; nothing failed."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed (for one-line errors)."""
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.splitlines()[0].split())

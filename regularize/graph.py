@@ -6,7 +6,6 @@ Nothing here changes a model or builds one.
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from collections.abc import Iterator
 
@@ -15,6 +14,8 @@ import keras
 # Keras has no public name for the Functional class; `keras.models.clone_model`
 # itself dispatches on it.
 from keras.src.models.functional import Functional
+
+from regularize import rules
 
 DROPOUT_CLASSES = (
     keras.layers.Dropout,  # SpatialDropout1D/2D/3D subclass it
@@ -44,10 +45,8 @@ NORMALIZATION_CLASSES = tuple(
 # A residual `Add` or a `Concatenate` closes a block (the "blocks" preset).
 MERGE_CLASSES = (keras.layers.Add, keras.layers.Concatenate)
 
-# Inserted layers are named `<anchor>__dropout` (`_<n>` added on a name clash),
-# so a second run and `remove_dropout` recognise the tool's own work.
-SUFFIX = "__dropout"
-_OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
+# Re-exported: tests and callers know the suffix as `graph.SUFFIX`.
+SUFFIX = rules.SUFFIX
 
 
 def is_graph_model(layer: object) -> bool:
@@ -61,7 +60,7 @@ def is_dropout(op: object) -> bool:
 
 def is_own_dropout(op: object) -> bool:
     """Whether `op` is a dropout layer this tool inserted."""
-    return is_dropout(op) and bool(_OWN_NAME.search(op.name))
+    return is_dropout(op) and rules.is_own_name(op.name)
 
 
 def is_recurrent(op: object) -> bool:
@@ -191,13 +190,6 @@ def data_format_near(node, limit: int = 64) -> str:
     return keras.config.image_data_format()
 
 
-def dropout_kind(rank: int, data_format: str) -> str:
-    """Dropout class for a tensor of `rank`: Spatial on feature maps."""
-    if rank in (4, 5) or (rank == 3 and data_format == "channels_last"):
-        return f"SpatialDropout{rank - 2}D"
-    return "Dropout"  # rank 2, or a channels_first 1D map (see make_dropout)
-
-
 def make_dropout(
     kind: str, rate: float, name: str, anchor, shape, data_format: str, *, mc: bool = False
 ):
@@ -233,15 +225,6 @@ def is_layer_class(name: str) -> bool:
     if cls is None:
         cls = keras.saving.get_registered_object(name)
     return isinstance(cls, type) and issubclass(cls, keras.layers.Layer)
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    if base not in taken:
-        return base
-    n = 1
-    while f"{base}_{n}" in taken:
-        n += 1
-    return f"{base}_{n}"
 
 
 @contextlib.contextmanager

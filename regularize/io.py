@@ -7,13 +7,9 @@ what is wrong, what was expected and what was received.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import inspect
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -24,11 +20,13 @@ import h5py
 import keras
 
 from regularize import applications
+from regularize import custom_objects
 from regularize import graph
 from regularize import training
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
 from regularize.errors import RegularizeWarning
+from regularize.errors import first_line as _first_line
 from regularize.paths import check_output_path
 
 EXPECTED = "a `.keras` file or a Keras `.h5` file"
@@ -373,43 +371,8 @@ def _unknown_class(text: str) -> str | None:
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return " ".join(text.splitlines()[0].split())
-
-
 def _custom_objects(spec) -> dict:
     """Turns a dict, a module name or a `.py` path into a custom-object dict."""
-    if spec is None:
-        return {}
     if isinstance(spec, dict):
         return spec
-    text = str(spec)
-    try:
-        if text.endswith(".py") or os.sep in text:
-            file = Path(text)
-            if not file.is_file():
-                raise ModelLoadError(
-                    "Cannot read custom objects: no such file. Expected a `.py` file "
-                    f"or an importable module name. Received: custom_objects={text!r}"
-                )
-            name = f"regularize_custom_{abs(hash(file.resolve()))}"
-            module_spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(text)
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        raise ModelLoadError(
-            f"Cannot read custom objects from {text!r}: {type(err).__name__}: {_first_line(err)}"
-        ) from err
-    # Classes and functions defined in the module; registered ones
-    # (`@keras.saving.register_keras_serializable`) are found by Keras anyway.
-    return {
-        name: obj
-        for name, obj in vars(module).items()
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and not name.startswith("_")
-    }
+    return custom_objects.load(spec)

@@ -162,10 +162,17 @@ class Rule:
         return f"rule {index + 1}" + (f" ({', '.join(what)})" if what else "")
 
     def to_dict(self) -> dict:
-        data = {"match": self.match, "class": self.layer_class, "depth": self.depth}
-        data.update(trainable=self.trainable, rate=self.rate, kind=self.kind, skip=self.skip)
-        data["recurrent_rate"] = self.recurrent_rate
-        return {k: (list(v) if k == "depth" and v else v) for k, v in data.items() if v is not None}
+        data = {
+            "match": self.match,
+            "class": self.layer_class,
+            "depth": list(self.depth) if self.depth else None,
+            "trainable": self.trainable,
+            "rate": self.rate,
+            "recurrent_rate": self.recurrent_rate,
+            "kind": self.kind,
+            "skip": self.skip,
+        }
+        return {k: v for k, v in data.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)

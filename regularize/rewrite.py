@@ -21,6 +21,7 @@ import keras
 from keras import tree
 
 from regularize import graph
+from regularize import rules
 from regularize import training
 from regularize.errors import RegularizeWarning
 from regularize.errors import UnsupportedModelError
@@ -39,11 +40,6 @@ from regularize.report import Site
 ADD = "add"
 STRIP = "strip"
 
-# Keras <= 3.15 lets the caller's `training` override a nested call's explicit
-# `training=False` (keras-team/keras#23364 removes that), so dropout there would
-# fire during `fit()`: the frozen base would not stay in the inference mode its
-# caller asked for. Keras 2 honours the flag, and dropout there never fires.
-_INFERENCE_ONLY = "nested model always called with training=False: kept in inference mode"
 _warned: set[str] = set()
 # Keras' graph sort recurses once per node; TensorFlow leaves Python's
 # recursion limit at 3,000, and a few frames sit on top of each level.
@@ -341,7 +337,7 @@ class _Walk:
         if inert is None and run.mode == ADD and run.policy.skip_inference_only:
             calls = self.calls[id(op)]
             if all(n.arguments.kwargs.get("training") is False for n in calls):
-                inert = _INFERENCE_ONLY
+                inert = rules.INFERENCE_ONLY
         if id(op) not in run.models:
             offset = self.offset + self.ends[id(node)] - run.weight(op)
             tail = self.norm_after[id(node)]
@@ -361,7 +357,7 @@ class _Walk:
             return outputs
         tensor = node.outputs[0]
         fmt = graph.data_format_near(node)
-        auto_kind = graph.dropout_kind(len(tensor.shape), fmt)
+        auto_kind = rules.dropout_kind(len(tensor.shape), fmt)
         readers = self.readers.get(id(tensor), [])
         dropouts = [r for r in readers if graph.is_dropout(r)]
         existing = ", ".join(f"{type(d).__name__}({d.rate:g})" for d in dropouts)
@@ -398,7 +394,7 @@ class _Walk:
         if not run.build:
             return outputs
         if id(op) not in run.layers:
-            name = graph.unique_name(op.name + graph.SUFFIX, self.names)
+            name = rules.unique_name(op.name + rules.SUFFIX, self.names)
             self.names.add(name)
             run.layers[id(op)] = self._make(decision, name, op, tensor, fmt)
         dropout = run.layers[id(op)]
@@ -506,12 +502,12 @@ class _Walk:
         op = node.operation
         run = self.ctx
         config = keras.saving.serialize_keras_object(op)
-        settings = list(_dropout_settings(config))
+        settings = list(rules.dropout_settings(config))
         if not settings:
             self._site(node, op, "recurrent", None, SKIP, "cell has no dropout setting")
             return self._call(op, node)
         old = (settings[0]["dropout"], settings[0]["recurrent_dropout"])
-        existing = _describe_rnn(old)
+        existing = rules.describe_rnn(old)
         if run.mode == STRIP:
             new_values = (0.0, 0.0)
         else:
@@ -522,7 +518,7 @@ class _Walk:
                 return self._call(op, node)
             rec = decision.recurrent_rate
             new_values = (decision.rate, old[1] if rec is None else rec)
-        reason = _describe_change(old, new_values)
+        reason = rules.describe_change(old, new_values)
         if all((s["dropout"], s["recurrent_dropout"]) == new_values for s in settings):
             action, reason = (SKIP, "rate is 0") if new_values == (0.0, 0.0) else (KEEP, reason)
             self._site(node, op, "recurrent", new_values[0] or None, action, reason, existing)
@@ -550,35 +546,6 @@ class _Walk:
         return outputs
 
 
-def _describe_rnn(values) -> str:
-    if values == (0.0, 0.0):
-        return ""
-    return f"dropout={values[0]:g}, recurrent_dropout={values[1]:g}"
-
-
-def _dropout_settings(config):
-    """Yields every nested config dict that has RNN dropout settings.
-
-    Covers LSTM/GRU/SimpleRNN/ConvLSTM*, `RNN(cell)`, `StackedRNNCells` and
-    both directions of `Bidirectional`, whatever the nesting.
-    """
-    if isinstance(config, dict):
-        if "dropout" in config and "recurrent_dropout" in config:
-            yield config
-        for value in config.values():
-            yield from _dropout_settings(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from _dropout_settings(value)
-
-
-def _describe_change(old, new) -> str:
-    parts = []
-    for name, a, b in zip(("dropout", "recurrent_dropout"), old, new, strict=True):
-        parts.append(f"{name}={b:g}" if a == b else f"{name} {a:g} -> {b:g}")
-    return ", ".join(parts)
-
-
 def _copy_weights(old, new) -> None:
     """Carries the weights over exactly; the configs are equal but for dropout."""
     values = old.get_weights()
@@ -592,20 +559,10 @@ def _copy_weights(old, new) -> None:
     new.set_weights(values)
 
 
-_CUDNN = (
-    "recurrent dropout disables the cuDNN kernel on GPU: training and inference "
-    "run the slower generic loop"
-)
-_LSTM_KERNEL = (
-    "recurrent dropout switches LSTM to its per-gate kernel (implementation=1): "
-    "inference can differ from the original by float rounding (about 1e-7)"
-)
-
-
 def _warn_recurrent(report: Report, config: dict) -> None:
-    _warn(report, _CUDNN)
-    if _has_lstm_cell(config):
-        _warn(report, _LSTM_KERNEL)
+    _warn(report, rules.CUDNN)
+    if rules.has_lstm_cell(config):
+        _warn(report, rules.LSTM_KERNEL)
 
 
 def _warn(report: Report, text: str) -> None:
@@ -615,13 +572,3 @@ def _warn(report: Report, text: str) -> None:
     if text not in _warned:
         _warned.add(text)
         warnings.warn(text, RegularizeWarning, stacklevel=3)
-
-
-def _has_lstm_cell(config) -> bool:
-    if isinstance(config, dict):
-        if config.get("class_name") in ("LSTM", "LSTMCell"):
-            return True
-        return any(_has_lstm_cell(v) for v in config.values())
-    if isinstance(config, list):
-        return any(_has_lstm_cell(v) for v in config)
-    return False

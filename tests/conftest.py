@@ -305,9 +305,9 @@ def rnn_dropout(model) -> dict:
     for path, layer in all_layers(model):
         if graph.is_recurrent(layer):
             config = keras.saving.serialize_keras_object(layer)
-            from regularize.rewrite import _dropout_settings
+            from regularize.rules import dropout_settings
 
-            rates = {s["dropout"] for s in _dropout_settings(config)}
+            rates = {s["dropout"] for s in dropout_settings(config)}
             if rates and rates != {0.0}:
                 found[path] = ("recurrent", max(rates))
     return found

@@ -10,13 +10,9 @@ it atomically in the input's family: `.h5` file or SavedModel folder.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import inspect
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,10 +28,12 @@ import tf_keras  # noqa: E402
 # files, this scope reaches the `.h5` and SavedModel loaders too.
 from tf_keras.src.saving.serialization_lib import SafeModeScope  # noqa: E402
 
+from regularize.custom_objects import load as load_custom_objects  # noqa: E402
 from regularize.errors import ModelLoadError  # noqa: E402
 from regularize.errors import ModelSaveError  # noqa: E402
 from regularize.errors import PolicyError  # noqa: E402
 from regularize.errors import UnsupportedModelError  # noqa: E402
+from regularize.errors import first_line as _first_line  # noqa: E402
 from regularize.legacy import TFMOT_CLASSES  # noqa: E402
 from regularize.legacy import refuse_keras3  # noqa: E402
 from regularize.legacy.keras3 import compare_outputs  # noqa: E402
@@ -181,39 +179,6 @@ def _missing_class(name: str, received: str) -> str:
     )
 
 
-def load_custom_objects(spec) -> dict:
-    """Classes and functions of a `.py` file or a module name (None: none)."""
-    if not spec:
-        return {}
-    text = str(spec)
-    try:
-        if text.endswith(".py") or os.sep in text:
-            file = Path(text)
-            if not file.is_file():
-                raise ModelLoadError(
-                    "Cannot read custom objects: no such file. Expected a `.py` file "
-                    f"or an importable module name. Received: custom_objects={text!r}"
-                )
-            name = f"regularize_custom_{abs(hash(file.resolve()))}"
-            module_spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(text)
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        raise ModelLoadError(
-            f"Cannot read custom objects from {text!r}: {type(err).__name__}: {_first_line(err)}"
-        ) from err
-    return {
-        name: obj
-        for name, obj in vars(module).items()
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and not name.startswith("_")
-    }
-
-
 # -- inference check ------------------------------------------------------
 
 
@@ -243,7 +208,7 @@ def check_inference(old, new, inputs, run: Run) -> list[np.ndarray]:
     expected = [np.asarray(t) for t in tf.nest.flatten(old(feed, training=False))]
     got = [np.asarray(t) for t in tf.nest.flatten(new(feed, training=False))]
     worst, close = compare_outputs(expected, got)
-    if worst == 0 or (close and run.rebuilt_lstm):  # _LSTM_KERNEL warned about this
+    if worst == 0 or (close and run.rebuilt_lstm):  # rules.LSTM_KERNEL warned about this
         return got
     raise UnsupportedModelError(
         "Refusing to write the rewritten model: its inference differs from the "
@@ -319,8 +284,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return " ".join(text.splitlines()[0].split())

@@ -23,12 +23,11 @@ Runs only in the engine's child process (TF_USE_LEGACY_KERAS=1).
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 
 import tensorflow as tf
 import tf_keras
 
+from regularize import rules
 from regularize.errors import UnsupportedModelError
 from regularize.legacy import TFMOT_CLASSES
 from regularize.policy import RECURRENT
@@ -45,13 +44,7 @@ ADD = "add"
 STRIP = "strip"
 PLAN = "plan"
 
-SUFFIX = "__dropout"
-_OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
-# Keras <= 3.15 lets the caller's `training` override a nested call's explicit
-# `training=False` (keras-team/keras#23364 removes that), so dropout there would
-# fire during `fit()`: the frozen base would not stay in the inference mode its
-# caller asked for. Keras 2 honours the flag, and dropout there never fires.
-_INFERENCE_ONLY = "nested model always called with training=False: kept in inference mode"
+SUFFIX = rules.SUFFIX
 
 DROPOUT_CLASSES = (L.Dropout, L.GaussianDropout, L.AlphaDropout)  # Spatial* subclass Dropout
 ACTIVATION_CLASSES = (L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.Softmax, L.ThresholdedReLU)
@@ -90,7 +83,7 @@ def is_dropout(layer) -> bool:
 
 
 def is_own_dropout(layer) -> bool:
-    return isinstance(layer, DROPOUT_CLASSES) and bool(_OWN_NAME.search(layer.name))
+    return isinstance(layer, DROPOUT_CLASSES) and rules.is_own_name(layer.name)
 
 
 def is_recurrent(layer) -> bool:
@@ -99,6 +92,10 @@ def is_recurrent(layer) -> bool:
 
 def is_batchnorm(layer) -> bool:
     return isinstance(unwrap(layer), L.BatchNormalization)
+
+
+def is_activation_layer(layer) -> bool:
+    return isinstance(unwrap(layer), ACTIVATION_CLASSES + (L.Activation,))
 
 
 def is_merge(layer) -> bool:
@@ -135,13 +132,6 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
-def dropout_kind(rank: int, data_format: str) -> str:
-    """Dropout class for a tensor of `rank` (the Keras 3 engine's rule)."""
-    if rank in (4, 5) or (rank == 3 and data_format == "channels_last"):
-        return f"SpatialDropout{rank - 2}D"
-    return "Dropout"
-
-
 def data_format_near(node, limit: int = 64) -> str:
     """The `data_format` of the nearest upstream layer that declares one."""
     for _ in range(limit):
@@ -168,15 +158,6 @@ def make_dropout(kind: str, rate: float, name: str, anchor, shape, data_format: 
     return layer
 
 
-def _unique_name(base: str, taken: set[str]) -> str:
-    if base not in taken:
-        return base
-    n = 1
-    while f"{base}_{n}" in taken:
-        n += 1
-    return f"{base}_{n}"
-
-
 # -- the rewrite ----------------------------------------------------------
 
 
@@ -193,6 +174,7 @@ class Run:
     layers: dict = dataclasses.field(default_factory=dict)  # id(old) -> new or None
     lengths: dict = dataclasses.field(default_factory=dict)  # id(model) -> levels
     matched: set = dataclasses.field(default_factory=set)  # rules that matched a site
+    decisions: dict = dataclasses.field(default_factory=dict)  # id(layer) -> Decision
     total: int = 1
     has_norm: bool = False
     rebuilt_lstm: bool = False
@@ -424,11 +406,15 @@ class _Walk:
             trainable=bool(layer.trainable),
             auto_kind=auto_kind,
             in_head=in_head,
-            block_output=is_merge(layer) or any(map(is_merge, parents)),
+            # As the Keras 3 engine: a standalone activation right after the
+            # merge closes the block; a fused one already starts the next.
+            block_output=is_merge(layer)
+            or (is_activation_layer(layer) and any(map(is_merge, parents))),
         )
         policy = self.ctx.policy
         self.ctx.matched.update(i for i, r in enumerate(policy.rules) if r.matches(candidate))
-        return policy.decide(candidate)
+        # As the Keras 3 engine: a shared layer gets its first call's decision.
+        return self.ctx.decisions.setdefault(id(layer), policy.decide(candidate))
 
     # -- nested models ----------------------------------------------------
 
@@ -438,7 +424,7 @@ class _Walk:
         inert = self.inert
         if inert is None and run.mode == ADD and run.policy.skip_inference_only:
             if all(n.call_kwargs.get("training") is False for n in self.calls[id(layer)]):
-                inert = _INFERENCE_ONLY
+                inert = rules.INFERENCE_ONLY
         if id(layer) not in run.models:
             offset = self.offset + self.ends[id(node)] - run.weight(layer)
             tail = self.norm_after[id(node)]
@@ -461,7 +447,7 @@ class _Walk:
         tensor = flat[0]
         key = node.flat_output_ids[0]
         fmt = data_format_near(node)
-        auto_kind = dropout_kind(len(tensor.shape), fmt)
+        auto_kind = rules.dropout_kind(len(tensor.shape), fmt)
         readers = self.readers.get(key, [])
         dropouts = [r for r in readers if is_dropout(r)]
         existing = ", ".join(f"{describe(d)}({unwrap(d).rate:g})" for d in dropouts)
@@ -502,7 +488,7 @@ class _Walk:
             return outputs
         layer = node.layer
         if id(layer) not in run.layers:
-            name = _unique_name(layer.name + SUFFIX, self.names)
+            name = rules.unique_name(layer.name + SUFFIX, self.names)
             self.names.add(name)
             run.layers[id(layer)] = make_dropout(
                 decision.kind, decision.rate, name, layer, tensor.shape, fmt
@@ -517,6 +503,15 @@ class _Walk:
         tensor = tf.nest.flatten(node.outputs)[0]
         old_kind = class_name(dropout)
         own = is_own_dropout(dropout)
+        if id(dropout) in run.layers:  # a shared dropout, decided at its first call
+            done = run.layers[id(dropout)]
+            if done is None:
+                self._site(node, old_kind, dropout.rate, REMOVE, "shared, removed", existing)
+            else:
+                action = KEEP if done is dropout else UPDATE
+                why = "shared, same as its first call"
+                self._site(node, class_name(done), done.rate, action, why, existing)
+            return
         if not own and run.policy.existing == "remove":
             skip_reason = "existing = remove"
         elif not skip_reason and decision.rate == 0:
@@ -575,12 +570,12 @@ class _Walk:
         layer = node.layer
         run = self.ctx
         config = L.serialize(unwrap(layer))
-        settings = list(_dropout_settings(config))
+        settings = list(rules.dropout_settings(config))
         if not settings:
             self._site(node, "recurrent", None, SKIP, "cell has no dropout setting")
             return self._call(layer, node)
         old = (settings[0]["dropout"], settings[0]["recurrent_dropout"])
-        existing = _describe_rnn(old)
+        existing = rules.describe_rnn(old)
         if run.mode == STRIP:
             new_values = (0.0, 0.0)
         else:
@@ -591,7 +586,7 @@ class _Walk:
                 return self._call(layer, node)
             rec = decision.recurrent_rate
             new_values = (float(decision.rate), old[1] if rec is None else float(rec))
-        reason = _describe_change(old, new_values)
+        reason = rules.describe_change(old, new_values)
         if all((s["dropout"], s["recurrent_dropout"]) == new_values for s in settings):
             action, reason = (SKIP, "rate is 0") if new_values == (0.0, 0.0) else (KEEP, reason)
             self._site(node, "recurrent", new_values[0] or None, action, reason, existing)
@@ -605,9 +600,9 @@ class _Walk:
         action = REMOVE if run.mode == STRIP else (INSERT if old == (0.0, 0.0) else UPDATE)
         self._site(node, "recurrent", new_values[0], action, reason, existing)
         if new_values[1] > 0 and run.mode == ADD:
-            run.warn(_CUDNN)
-            if '"LSTM' in json.dumps(config):
-                run.warn(_LSTM_KERNEL)
+            run.warn(rules.CUDNN)
+            if rules.has_lstm_cell(config):
+                run.warn(rules.LSTM_KERNEL)
         if not run.build:
             return None
         fresh = id(layer) not in run.layers
@@ -618,48 +613,13 @@ class _Walk:
                 s["dropout"], s["recurrent_dropout"] = new_values
             run.layers[id(layer)] = L.deserialize(config)
             run.rebuilt_lstm = run.rebuilt_lstm or (
-                new_values[1] > 0 and '"LSTM' in json.dumps(config)
+                new_values[1] > 0 and rules.has_lstm_cell(config)
             )
         new = run.layers[id(layer)]
         outputs = self._call(new, node)  # builds `new` on its first call
         if fresh:
             _copy_weights(layer, new)
         return outputs
-
-
-_CUDNN = (
-    "recurrent dropout disables the cuDNN kernel on GPU: training and inference "
-    "run the slower generic loop"
-)
-_LSTM_KERNEL = (
-    "recurrent dropout switches LSTM to its per-gate kernel (implementation=1): "
-    "inference can differ from the original by float rounding (about 1e-7)"
-)
-
-
-def _describe_rnn(values) -> str:
-    if values == (0.0, 0.0):
-        return ""
-    return f"dropout={values[0]:g}, recurrent_dropout={values[1]:g}"
-
-
-def _dropout_settings(config):
-    """Yields every nested config dict that has RNN dropout settings."""
-    if isinstance(config, dict):
-        if "dropout" in config and "recurrent_dropout" in config:
-            yield config
-        for value in config.values():
-            yield from _dropout_settings(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from _dropout_settings(value)
-
-
-def _describe_change(old, new) -> str:
-    parts = []
-    for name, a, b in zip(("dropout", "recurrent_dropout"), old, new, strict=True):
-        parts.append(f"{name}={b:g}" if a == b else f"{name} {a:g} -> {b:g}")
-    return ", ".join(parts)
 
 
 def _copy_weights(old, new) -> None:

@@ -1,0 +1,57 @@
+"""Custom layers from a `.py` file or a module name, for `--custom-objects`.
+
+Imports no Keras: the Keras 3 loader (`regularize.io`) and the Keras 2
+engine's child process (`regularize.legacy.engine`) both use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from regularize.errors import ModelLoadError
+from regularize.errors import first_line
+
+
+def load(spec: str | os.PathLike | None) -> dict:
+    """Classes and functions defined in a `.py` file or a module (None: none).
+
+    Registered classes (`register_keras_serializable`) are found by Keras
+    anyway; the others are passed to the loader by name.
+
+    Raises:
+        ModelLoadError: The file is missing, or importing it fails.
+    """
+    if not spec:
+        return {}
+    text = str(spec)
+    try:
+        if text.endswith(".py") or os.sep in text:
+            file = Path(text)
+            if not file.is_file():
+                raise ModelLoadError(
+                    "Cannot read custom objects: no such file. Expected a `.py` file "
+                    f"or an importable module name. Received: custom_objects={text!r}"
+                )
+            name = f"regularize_custom_{abs(hash(file.resolve()))}"
+            module_spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(text)
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(
+            f"Cannot read custom objects from {text!r}: {type(err).__name__}: {first_line(err)}"
+        ) from err
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and not name.startswith("_")
+    }

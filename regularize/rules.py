@@ -1,0 +1,93 @@
+"""What both engines share, without Keras: names, dropout kinds, RNN settings, texts.
+
+The Keras 3 engine (`regularize.rewrite`) and the Keras 2 engine
+(`regularize.legacy.rewrite`, in its own tf_keras process) walk different
+graph APIs but place and name dropout by the same rules; those rules live
+here, once.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Inserted layers are named `<anchor>__dropout` (`_<n>` added on a name clash),
+# so a second run and `remove_dropout` recognise the tool's own work.
+SUFFIX = "__dropout"
+OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
+
+# Keras <= 3.15 lets the caller's `training` override a nested call's explicit
+# `training=False` (keras-team/keras#23364 removes that), so dropout there would
+# fire during `fit()`: the frozen base would not stay in the inference mode its
+# caller asked for. Keras 2 honours the flag, and dropout there never fires.
+INFERENCE_ONLY = "nested model always called with training=False: kept in inference mode"
+CUDNN = (
+    "recurrent dropout disables the cuDNN kernel on GPU: training and inference "
+    "run the slower generic loop"
+)
+LSTM_KERNEL = (
+    "recurrent dropout switches LSTM to its per-gate kernel (implementation=1): "
+    "inference can differ from the original by float rounding (about 1e-7)"
+)
+
+
+def is_own_name(name: str) -> bool:
+    """Whether `name` is the name of a dropout layer this tool inserted."""
+    return bool(OWN_NAME.search(name))
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    if base not in taken:
+        return base
+    n = 1
+    while f"{base}_{n}" in taken:
+        n += 1
+    return f"{base}_{n}"
+
+
+def dropout_kind(rank: int, data_format: str) -> str:
+    """Dropout class for a tensor of `rank`: Spatial on feature maps."""
+    if rank in (4, 5) or (rank == 3 and data_format == "channels_last"):
+        return f"SpatialDropout{rank - 2}D"
+    return "Dropout"  # rank 2, or a channels_first 1D map (a noise_shape Dropout)
+
+
+def dropout_settings(config):
+    """Yields every nested config dict that has RNN dropout settings.
+
+    Covers LSTM/GRU/SimpleRNN/ConvLSTM*, `RNN(cell)`, `StackedRNNCells` and
+    both directions of `Bidirectional`, whatever the nesting.
+    """
+    if isinstance(config, dict):
+        if "dropout" in config and "recurrent_dropout" in config:
+            yield config
+        for value in config.values():
+            yield from dropout_settings(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from dropout_settings(value)
+
+
+def has_lstm_cell(config) -> bool:
+    """Whether a serialized layer config holds an LSTM (or LSTMCell)."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("LSTM", "LSTMCell"):
+            return True
+        return any(has_lstm_cell(v) for v in config.values())
+    if isinstance(config, list):
+        return any(has_lstm_cell(v) for v in config)
+    return False
+
+
+def describe_rnn(values) -> str:
+    """The `existing` column of an RNN site: its (dropout, recurrent_dropout)."""
+    if values == (0.0, 0.0):
+        return ""
+    return f"dropout={values[0]:g}, recurrent_dropout={values[1]:g}"
+
+
+def describe_change(old, new) -> str:
+    """The reason of an RNN site, e.g. "dropout 0 -> 0.3, recurrent_dropout=0"."""
+    parts = []
+    for name, a, b in zip(("dropout", "recurrent_dropout"), old, new, strict=True):
+        parts.append(f"{name}={b:g}" if a == b else f"{name} {a:g} -> {b:g}")
+    return ", ".join(parts)
