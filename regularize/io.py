@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -20,8 +19,10 @@ import h5py
 import keras
 
 from regularize import applications
+from regularize import atomic
 from regularize import custom_objects
 from regularize import graph
+from regularize import safety
 from regularize import training
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
@@ -30,7 +31,6 @@ from regularize.errors import first_line as _first_line
 from regularize.paths import check_output_path
 
 EXPECTED = "a `.keras` file or a Keras `.h5` file"
-_TMP = ".tmp"  # temporary files: .<stem>.<pid>.<random>.tmp<suffix>
 _STARTED = time.time()  # temporary files older than this process may be stale
 # Keras (de)serializes functional graphs recursively, one frame per node on
 # the longest path: allow models far deeper than the 2,000-layer target.
@@ -149,22 +149,9 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
     check_output_path(path, overwrite=overwrite)
     _remove_stale_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.stem}.{os.getpid()}.", suffix=_TMP + path.suffix, dir=path.parent
-        )
-        os.close(fd)
-    except OSError as err:
-        raise ModelSaveError(f"Cannot write model to {str(path)!r}: {_os_error(err)}") from err
-    try:
         with graph.recursion_limit(DEEP):
-            _write(model, tmp)
-        # mkstemp makes the file private (0600); give it the mode a plain
-        # `open()` would have.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+            atomic.write_file(path, lambda tmp: _write(model, tmp))
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         if isinstance(err, Exception):
             raise ModelSaveError(f"Cannot write model to {str(path)!r}: {_os_error(err)}") from err
         raise
@@ -193,7 +180,7 @@ def _remove_stale_temps(path: Path) -> None:
     gone and that are older than this process: a save running at the same
     time keeps its file.
     """
-    own = re.compile(re.escape(f".{path.stem}.") + r"(\d+)\.[^.]+" + re.escape(_TMP + path.suffix))
+    own = atomic.temp_pattern(path)
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
@@ -224,12 +211,6 @@ def _os_error(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror and err.errno:
         return err.strerror
     return _first_line(err)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _saved_compile_config(path: Path) -> dict | None:
@@ -311,17 +292,17 @@ def _check_h5(path: Path, received: str) -> None:
             "config. Rebuild the architecture in code, call `load_weights()`, "
             f"then save it as `.keras`. Expected {EXPECTED}. {received}"
         )
+    # Keras copies whatever the datasets hold into the model, and HDF5 can
+    # keep a dataset's bytes in any other local file.
+    safety.check_h5_storage(path, received)
 
 
 def _explain_load_error(path: Path, err: Exception) -> str:
     text = str(err)
     received = f"Received: path={str(path)!r}"
-    if "safe_mode" in text:
-        return (
-            "Refusing to load a model with a Python-lambda `Lambda` layer: it runs "
-            "arbitrary code. If you trust the file, pass --unsafe "
-            f"(safe_mode=False). {received}"
-        )
+    refusal = safety.safe_mode_refusal(text, received)
+    if refusal:
+        return refusal
     if isinstance(err, zipfile.BadZipFile):
         return (
             f"Cannot read model: corrupt `.keras` archive ({_first_line(err)}). "

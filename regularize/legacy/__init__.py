@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from regularize import safety
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
 from regularize.errors import PolicyError
@@ -39,6 +40,8 @@ from regularize.errors import RegularizeError
 from regularize.errors import UnsupportedModelError
 from regularize.legacy.keras3 import convert
 from regularize.legacy.keras3 import keras3_fixes
+from regularize.paths import check_output_path
+from regularize.paths import output_format
 
 SAVEDMODEL = "savedmodel"
 KERAS2_H5 = "keras2-h5"
@@ -96,25 +99,33 @@ def detect(path: str | os.PathLike) -> str | None:
         "savedmodel" for a folder holding `saved_model.pb`; "keras2-h5" for an
         `.h5` file written by Keras 2 that Keras 3 cannot read: its config
         names a class Keras 3 does not have (tfmot wrappers, `TFOpLambda`,
-        ...) or holds an argument or a nested model Keras 3's `.h5` reader
-        refuses (see `keras3_fixes`: LSTM's `time_major`, ...); None
-        otherwise, including for the Keras 2 `.h5` files Keras 3 reads itself
-        and for anything that is not a model (the Keras 3 loader says why).
+        ...), holds an argument or a nested model Keras 3's `.h5` reader
+        refuses (see `keras3_fixes`: LSTM's `time_major`, ...), or nests too
+        deeply to parse (the Keras 2 engine's checks say so); None otherwise,
+        including for the Keras 2 `.h5` files Keras 3 reads itself and for
+        anything that is not a model (the Keras 3 loader says why). Class
+        names are found in the config's text, so neither its depth nor the
+        recursion limit decides the engine.
     """
     path = Path(path)
-    if path.is_dir():
-        return SAVEDMODEL if (path / "saved_model.pb").is_file() else None
-    if path.suffix not in H5_SUFFIXES or not path.is_file():
-        return None
     try:
-        version, config = _h5_model(path)
-    except Exception:  # not HDF5, corrupt, no config: Keras 3's loader says why
+        if path.is_dir():
+            return SAVEDMODEL if (path / "saved_model.pb").is_file() else None
+        if path.suffix not in H5_SUFFIXES or not path.is_file():
+            return None
+        version, text = _h5_config_text(path)
+    except Exception:  # not HDF5, corrupt, no config, bad name: the loader says why
         return None
     if version.startswith("3."):
         return None
-    if _class_names(config) & (TFMOT_CLASSES | KERAS2_ONLY_CLASSES):
+    if safety.class_names(text) & (TFMOT_CLASSES | KERAS2_ONLY_CLASSES):
         return KERAS2_H5
-    fixes, blockers = keras3_fixes(config)
+    if safety.config_depth(text) > safety.MAX_CONFIG_DEPTH:
+        return KERAS2_H5
+    try:
+        fixes, blockers = keras3_fixes(json.loads(text))
+    except (ValueError, RecursionError):
+        return None
     return KERAS2_H5 if fixes or blockers else None
 
 
@@ -143,43 +154,21 @@ def check_output(
     """Raises `ModelSaveError` if the Keras 2 engine cannot write `output`.
 
     An output ending in `.keras` means `to_keras3`; one ending in `.h5` is a
-    Keras 2 HDF5 file; any other path is a SavedModel folder.
+    Keras 2 HDF5 file; any other path is a SavedModel folder. The rest is
+    the output rule both engines share (`regularize.paths`).
 
     Returns:
         The output format: "keras", "h5" or "savedmodel".
     """
-    input, output = Path(input), Path(output)
-    where = f"Cannot write model to {str(output)!r}"
+    output = Path(output)
     fmt = output_format(output)
     if to_keras3 and fmt != "keras":
         raise ModelSaveError(
-            f"{where}: `to_keras3` writes a Keras 3 file. Expected a path ending in "
-            f"`.keras`. Received: suffix={output.suffix!r}"
+            f"Cannot write model to {str(output)!r}: `to_keras3` writes a Keras 3 file. "
+            f"Expected a path ending in `.keras`. Received: suffix={output.suffix!r}"
         )
-    if output.resolve() == input.resolve():
-        raise ModelSaveError(f"{where}: it is the input model. Expected another path.")
-    if not output.parent.is_dir():
-        raise ModelSaveError(f"{where}: folder {str(output.parent)!r} does not exist.")
-    if fmt == "savedmodel" and output.is_file():
-        raise ModelSaveError(
-            f"{where}: it is a file. Expected a folder path for a SavedModel "
-            "(or a path ending in `.h5` or `.keras`)."
-        )
-    if fmt != "savedmodel" and output.is_dir():
-        raise ModelSaveError(f"{where}: it is a folder. Expected a file path.")
-    if output.exists() and not overwrite:
-        raise ModelSaveError(
-            f"{where}: it already exists. Pass --force (overwrite=True in Python) to replace it."
-        )
+    check_output_path(output, overwrite=overwrite, source=Path(input), fmt=fmt)
     return fmt
-
-
-def output_format(output: str | os.PathLike) -> str:
-    """The output format its path's suffix means: "keras", "h5" or "savedmodel"."""
-    suffix = Path(output).suffix
-    if suffix == ".keras":
-        return "keras"
-    return "h5" if suffix in H5_SUFFIXES else "savedmodel"
 
 
 def policy_to_dict(policy) -> dict:
@@ -325,6 +314,11 @@ def _validate(request: dict) -> dict:
         text = str(spec)
         is_file = text.endswith(".py") or os.sep in text
         request["custom_objects"] = str(Path(text).resolve()) if is_file else text
+        if not is_file:
+            request["custom_path"] = _module_folder(text)
+    check_model_file(
+        source, unsafe=not request["safe_mode"], custom_objects=request.get("custom_objects")
+    )
     if request["dry_run"]:
         request["output"] = None
         request["to_keras3"] = False
@@ -339,18 +333,26 @@ def _validate(request: dict) -> dict:
     )
     request["to_keras3"] = fmt == "keras"
     if request["to_keras3"] and source.is_file():
-        refuse_keras3(_class_names(_h5_model(source)[1]))
-    request["output"] = str(output.resolve())
+        refuse_keras3(safety.class_names(_h5_config_text(source)[1]))
+    # Absolute, but the last component is not resolved: a link at the output
+    # is replaced, never written through.
+    request["output"] = os.path.abspath(output)
     return request
 
 
 def _check_input(path: Path) -> None:
     received = f"Received: path={str(path)!r}"
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as err:  # a name too long, ...
+        raise ModelLoadError(
+            f"Cannot read model: {err.strerror or err}. Expected {_EXPECTED}. {received}"
+        ) from err
+    if not exists:
         raise ModelLoadError(
             f"Cannot read model: no such file or folder. Expected {_EXPECTED}. {received}"
         )
-    if path.is_dir():
+    if is_dir:
         if not (path / "saved_model.pb").is_file():
             raise ModelLoadError(
                 "Cannot read model: the folder is not a SavedModel (it has no "
@@ -370,7 +372,7 @@ def _check_input(path: Path) -> None:
             f"Expected {_EXPECTED}. {received}"
         )
     try:
-        _h5_model(path)
+        _h5_config_text(path)
     except ModelLoadError:
         raise
     except Exception as err:
@@ -380,8 +382,61 @@ def _check_input(path: Path) -> None:
         ) from err
 
 
-def _h5_model(path: Path) -> tuple[str, dict]:
-    """The `keras_version` and the model config of an HDF5 model file."""
+def check_model_file(path: Path, *, unsafe: bool, custom_objects=None) -> None:
+    """Raises `ModelLoadError` if loading this Keras 2 model would run code or read files.
+
+    Reads the file as data only (h5py, or `keras_metadata.pb` decoded by
+    hand) and applies `regularize.safety`: the parent calls it before a
+    child is started, the child again before tf_keras sees the file.
+    """
+    path = Path(path)
+    received = f"Received: path={str(path)!r}"
+    module = _custom_module_name(custom_objects)
+    if path.is_dir():
+        metadata, _ = safety.savedmodel_root_config(path)
+        safety.check_keras2_config(metadata, received, unsafe=unsafe, custom_module=module)
+        config = metadata.get("config")
+        if not unsafe and not (isinstance(config, dict) and metadata.get("class_name")):
+            raise ModelLoadError(
+                "Refusing to load model: the SavedModel keeps no config for its model "
+                f"(class {metadata.get('class_name')!r}), only traced graph functions, and "
+                "loading those runs the SavedModel's own graph code. Expected a Keras 2 "
+                f"SavedModel of a Functional or Sequential model. {safety.UNSAFE_HINT} "
+                f"{received}"
+            )
+        return
+    safety.check_h5_storage(path, received)
+    config = safety.parse_config(_h5_config_text(path)[1], received)
+    safety.check_keras2_config(config, received, unsafe=unsafe, custom_module=module)
+
+
+def _custom_module_name(spec) -> str | None:
+    if not spec:
+        return None
+    text = str(spec)
+    return Path(text).stem if text.endswith(".py") or os.sep in text else text
+
+
+def _module_folder(name: str) -> str | None:
+    """The `sys.path` folder the module `name` would be imported from, found without importing it.
+
+    The child starts isolated (no working folder on its path), so the folder
+    of a custom-object module the user named goes along explicitly.
+    """
+    import importlib.machinery
+
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(name.split(".")[0], sys.path)
+    except (ImportError, ValueError, OSError):
+        return None
+    if spec is None or not spec.origin or not os.path.isabs(spec.origin):
+        return None
+    origin = Path(spec.origin)
+    return str(origin.parent.parent if origin.name == "__init__.py" else origin.parent)
+
+
+def _h5_config_text(path: Path) -> tuple[str, str]:
+    """The `keras_version` and the model config's JSON text of an HDF5 model file."""
     import h5py
 
     with h5py.File(path, "r") as f:
@@ -396,26 +451,7 @@ def _h5_model(path: Path) -> tuple[str, dict]:
         config = config.decode("utf-8")
     if isinstance(version, bytes):
         version = version.decode("utf-8")
-    return str(version), json.loads(config)
-
-
-def _class_names(config) -> set[str]:
-    """Every `class_name` in a (model) config, nested ones included."""
-    names: set[str] = set()
-    _collect_classes(config, names)
-    return names
-
-
-def _collect_classes(config, names: set[str]) -> None:
-    if isinstance(config, dict):
-        name = config.get("class_name")
-        if isinstance(name, str):
-            names.add(name)
-        for value in config.values():
-            _collect_classes(value, names)
-    elif isinstance(config, list):
-        for value in config:
-            _collect_classes(value, names)
+    return str(version), str(config)
 
 
 def refuse_keras3(classes) -> None:
@@ -446,13 +482,15 @@ def _call_engine(requests: list[dict], *, debug: bool) -> list[dict]:
     env["TF_USE_LEGACY_KERAS"] = "1"
     if not debug:
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    # The child must import this very package, installed or not.
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     payload = {"requests": requests, "debug": debug}
     with tempfile.TemporaryDirectory(prefix="regularize-legacy-") as tmp:
         result_path = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "regularize.legacy", "-", str(result_path)]
+        # `-I`: no working folder, no user site, no PYTHON* variables on the
+        # child's path (a `json.py` beside the model is not imported). What
+        # the child needs, this package and the libraries it imports, goes
+        # along explicitly, from where this process finds them.
+        command = [sys.executable, "-I", "-c", _BOOT, json.dumps(_child_path()), "-"]
+        command.append(str(result_path))
         try:
             proc = subprocess.Popen(
                 command,
@@ -461,10 +499,11 @@ def _call_engine(requests: list[dict], *, debug: bool) -> list[dict]:
                 stderr=None if debug else subprocess.PIPE,
                 text=True,
                 env=env,
+                cwd=tmp,
             )
         except OSError as err:
             raise RegularizeError(
-                f"Cannot start the Keras 2 engine ({' '.join(command[:3])}): {_first_line(err)}"
+                f"Cannot start the Keras 2 engine ({sys.executable} -I): {_first_line(err)}"
             ) from err
         try:
             _, stderr = proc.communicate(json.dumps(payload))
@@ -484,6 +523,37 @@ def _call_engine(requests: list[dict], *, debug: bool) -> list[dict]:
     if "error" in answer:  # the request as a whole was refused
         return [answer] * len(requests)
     return answer["results"]
+
+
+# The child's first lines: add the explicit folders to its path (after the
+# standard library's), then run `regularize.legacy.__main__`.
+_BOOT = (
+    "import json, sys; "
+    "sys.path += [p for p in json.loads(sys.argv.pop(1)) if p not in sys.path]; "
+    "from regularize.legacy.__main__ import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
+# Top-level packages the child imports; each is taken from where this
+# process would import it.
+_CHILD_PACKAGES = ("regularize", "tensorflow", "tf_keras", "tensorflow_model_optimization")
+
+
+def _child_path() -> list[str]:
+    """The folders the isolated child needs on `sys.path` (never the working folder)."""
+    import importlib.machinery
+
+    cwd = os.getcwd()
+    folders = [str(Path(__file__).resolve().parents[2])]
+    for name in _CHILD_PACKAGES[1:]:
+        entries = [p for p in sys.path if p and os.path.abspath(p) != cwd]
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name, entries)
+        except (ImportError, ValueError, OSError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        if locations:
+            folders.append(str(Path(locations[0]).parent))
+    return list(dict.fromkeys(folders))
 
 
 def _read_answer(path: Path) -> dict | None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 # Must precede the TensorFlow import: it decides what `tf.keras` is, for this
@@ -26,15 +25,21 @@ import tf_keras  # noqa: E402
 
 # No public name: tf_keras' `load_model(safe_mode=...)` only reaches `.keras`
 # files, this scope reaches the `.h5` and SavedModel loaders too.
+from tf_keras.src.saving.legacy import saving_utils  # noqa: E402
+from tf_keras.src.saving.legacy.saved_model import json_utils  # noqa: E402
 from tf_keras.src.saving.serialization_lib import SafeModeScope  # noqa: E402
 
+from regularize import atomic  # noqa: E402
+from regularize import safety  # noqa: E402
 from regularize.custom_objects import load as load_custom_objects  # noqa: E402
 from regularize.errors import ModelLoadError  # noqa: E402
 from regularize.errors import ModelSaveError  # noqa: E402
 from regularize.errors import PolicyError  # noqa: E402
+from regularize.errors import RegularizeError  # noqa: E402
 from regularize.errors import UnsupportedModelError  # noqa: E402
 from regularize.errors import first_line as _first_line  # noqa: E402
 from regularize.legacy import TFMOT_CLASSES  # noqa: E402
+from regularize.legacy import check_model_file  # noqa: E402
 from regularize.legacy import refuse_keras3  # noqa: E402
 from regularize.legacy.keras3 import compare_outputs  # noqa: E402
 from regularize.legacy.rewrite import ADD  # noqa: E402
@@ -58,7 +63,12 @@ def handle(request: dict) -> dict:
     dry = bool(request.get("dry_run")) or request["mode"] == PLAN
     source = Path(request["input"])
     policy = _policy(request.get("policy") or {}, mode, request.get("policy_source") or "")
-    model = load(source, request.get("custom_objects"), safe_mode=request.get("safe_mode", True))
+    model = load(
+        source,
+        request.get("custom_objects"),
+        safe_mode=request.get("safe_mode", True),
+        custom_path=request.get("custom_path"),
+    )
     if request.get("to_keras3") and not dry:
         refuse_keras3({class_name(layer) for layer in all_layers(model)})
     run = Run(policy=policy, mode=mode, build=not dry)
@@ -96,12 +106,25 @@ def _policy(data: dict, mode: str, source: str) -> Policy:
 # -- loading --------------------------------------------------------------
 
 
-def load(path: Path, custom_objects, *, safe_mode: bool = True) -> tf_keras.Model:
+def load(
+    path: Path, custom_objects, *, safe_mode: bool = True, custom_path: str | None = None
+) -> tf_keras.Model:
     """Loads a Keras 2 `.h5` file or SavedModel folder with tf_keras.
 
-    `safe_mode` refuses Python-lambda `Lambda` layers, as the Keras 3 path
-    does: tf_keras' own `.h5` loader would run their bytecode unasked.
+    The file is checked as data first (`regularize.legacy.check_model_file`).
+    With `safe_mode`, Python-lambda `Lambda` layers are refused, as on the
+    Keras 3 path (tf_keras' own `.h5` loader would run their bytecode
+    unasked), and a SavedModel is rebuilt from its Keras config and its
+    variables (`_load_savedmodel`) instead of being restored by TensorFlow's
+    loader, which runs the SavedModel's own graph functions.
+
+    Args:
+        custom_path: The folder of a custom-object module named by the user
+            (this process starts without the working folder on its path).
     """
+    check_model_file(path, unsafe=not safe_mode, custom_objects=custom_objects)
+    if custom_path and custom_path not in sys.path:
+        sys.path.append(custom_path)  # last: it shadows nothing installed
     objects = load_custom_objects(custom_objects)
     received = f"Received: path={str(path)!r}"
     try:
@@ -111,7 +134,12 @@ def load(path: Path, custom_objects, *, safe_mode: bool = True) -> tf_keras.Mode
             if _mentions(path, TFMOT_CLASSES):
                 for scope in _tfmot_scopes():
                     stack.enter_context(scope)
-            model = tf_keras.models.load_model(str(path), compile=True)
+            if path.is_dir() and safe_mode:
+                model = _load_savedmodel(path)
+            else:
+                model = tf_keras.models.load_model(str(path), compile=True)
+    except RegularizeError:
+        raise
     except Exception as err:  # tf_keras raises many types; one line each here
         raise ModelLoadError(_explain_load_error(err, received)) from err
     if not isinstance(model, tf_keras.Model):
@@ -125,6 +153,42 @@ def load(path: Path, custom_objects, *, safe_mode: bool = True) -> tf_keras.Mode
         # could not be saved again.
         if type(layer).__module__.startswith("tf_keras.src.saving.legacy.saved_model"):
             raise ModelLoadError(_missing_class(type(layer).__name__, received))
+    return model
+
+
+def _load_savedmodel(path: Path) -> tf_keras.Model:
+    """A Keras 2 SavedModel rebuilt from its Keras config, with its variables read as data.
+
+    `tf_keras.models.load_model` restores the SavedModel's object graph, and
+    that runs graph functions stored in the file (a tracked resource's
+    initializer can write or copy any file). Here the model is built from
+    the config in `keras_metadata.pb` (checked by `regularize.safety`), and
+    its variables are read from the `variables/` checkpoint, which restores
+    tensors and runs nothing from the file. The compile config is applied
+    as the `.h5` loader does it.
+    """
+    metadata = json_utils.decode(safety.savedmodel_root_config(path)[1])
+    config = {"class_name": metadata["class_name"], "config": metadata["config"]}
+    model = tf_keras.models.model_from_config(config)
+    shape = metadata.get("build_input_shape")
+    if not model.built and shape is not None:
+        model.build(shape)
+    status = model.load_weights(str(path / "variables" / "variables"))
+    try:
+        # Every variable the rebuilt model has must come from the checkpoint.
+        status.assert_existing_objects_matched()
+    except AssertionError as err:
+        raise ModelLoadError(
+            "Cannot read model: the SavedModel's variables do not fit its Keras config "
+            f"({_first_line(err)[:200]}). Received: path={str(path)!r}"
+        ) from err
+    training_config = metadata.get("training_config")
+    if training_config is not None:
+        model.compile(
+            **saving_utils.compile_args_from_training_config(training_config),
+            from_serialized=True,
+        )
+        saving_utils.try_build_compiled_arguments(model)
     return model
 
 
@@ -157,12 +221,9 @@ _UNKNOWN = re.compile(r"Unknown (?:layer|object|class|loss|metric|activation)[^:
 
 def _explain_load_error(err: Exception, received: str) -> str:
     text = str(err)
-    if "safe_mode" in text:
-        return (
-            "Refusing to load a model with a Python-lambda `Lambda` layer: it runs "
-            "arbitrary code. If you trust the file, pass --unsafe "
-            f"(safe_mode=False). {received}"
-        )
+    refusal = safety.safe_mode_refusal(text, received)
+    if refusal:
+        return refusal
     match = _UNKNOWN.search(text)
     if match:
         return _missing_class(match.group(1), received)
@@ -221,8 +282,11 @@ def check_inference(old, new, inputs, run: Run) -> list[np.ndarray]:
 
 
 def save(model, output: Path, *, overwrite: bool) -> None:
-    """Saves atomically beside `output`: `.h5` as a file, anything else as a SavedModel."""
-    if output.exists() and not overwrite:
+    """Saves atomically at `output`: `.h5` as a file, anything else as a SavedModel.
+
+    A link at `output` is replaced, never written through (`regularize.atomic`).
+    """
+    if os.path.lexists(output) and not overwrite:
         raise ModelSaveError(
             f"Cannot write model to {str(output)!r}: it already exists. "
             "Pass --force (overwrite=True in Python) to replace it."
@@ -230,57 +294,10 @@ def save(model, output: Path, *, overwrite: bool) -> None:
     h5 = output.suffix in (".h5", ".hdf5")
     try:
         if h5:
-            _save_h5(model, output)
+            atomic.write_file(output, lambda tmp: model.save(tmp, save_format="h5"))
         else:
-            _save_savedmodel(model, output)
+            atomic.write_folder(output, lambda tmp: model.save(tmp, save_format="tf"))
     except ModelSaveError:
         raise
     except Exception as err:
         raise ModelSaveError(f"Cannot write model to {str(output)!r}: {_first_line(err)}") from err
-
-
-def _save_h5(model, output: Path) -> None:
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{output.stem}.", suffix=".tmp" + output.suffix, dir=output.parent
-    )
-    os.close(fd)
-    try:
-        model.save(tmp, save_format="h5")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _save_savedmodel(model, output: Path) -> None:
-    """Writes the folder under a temporary name, then renames it into place.
-
-    A folder cannot be swapped in one step over an existing one: the old one
-    is moved aside first and removed once the new one is in place.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    old = None
-    try:
-        model.save(str(tmp), save_format="tf")
-        os.chmod(tmp, 0o777 & ~_umask())
-        if output.exists():
-            old = output.with_name(f".{output.name}.{os.getpid()}.old")
-            os.rename(output, old)
-        os.rename(tmp, output)
-    except BaseException:
-        if old is not None and not output.exists():
-            os.rename(old, output)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
