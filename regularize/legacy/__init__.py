@@ -124,7 +124,7 @@ def detect(path: str | os.PathLike) -> str | None:
         return KERAS2_H5
     try:
         fixes, blockers = keras3_fixes(json.loads(text))
-    except (ValueError, RecursionError):
+    except Exception:  # not JSON, or not a model config: the Keras 3 loader says why
         return None
     return KERAS2_H5 if fixes or blockers else None
 

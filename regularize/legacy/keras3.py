@@ -114,8 +114,10 @@ def _renumber_nested_calls(config: dict, fixes: list) -> None:
     }
     refs = []  # mutable [name, node_index, tensor_index, ...] lists
     for layer in config["layers"]:
-        for call in layer.get("inbound_nodes", []) if isinstance(layer, dict) else []:
-            refs.extend(r for r in call if isinstance(r, list))
+        calls = layer.get("inbound_nodes") if isinstance(layer, dict) else None
+        for call in calls if isinstance(calls, list) else []:
+            if isinstance(call, list):
+                refs.extend(r for r in call if isinstance(r, list))
     for key in ("input_layers", "output_layers"):
         value = config.get(key)
         if isinstance(value, list) and value and isinstance(value[0], str):
