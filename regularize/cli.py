@@ -9,6 +9,7 @@ traceback instead. TensorFlow is imported only once a command runs, so
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import os
@@ -25,6 +26,8 @@ from regularize.errors import ModelLoadError
 from regularize.errors import PolicyError
 from regularize.errors import RegularizeError
 from regularize.policy import validate_rate
+from regularize.text import printable
+from regularize.text import short_repr
 
 
 class _OneLineErrors(click.Group):
@@ -36,10 +39,11 @@ class _OneLineErrors(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as err:
-            click.echo(f"Error: {err.format_message()}", err=True)
+            # Messages quote names from model files: no control sequence reaches the terminal.
+            click.echo(f"Error: {printable(err.format_message())}", err=True)
             sys.exit(2)
         except click.ClickException as err:
-            click.echo(f"Error: {err.format_message()}", err=True)
+            click.echo(f"Error: {printable(err.format_message())}", err=True)
             sys.exit(err.exit_code)
         except click.Abort:
             click.echo("Aborted.", err=True)
@@ -81,6 +85,46 @@ def _input_shape(ctx, param, value):
         raise click.BadParameter(str(err), ctx, param) from err
 
 
+def check_path(path: Path | None, hint: str, *, follow: bool = True) -> Path | None:
+    """`path` if the OS can look it up (or says it is absent); else one line, exit 2.
+
+    `Path.exists()` and friends raise (a traceback) for a name over 255 bytes
+    or a path the process may not search, and answer False for a symlink
+    loop; this check runs first, before TensorFlow is imported. `follow=False`
+    (an output path) looks at a link itself, not where it points.
+    """
+    if path is None:
+        return None
+    try:
+        (os.stat if follow else os.lstat)(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as err:
+        raise click.BadParameter(
+            f"Cannot use path: {_path_problem(err)}. Received: {short_repr(str(path), 300)}",
+            param_hint=hint,
+        ) from None
+    return path
+
+
+def _path_problem(err: OSError) -> str:
+    """What is wrong with a path the OS refused to look up, and what was expected."""
+    if err.errno == errno.ENAMETOOLONG:
+        return (
+            "a name in it is longer than the file system allows. "
+            "Expected names of at most 255 bytes"
+        )
+    if err.errno == errno.ELOOP:
+        return "it is a symlink loop. Expected a file, a folder or a link to one"
+    reason = (err.strerror or type(err).__name__).lower()
+    return f"{reason}. Expected a path this user may look up"
+
+
+def path_callback(hint: str, *, follow: bool = True):
+    """A click callback running `check_path` on the option's value."""
+    return lambda ctx, param, value: check_path(value, hint, follow=follow)
+
+
 def _options(*options):
     def decorate(func):
         for option in reversed(options):
@@ -91,7 +135,12 @@ def _options(*options):
 
 
 _input_options = _options(
-    click.argument("input", metavar="INPUT", type=click.Path(path_type=Path)),
+    click.argument(
+        "input",
+        metavar="INPUT",
+        type=click.Path(path_type=Path),
+        callback=path_callback("'INPUT'"),
+    ),
     click.option(
         "--custom-objects",
         metavar="MODULE_OR_FILE",
@@ -138,6 +187,7 @@ _output_options = _options(
         "-o",
         "--output",
         type=click.Path(path_type=Path),
+        callback=path_callback("'-o' / '--output'", follow=False),
         help="Where to write the new model (.keras or .h5; a folder for a SavedModel). "
         "Default: next to INPUT, named INPUT_<suffix>.keras (Keras 2 inputs: "
         "INPUT_<suffix>.h5 or INPUT_<suffix>/, as the input).",
@@ -157,6 +207,7 @@ _policy_options = _options(
         "--policy",
         "policy_file",
         type=click.Path(path_type=Path),
+        callback=path_callback("'--policy'"),
         help="TOML policy file (preset, rules, schedule). It wins for what it "
         "states; --rate and --recurrent-rate fill in the rest.",
     ),
@@ -265,6 +316,7 @@ def _process(transform, suffix, *, output, force, dry_run, as_json, to_keras3, l
 
     input = common["input"]
     kind = keras2.detect(input)
+    given = output is not None
     if output is None and kind:
         output = keras2.default_output(input, suffix, to_keras3=to_keras3)
     elif output is None and _is_application(input):
@@ -273,6 +325,9 @@ def _process(transform, suffix, *, output, force, dry_run, as_json, to_keras3, l
     elif output is None:
         output = input.with_name(f"{input.stem}_{suffix}.keras")
     if not dry_run:
+        # A default output name may pass the 255-byte limit where INPUT's did not.
+        hint = "'-o' / '--output'" if given else "the default output (pass -o)"
+        check_path(output, hint, follow=False)
         _check_input(input)
         _check_output(input, output, force, keras2=bool(kind), to_keras3=to_keras3)
     save_to = None if dry_run else output
@@ -290,7 +345,7 @@ def _process(transform, suffix, *, output, force, dry_run, as_json, to_keras3, l
     else:
         for line in report.summary_lines():
             click.echo(line)
-        click.echo(f"wrote {output}")
+        click.echo(printable(f"wrote {output}"))
 
 
 def _run(
@@ -385,10 +440,12 @@ def _progress(quiet: bool):
         yield lambda text: None
         return
     from rich.console import Console
+    from rich.text import Text
 
     console = Console(stderr=True)
+    # Text, not a string: rich would read markup in a path or name.
     with console.status("starting") as status:
-        yield lambda text: status.update(text + " ...")
+        yield lambda text: status.update(Text(printable(text) + " ..."))
 
 
 def _is_terminal() -> bool:
@@ -397,12 +454,13 @@ def _is_terminal() -> bool:
 
 def _print_warnings(report) -> None:
     for note in report.warnings:
-        click.echo(f"Warning: {note}", err=True)
+        click.echo(f"Warning: {printable(note)}", err=True)
 
 
 def _print_table(report) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from regularize.report import COLUMNS
 
@@ -410,12 +468,14 @@ def _print_table(report) -> None:
     for column in COLUMNS:
         table.add_column(column.upper(), overflow="fold")
     styles = {"insert": "green", "update": "yellow", "remove": "red", "skip": "dim"}
+    # Cells as Text: rich reads a plain string as markup, and a layer named
+    # "[link=...]x" or ":warning:" would be rendered, not shown.
     for row in report.rows():
-        table.add_row(*(row[c] for c in COLUMNS), style=styles.get(row["action"]))
+        table.add_row(*(Text(row[c]) for c in COLUMNS), style=styles.get(row["action"]))
     console = Console()
     console.print(table)
     for line in report.summary_lines():
-        console.print(line, highlight=False)
+        console.print(Text(line))
 
 
 def _is_application(input: Path) -> bool:

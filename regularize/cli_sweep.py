@@ -13,12 +13,26 @@ from pathlib import Path
 import click
 
 
+def _path(hint: str, *, follow: bool = True):
+    """`regularize.cli.check_path` as a callback (imported late: cli imports this module)."""
+
+    def callback(ctx, param, value):
+        from regularize.cli import check_path
+
+        return check_path(value, hint, follow=follow)
+
+    return callback
+
+
 @click.command("sweep")
-@click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument(
+    "model", metavar="MODEL", type=click.Path(path_type=Path), callback=_path("'MODEL'")
+)
 @click.option(
     "--data",
     required=True,
     type=click.Path(path_type=Path),
+    callback=_path("'--data'"),
     help="Image folder (one subfolder per class) or .npz with x_train, y_train, x_val, y_val.",
 )
 @click.option(
@@ -31,6 +45,7 @@ import click
 @click.option(
     "--policy",
     type=click.Path(path_type=Path),
+    callback=_path("'--policy'"),
     help="TOML policy file; each variant uses it with its own rate.",
 )
 @click.option(
@@ -64,12 +79,14 @@ import click
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
+    callback=_path("'--out'", follow=False),
     help="Results folder; run again with the same folder to resume. "
     "Default: MODEL_sweep/ next to MODEL.",
 )
 @click.option(
     "--save-best",
     type=click.Path(path_type=Path),
+    callback=_path("'--save-best'", follow=False),
     help="Also write the best variant here (.keras or .h5).",
 )
 @click.option("--force", is_flag=True, help="Overwrite the --save-best file if it exists.")
@@ -138,6 +155,7 @@ def sweep(
     from regularize.sweep import format_rate
     from regularize.sweep import parse_rates
     from regularize.sweep import sweep as run_sweep
+    from regularize.text import printable
 
     if not model.exists():
         raise click.BadParameter(
@@ -189,15 +207,16 @@ def sweep(
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"compile: {result.compile_note}")
+    # Notes and paths may quote names from the model file or the command line.
+    click.echo(printable(f"compile: {result.compile_note}"))
     for note in result.notes:
-        click.echo(f"note: {note}")
+        click.echo(printable(f"note: {note}"))
     click.echo(result.table())
     if result.written:
-        click.echo(f"wrote {result.results_path} and {result.plot_path}")
+        click.echo(printable(f"wrote {result.results_path} and {result.plot_path}"))
     if result.best_model is not None:
         rate = format_rate(result.best_rate)
-        click.echo(f"wrote the best variant (rate {rate}) to {result.best_model}")
+        click.echo(printable(f"wrote the best variant (rate {rate}) to {result.best_model}"))
 
 
 def _recurrent_rate(value: str | None):

@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 from regularize.errors import ModelSaveError
+from regularize.text import short_repr
 
 SAVE_SUFFIXES = (".keras", ".h5")
 KERAS = "keras"
@@ -153,5 +154,4 @@ def _lstat(path: Path) -> os.stat_result | None:
 
 def _shown(path) -> str:
     """A path for a one-line message: repr (control characters escaped), cut short."""
-    text = repr(str(path))
-    return text if len(text) <= 200 else f"{text[:200]}… ({len(str(path))} chars)"
+    return short_repr(str(path), 200)

@@ -29,15 +29,18 @@ A policy file (TOML):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import math
 import numbers
 import os
+import stat
 import tomllib
 from collections.abc import Callable
 from collections.abc import Mapping
 
 from regularize.errors import PolicyError
+from regularize.text import short_repr
 
 PRESETS = ("all", "head", "blocks")
 KINDS = ("auto", "dropout", "spatial", "gaussian", "alpha")
@@ -67,12 +70,12 @@ def validate_rate(name: str, value: object, *, allow_none: bool = False) -> floa
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise PolicyError(
-            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={value!r}"
+            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={short_repr(value)}"
         )
     rate = float(value)
     if math.isnan(rate) or not 0.0 <= rate < 1.0:
         raise PolicyError(
-            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={value!r}"
+            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={short_repr(value)}"
         )
     return rate
 
@@ -155,7 +158,7 @@ class Rule:
 
     def describe(self, index: int) -> str:
         what = [
-            f"{k}={v!r}"
+            f"{k}={short_repr(v, limit=40)}"
             for k, v in (("match", self.match), ("class", self.layer_class))
             if v is not None
         ]
@@ -223,7 +226,8 @@ class Policy:
         rules = self.rules
         if isinstance(rules, Rule) or not isinstance(rules, (list, tuple)):
             raise PolicyError(
-                f"Invalid `rules`{where}. Expected a list of rules. Received: rules={rules!r}"
+                f"Invalid `rules`{where}. Expected a list of rules. "
+                f"Received: rules={short_repr(rules)}"
             )
         _set(self, "rules", tuple(_rule(r, i, where) for i, r in enumerate(rules)))
 
@@ -254,25 +258,7 @@ class Policy:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **defaults) -> Policy:
         """Reads a TOML policy file; `defaults` fill in what it does not state."""
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise PolicyError(
-                f"Cannot read policy file: no such file. Expected a TOML file. "
-                f"Received: {str(path)!r}"
-            ) from None
-        except IsADirectoryError:
-            raise PolicyError(
-                f"Cannot read policy file: it is a folder. Expected a TOML file. "
-                f"Received: {str(path)!r}"
-            ) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise PolicyError(
-                f"Cannot read policy file {str(path)!r}: not valid TOML ({err}). "
-                "Expected `key = value` lines and [[rule]] tables."
-            ) from err
-        return cls.from_dict(data, source=str(path), **defaults)
+        return cls.from_dict(_read_toml(path), source=str(path), **defaults)
 
     def to_dict(self) -> dict:
         """JSON-able settings; `Policy.from_dict(p.to_dict()) == p`."""
@@ -358,8 +344,63 @@ class Policy:
                 raise PolicyError(
                     f"Invalid `class` in rule {i + 1}{where}: no Keras layer class has that "
                     f"name. Expected a class name such as 'Conv2D' or 'ReLU'. "
-                    f"Received: class={rule.layer_class!r}"
+                    f"Received: class={short_repr(rule.layer_class)}"
                 )
+
+
+def _read_toml(path: str | os.PathLike) -> dict:
+    """The TOML table in the regular file at `path`; every failure a one-line `PolicyError`."""
+    received = f"Expected a TOML file. Received: {short_repr(os.fspath(path), 300)}"
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise PolicyError(f"Cannot read policy file: {_not_a_file(mode)}. {received}")
+        # O_NONBLOCK: a FIFO swapped in after the stat must not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise PolicyError(f"Cannot read policy file: no such file. {received}") from None
+    except OSError as err:
+        raise PolicyError(f"Cannot read policy file: {_os_reason(err)}. {received}") from None
+    with open(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise PolicyError(f"Cannot read policy file: {_not_a_file(mode)}. {received}")
+        try:
+            return tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise PolicyError(
+                f"Cannot read policy file {str(path)!r}: not valid TOML ({err}). "
+                "Expected `key = value` lines and [[rule]] tables."
+            ) from err
+        except RecursionError:
+            # tomllib parses nested arrays and inline tables recursively.
+            raise PolicyError(
+                f"Cannot read policy file {str(path)!r}: it nests arrays or tables too "
+                "deeply to parse. Expected `key = value` lines and [[rule]] tables."
+            ) from None
+        except OSError as err:
+            raise PolicyError(f"Cannot read policy file: {_os_reason(err)}. {received}") from None
+
+
+def _not_a_file(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "it is a folder"
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"it is {kind}, not a regular file"
+
+
+def _os_reason(err: OSError) -> str:
+    if err.errno == errno.ENAMETOOLONG:
+        return "a name in its path is too long for the file system (at most 255 bytes)"
+    if err.errno == errno.ELOOP:
+        return "its path is a symlink loop"
+    return (err.strerror or type(err).__name__).lower()
 
 
 def _glob(pattern: str, path: str) -> bool:
@@ -374,7 +415,8 @@ def _rate(name: str, value, where: str, allow_none: bool = False) -> float | Non
         return validate_rate(name, value, allow_none=allow_none)
     except PolicyError:
         raise PolicyError(
-            f"Invalid `{name}`{where}. Expected a float in [0, 1). Received: {name}={value!r}"
+            f"Invalid `{name}`{where}. Expected a float in [0, 1). "
+            f"Received: {name}={short_repr(value)}"
         ) from None
 
 
@@ -382,7 +424,7 @@ def _choice(name: str, value, allowed: tuple, where: str) -> str:
     if value not in allowed:
         raise PolicyError(
             f"Invalid `{name}`{where}. Expected one of {', '.join(map(repr, allowed))}. "
-            f"Received: {name}={value!r}"
+            f"Received: {name}={short_repr(value)}"
         )
     return value
 
@@ -390,7 +432,7 @@ def _choice(name: str, value, allowed: tuple, where: str) -> str:
 def _flag(name: str, value, where: str) -> bool:
     if not isinstance(value, bool):
         raise PolicyError(
-            f"Invalid `{name}`{where}. Expected true or false. Received: {name}={value!r}"
+            f"Invalid `{name}`{where}. Expected true or false. Received: {name}={short_repr(value)}"
         )
     return value
 
@@ -398,9 +440,11 @@ def _flag(name: str, value, where: str) -> bool:
 def _no_unknown(data: Mapping, known: tuple, what: str, where: str) -> None:
     for key in data:
         if key not in known:
+            bare = isinstance(key, str) and key.isidentifier() and len(key) <= 40
+            name = key if bare else short_repr(key, 40)
             raise PolicyError(
-                f"Unknown {what} {key!r}{where}. Expected one of "
-                f"{', '.join(known)}. Received: {key}={data[key]!r}"
+                f"Unknown {what} {short_repr(key, 40)}{where}. Expected one of "
+                f"{', '.join(known)}. Received: {name}={short_repr(data[key])}"
             )
 
 
@@ -410,12 +454,13 @@ def _schedule(value, where: str) -> tuple[float, float]:
         if set(value) != {"start", "end"}:
             raise PolicyError(
                 f"Invalid `schedule`{where}. Expected both `start` and `end`. "
-                f"Received: schedule={dict(value)!r}"
+                f"Received: schedule={short_repr(dict(value))}"
             )
         value = (value["start"], value["end"])
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise PolicyError(
-            f"Invalid `schedule`{where}. Expected start and end rates. Received: schedule={value!r}"
+            f"Invalid `schedule`{where}. Expected start and end rates. "
+            f"Received: schedule={short_repr(value)}"
         )
     return (_rate("schedule.start", value[0], where), _rate("schedule.end", value[1], where))
 
@@ -425,7 +470,9 @@ def _rule(value, index: int, where: str) -> Rule:
     if isinstance(value, Rule):
         value = value.to_dict()
     if not isinstance(value, Mapping):
-        raise PolicyError(f"Invalid {label}. Expected a table of rule keys. Received: {value!r}")
+        raise PolicyError(
+            f"Invalid {label}. Expected a table of rule keys. Received: {short_repr(value)}"
+        )
     _no_unknown(value, _RULE_KEYS, "key", f" in {label}")
     out = {}
     for key in ("match", "class"):
@@ -433,7 +480,7 @@ def _rule(value, index: int, where: str) -> Rule:
             if not isinstance(value[key], str) or not value[key]:
                 raise PolicyError(
                     f"Invalid `{key}` in {label}. Expected a non-empty string. "
-                    f"Received: {key}={value[key]!r}"
+                    f"Received: {key}={short_repr(value[key])}"
                 )
             out["layer_class" if key == "class" else key] = value[key]
     if "depth" in value:
@@ -447,7 +494,7 @@ def _rule(value, index: int, where: str) -> Rule:
         if not ok:
             raise PolicyError(
                 f"Invalid `depth` in {label}. Expected [low, high] with "
-                f"0 <= low <= high <= 1. Received: depth={depth!r}"
+                f"0 <= low <= high <= 1. Received: depth={short_repr(depth)}"
             )
         out["depth"] = (float(depth[0]), float(depth[1]))
     for key in ("trainable", "skip"):

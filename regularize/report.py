@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from regularize.text import printable
+
 # `Site.action` values.
 INSERT = "insert"  # a new dropout layer goes after the layer
 UPDATE = "update"  # the tool's own layer (or an RNN setting) gets a new rate
@@ -64,7 +66,7 @@ class Report:
         return sum(s.action in (INSERT, UPDATE, REMOVE) for s in self.sites)
 
     def summary_lines(self) -> list[str]:
-        """Short human summary: one line per action, most common first."""
+        """Short human summary: one line per action, most common first; `printable`."""
         verbs = {
             INSERT: "inserted",
             UPDATE: "updated",
@@ -80,7 +82,7 @@ class Report:
                 continue
             total = sum(counter.values())
             parts = ", ".join(f"{n} {key}" for key, n in counter.most_common())
-            lines.append(f"{verbs[action]} {_plural(total, 'site')}: {parts}")
+            lines.append(printable(f"{verbs[action]} {_plural(total, 'site')}: {parts}"))
         if not lines:
             lines.append("no candidate sites found")
         return lines
@@ -93,19 +95,19 @@ class Report:
         }
 
     def rows(self) -> list[dict[str, str]]:
-        """One row of display strings per site, keyed by `COLUMNS`."""
+        """One row of display strings per site, keyed by `COLUMNS`; names made `printable`."""
         rows = []
         for s in self.sites:
             rows.append(
                 {
                     "action": s.action,
-                    "layer": s.layer,
-                    "class": s.layer_class,
-                    "shape": s.shape,
+                    "layer": printable(s.layer),
+                    "class": printable(s.layer_class),
+                    "shape": printable(s.shape),
                     "depth": "" if s.depth is None else f"{s.depth:.2f}",
-                    "existing": s.existing or "-",
-                    "dropout": s.kind if s.rate is None else f"{s.kind}({s.rate:g})",
-                    "reason": s.reason,
+                    "existing": printable(s.existing) or "-",
+                    "dropout": printable(s.kind if s.rate is None else f"{s.kind}({s.rate:g})"),
+                    "reason": printable(s.reason),
                 }
             )
         return rows

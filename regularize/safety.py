@@ -32,6 +32,8 @@ from pathlib import Path
 
 from regularize.errors import ModelLoadError
 from regularize.errors import first_line as _first
+from regularize.text import printable
+from regularize.text import short_repr
 
 MAX_CONFIG_DEPTH = 256
 UNSAFE_HINT = "If you trust the file, pass --unsafe (safe_mode=False)."
@@ -533,9 +535,6 @@ def safe_mode_refusal(text: str, received: str) -> str | None:
     return f"Refusing to load a model with {cause}. {UNSAFE_HINT} {received}"
 
 
-def _shown(value, *, quote: bool = True, limit: int = 80) -> str:
+def _shown(value, *, quote: bool = True) -> str:
     """A value for a one-line message: repr (control characters escaped), cut short."""
-    text = repr(value) if quote else repr(str(value))[1:-1]
-    if len(text) > limit:
-        text = f"{text[:limit]}… ({len(str(value))} chars)"
-    return text
+    return short_repr(value) if quote else printable(short_repr(str(value))[1:-1])

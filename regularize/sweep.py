@@ -44,7 +44,9 @@ import io
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -59,10 +61,14 @@ from regularize.errors import PolicyError
 from regularize.errors import RegularizeError
 from regularize.policy import Policy
 from regularize.policy import validate_rate
+from regularize.text import short_repr
 
 DEFAULT_RATES = (0.0, 0.2, 0.3, 0.5)
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # image_dataset_from_directory's
+# How those files begin: TensorFlow's decode_image reads the format from the
+# content, not from the suffix, and fails mid-training on anything else.
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
 RESULTS_FILE = "results.json"
 PLOT_FILE = "curves.png"
 STRATEGIES = ("mirrored",)
@@ -282,6 +288,9 @@ def check_data(path: str | os.PathLike) -> str:
                 f"Cannot read data: the folder has {found}. {_DATA_EXPECTED} "
                 f"(at least 2 classes). {received}"
             )
+        for folder in classes:
+            for file in _image_files(folder):
+                _check_image(file, received)
         return "folder"
     if path.suffix != ".npz":
         raise DataError(
@@ -319,6 +328,67 @@ def _class_folders(path: Path) -> list[Path]:
         if sub.is_dir()
         and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.rglob("*") if f.is_file())
     )
+
+
+def _image_files(folder: Path):
+    """The files Keras would read as images under `folder`, in a stable order."""
+    for file in sorted(folder.rglob("*")):
+        if file.name.lower().endswith(IMAGE_SUFFIXES) and not file.is_dir():
+            yield file
+
+
+def _check_image(file: Path, received: str) -> None:
+    """Reads the first bytes of `file`: a regular file that starts like an image.
+
+    Cheap (a few bytes per file), and the only way to name the file: a bad
+    image otherwise fails inside the training graph, without its name.
+    """
+    what = f"Cannot read data: the file {short_repr(str(file), 300)}"
+    expected = "Expected only BMP, GIF, JPEG or PNG images in the class subfolders"
+    try:
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{what} is not a regular file. {expected}. {received}")
+        # O_NONBLOCK: a FIFO swapped in after the stat must not block the open.
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            head = f.read(len(_IMAGE_SIGNATURES[0]))
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise DataError(f"{what} cannot be read ({reason}). {expected}. {received}") from None
+    if not head.startswith(_IMAGE_SIGNATURES):
+        raise DataError(
+            f"{what} is not an image (it does not start like a BMP, GIF, JPEG or PNG file). "
+            f"{expected}: remove or convert that file. {received}"
+        )
+
+
+@contextlib.contextmanager
+def _naming_bad_images(spec: _DataSpec):
+    """Turns TensorFlow's decode failure on an image folder into a `DataError` naming the file.
+
+    `check_data` catches files that are not images at all; a truncated or
+    corrupt image passes it and fails in the training graph, whose error
+    names no file. Then each image is decoded in turn to find it.
+    """
+    try:
+        yield
+    except Exception as err:
+        if spec.kind != "folder" or type(err).__name__ != "InvalidArgumentError":
+            raise
+        import tensorflow as tf
+
+        for file in (f for folder in _class_folders(spec.path) for f in _image_files(folder)):
+            try:
+                tf.io.decode_image(tf.io.read_file(str(file)), expand_animations=False)
+            except tf.errors.InvalidArgumentError as bad:
+                raise DataError(
+                    f"Cannot read data: the file {short_repr(str(file), 300)} cannot be "
+                    f"decoded as an image ({_tf_reason(bad)}). Expected only BMP, GIF, JPEG "
+                    f"or PNG images in the class subfolders: remove or replace that file. "
+                    f"Received: data={short_repr(str(spec.path), 300)}"
+                ) from err
+        raise
 
 
 def format_rate(rate: float) -> str:
@@ -577,18 +647,19 @@ def _train_variant(
     tracker = _Tracker(variant, display, rate)
     callback = keras.callbacks.LambdaCallback(on_epoch_end=tracker.on_epoch_end)
     began = time.perf_counter()
-    variant.fit(
-        train,
-        validation_data=val,
-        epochs=run.epochs,
-        shuffle=False,  # the dataset shuffles, seeded
-        verbose=0,
-        callbacks=[callback],
-    )
-    seconds = time.perf_counter() - began
+    with _naming_bad_images(run.spec):
+        variant.fit(
+            train,
+            validation_data=val,
+            epochs=run.epochs,
+            shuffle=False,  # the dataset shuffles, seeded
+            verbose=0,
+            callbacks=[callback],
+        )
+        seconds = time.perf_counter() - began
+        # On equal terms with the validation accuracy: no dropout, last weights.
+        scores = variant.evaluate(train, verbose=0, return_dict=True)
     history = tracker.history
-    # On equal terms with the validation accuracy: no dropout, last weights.
-    scores = variant.evaluate(train, verbose=0, return_dict=True)
     train_accuracy = float(scores[tracker.metric])
     label = format_rate(rate)
     path = run.write_dir / f"variant-{label}.keras"
@@ -1324,6 +1395,12 @@ def plot_curves(
 def _stack(series: Sequence[Sequence[float]]) -> np.ndarray:
     length = min(len(s) for s in series)
     return np.array([list(s)[:length] for s in series], dtype=float)
+
+
+def _tf_reason(err: BaseException) -> str:
+    """TensorFlow's op error without its "{{function_node ...}}" and "[Op:...]" wrapping."""
+    text = re.sub(r"\{\{.*?\}\}", "", _first_line(err)).split(" [Op:")[0].strip()
+    return text or type(err).__name__
 
 
 def _first_line(err: BaseException) -> str:

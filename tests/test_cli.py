@@ -371,3 +371,116 @@ def test_python_dash_m_runs():
     )
     assert run.returncode == 0
     assert run.stdout.strip() == "regularize, version 0.1.0"
+
+
+# -- every bad path is one line, before TensorFlow (issue 10, item 7) ---------
+
+LONG = "n" * 300  # one path component over the 255-byte NAME_MAX
+
+
+@pytest.mark.parametrize(
+    ("where", "hint"),
+    [("input", "'INPUT'"), ("output", "'-o' / '--output'"), ("policy", "'--policy'")],
+)
+def test_a_name_over_255_bytes_is_one_line_exit_2(model_file, tmp_path, where, hint):
+    args = {"input": model_file, "output": tmp_path / "out.keras", "policy": None}
+    args[where] = tmp_path / f"{LONG}.keras"
+    extra = ["--policy", args["policy"]] if args["policy"] else []
+    result = _invoke("add-dropout", args["input"], "-o", args["output"], *extra)
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert line.startswith(
+        f"Error: Invalid value for {hint}: Cannot use path: a name in it is longer than the "
+        "file system allows. Expected names of at most 255 bytes. Received: '"
+    )
+    assert line.endswith(" chars)") and len(line) < 600
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_default_output_name_over_255_bytes_is_one_line(model_file, tmp_path):
+    # 245 + "_dropout.keras" passes the limit; the input's own name does not.
+    source = tmp_path / ("m" * 245 + ".keras")
+    source.write_bytes(model_file.read_bytes())
+    result = _invoke("add-dropout", source)
+    assert result.exit_code == 2
+    assert _error_line(result).startswith(
+        "Error: Invalid value for the default output (pass -o): Cannot use path: a name in it "
+        "is longer than the file system allows."
+    )
+    assert _invoke("add-dropout", source, "--dry-run").exit_code == 0
+
+
+def test_a_symlink_loop_or_a_device_as_policy_is_one_line(model_file, tmp_path):
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    result = _invoke("inspect", model_file, "--policy", loop)
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        "Error: Invalid value for '--policy': Cannot use path: it is a symlink loop. Expected "
+        f"a file, a folder or a link to one. Received: '{loop}'"
+    )
+    result = _invoke("inspect", model_file, "--policy", "/dev/zero")
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        "Error: Invalid value for '--policy': Cannot read policy file: it is a character "
+        "device, not a regular file. Expected a TOML file. Received: '/dev/zero'"
+    )
+
+
+def test_a_fifo_as_policy_is_refused_without_waiting(tmp_path):
+    """A real process: opening a FIFO for reading blocks until a writer comes."""
+    fifo = tmp_path / "policy.toml"
+    os.mkfifo(fifo)
+    model = Path(__file__).parent.parent / "fixtures" / "cnn.keras"
+    run = subprocess.run(
+        [sys.executable, "-m", "regularize", "inspect", str(model), "--policy", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "Error: Invalid value for '--policy': Cannot read policy file: it is a named pipe "
+        f"(FIFO), not a regular file. Expected a TOML file. Received: '{fifo}'"
+    ]
+    assert run.stdout == ""
+
+
+def test_a_deeply_nested_or_huge_policy_is_one_short_line(model_file, tmp_path):
+    policy = tmp_path / "deep.toml"
+    policy.write_text("rate = " + "[" * 5000 + "]" * 5000)
+    result = _invoke("add-dropout", model_file, "--policy", policy)
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        f"Error: Invalid value for '--policy': Cannot read policy file '{policy}': it nests "
+        "arrays or tables too deeply to parse. Expected `key = value` lines and [[rule]] tables."
+    )
+    policy.write_text('zzz = "' + "a" * 5_000_000 + '"')
+    result = _invoke("add-dropout", model_file, "--policy", policy)
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert line.endswith("Received: zzz='" + "a" * 80 + "...' (5000000 chars)")
+    assert len(line) < 400
+
+
+# -- names from a model file cannot drive the terminal (issue 10, item 9) ------
+
+
+def test_the_error_line_and_the_wrote_line_escape_control_characters(model_file, monkeypatch):
+    from regularize import io as model_io
+    from regularize.errors import ModelLoadError
+
+    def refuse(*args, **kwargs):
+        raise ModelLoadError("Cannot read layer 'a\x1b]0;pwned\x07b\nc\x9b31m': bad")
+
+    monkeypatch.setattr(model_io, "load_model", refuse)
+    result = _invoke("inspect", model_file)
+    assert result.exit_code == 1
+    assert _error_line(result) == "Error: Cannot read layer 'a\\x1b]0;pwned\\x07b\\nc\\x9b31m': bad"
+    monkeypatch.undo()
+    out = model_file.with_name("out\x1b[2J\r.keras")
+    result = _invoke("add-dropout", model_file, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "wrote " + str(out).replace("\x1b", "\\x1b").replace(
+        "\r", "\\r"
+    )

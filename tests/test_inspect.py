@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -209,3 +210,98 @@ def test_progress_shows_on_a_terminal_only(monkeypatch):
 def test_quiet_flag_is_accepted(model_file):
     result = _invoke("inspect", model_file, "-q")
     assert result.exit_code == 0 and result.stderr == ""
+
+
+# -- names from a model file cannot drive the terminal (issue 10, item 9) ------
+
+# ESC sequences (colour, OSC title and hyperlink), BEL, newline, tab, carriage
+# return, DEL, the 8-bit CSI, a bidirectional override, rich markup and emoji codes.
+EVIL = {
+    "colour": "d\x1b[31mred",
+    "osc": "t\x1b]8;;https:x\x07link\x1b]0;title\x07",
+    "lines": "a\nb\tc\rd\x7fe\x9b31m",
+    "bidi": "abc\u202edef",
+    "markup": "[bold]b[red]x[link=http:\\e]l :warning:",
+}
+UNSAFE = ("\x1b", "\x07", "\n", "\t", "\r", "\x7f", "\x9b", "\u202e")
+
+
+@pytest.fixture
+def evil_model(tmp_path):
+    inner = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8, activation="relu", name=EVIL["bidi"])],
+        name="sub\x1b[2J",
+    )
+    x = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name=EVIL["colour"])(x)
+    h = keras.layers.Dense(8, activation="relu", name=EVIL["osc"])(h)
+    h = keras.layers.Dense(8, activation="relu", name=EVIL["lines"])(h)
+    h = inner(h)
+    h = keras.layers.Dense(8, activation="relu", name=EVIL["markup"])(h)
+    path = tmp_path / "evil.keras"
+    keras.Model(x, keras.layers.Dense(2, name="out")(h), name="m\x1bc").save(path)
+    return path
+
+
+def _escaped(name):
+    from regularize.text import printable
+
+    return printable(name)
+
+
+def test_printable_escapes_controls_and_keeps_the_rest():
+    from regularize.text import printable
+
+    assert printable("block1_conv/relu é 中") == "block1_conv/relu é 中"
+    assert printable(EVIL["colour"]) == "d\\x1b[31mred"
+    assert printable(EVIL["lines"]) == "a\\nb\\tc\\rd\\x7fe\\x9b31m"
+    assert printable(EVIL["bidi"]) == "abc\\u202edef"
+    assert printable("\u2028\U000e0001") == "\\u2028\\U000e0001"
+
+
+def test_inspect_escapes_names_in_plain_columns(evil_model):
+    result = _invoke("inspect", evil_model)
+    assert result.exit_code == 0, result.output
+    assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 + 5 + 2  # header, one line per site, inserted and skipped
+    layers = [re.split(r"\s{2,}", line)[1] for line in lines[1:-2]]
+    assert layers == [
+        _escaped(EVIL["colour"]),
+        _escaped(EVIL["osc"]),
+        _escaped(EVIL["lines"]),
+        _escaped("sub\x1b[2J/" + EVIL["bidi"]),
+        EVIL["markup"],
+    ]
+
+
+def test_inspect_on_a_terminal_shows_markup_as_text(evil_model, monkeypatch):
+    monkeypatch.setattr(cli_module, "_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "300")
+    result = _invoke("inspect", evil_model)
+    assert result.exit_code == 0, result.output
+    assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
+    # As markup, "[bold]", "[red]" and "[link=...]" would vanish and ":warning:" turn into ⚠.
+    assert EVIL["markup"] in result.stdout
+    assert _escaped(EVIL["osc"]) in result.stdout
+
+
+def test_inspect_json_escapes_and_keeps_the_names(evil_model):
+    result = _invoke("inspect", evil_model, "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.isascii() and not any(
+        ch in result.stdout for ch in UNSAFE[:1] + UNSAFE[3:]
+    )
+    layers = [site["layer"] for site in json.loads(result.stdout)["sites"]]
+    assert layers[:3] == [EVIL["colour"], EVIL["osc"], EVIL["lines"]]
+
+
+def test_dry_run_and_warnings_escape_names(evil_model, capsys):
+    result = _invoke("add-dropout", evil_model, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert _escaped(EVIL["colour"]) in result.stdout
+    assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
+    from regularize.report import Report
+
+    cli_module._print_warnings(Report(warnings=["layer 'x\x1b[8m' is \n odd"]))
+    assert capsys.readouterr().err == "Warning: layer 'x\\x1b[8m' is \\n odd\n"

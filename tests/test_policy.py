@@ -232,3 +232,91 @@ def test_decide_is_pure_and_reports_the_rule():
     assert policy.decide(Candidate("m/y", "Dense", "selu", 0.5, True, "Dropout")).kind == (
         "AlphaDropout"
     )
+
+
+# -- files that are not a policy, values too big to echo (issue 10, item 7) ----
+
+
+def test_a_deeply_nested_value_is_one_short_line(tmp_path):
+    for text in (
+        "rate = " + "[" * 5000 + "]" * 5000,
+        "rate = " + "{a = " * 5000 + "1" + "}" * 5000,
+    ):
+        message = _error(tmp_path, text)
+        assert message == (
+            "Cannot read policy file 'F': it nests arrays or tables too deeply to parse. "
+            "Expected `key = value` lines and [[rule]] tables."
+        )
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/dev/null", "Cannot read policy file: it is a character device, not a regular file."),
+        (".", "Cannot read policy file: it is a folder. Expected a TOML file. Received: '.'"),
+    ],
+)
+def test_a_policy_path_that_is_not_a_regular_file_is_refused(path, message):
+    with pytest.raises(PolicyError) as info:
+        regularize.Policy.from_file(path)
+    assert str(info.value).startswith(message)
+
+
+def test_a_symlink_loop_and_a_long_name_are_one_line(tmp_path):
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    with pytest.raises(PolicyError, match="its path is a symlink loop. Expected a TOML file"):
+        regularize.Policy.from_file(loop)
+    with pytest.raises(PolicyError, match="a name in its path is too long") as info:
+        regularize.Policy.from_file(tmp_path / ("p" * 300 + ".toml"))
+    assert "(" in str(info.value) and len(str(info.value)) < 500
+
+
+CUT = "'" + "a" * 80 + "...' (5000000 chars)"
+
+
+@pytest.mark.parametrize(
+    ("text", "received"),
+    [
+        ('zzz = "BIG"', f"Received: zzz={CUT}"),
+        ('"BIG" = 1', "Unknown policy key '" + "a" * 40 + "...' (5000000 chars) in F."),
+        ('rate = "BIG"', f"Received: rate={CUT}"),
+        ('preset = "BIG"', f"Received: preset={CUT}"),
+        ("mc = [" + "1, " * 100_000 + "]", "Received: mc=[1, 1, 1, 1, 1, 1, 1, 1, ...]"),
+        ('[[rule]]\nmatch = "BIG"\nkind = "x"', "Received: kind='x'"),
+        ('[[rule]]\nkind = "BIG"', f"Received: kind={CUT}"),
+        (
+            '[[rule]]\ndepth = ["BIG", 1]',
+            "Received: depth=['aaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaa', 1]",
+        ),
+        (
+            "[schedule]\nstart = 0.1\nend = [" + "[" * 200 + "]" * 200 + "]",
+            "Received: schedule.end=[[[[[...]]]]]",
+        ),
+    ],
+    ids=["key", "long-key", "rate", "preset", "long-list", "rule", "kind", "depth", "nested"],
+)
+def test_every_echoed_value_is_cut_to_a_readable_length(tmp_path, text, received):
+    # A 5 MB value stands for the 50 MB one of the issue: the same cut, faster.
+    message = _error(tmp_path, text.replace("BIG", "a" * 5_000_000))
+    assert received in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_a_long_rule_match_is_cut_in_every_reason():
+    rule = regularize.Policy(rules=[{"match": "x" * 10_000, "rate": 0.1}]).rules[0]
+    assert rule.describe(0) == f"rule 1 (match='{'x' * 40}...' (10000 chars))"
+
+
+def test_short_repr_cuts_strings_bytes_and_deep_or_huge_values():
+    from regularize.text import short_repr
+
+    assert short_repr("a" * 52428800, limit=4) == "'aaaa...' (52428800 chars)"
+    assert short_repr(b"\x00" * 100, limit=2) == "b'\\x00\\x00...' (100 bytes)"
+    assert short_repr("ok") == "'ok'" and short_repr(0.25) == "0.25"
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert short_repr(deep) == "[[[[[...]]]]]"
+    assert short_repr(10**5000) == "<int>"
+    assert len(short_repr({str(i): "v" * 1000 for i in range(1000)})) < 200

@@ -439,3 +439,68 @@ def test_keras_tuner_chief_and_two_workers_share_the_variants(files, tmp_path):
     assert "note: KerasTuner chief: the workers trained the variants" in outputs["chief"]
     saved = json.loads((out / "results.json").read_text())
     assert [v["rate"] for v in saved["variants"]] == [0.0, 0.2, 0.5]
+
+
+# -- a bad file in an image folder is named (issue 10, item 11) ----------------
+
+
+def _copy_images(image_folder, tmp_path):
+    import shutil
+
+    data = tmp_path / "images"
+    shutil.copytree(image_folder, data)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"label,text\n1,hello\n", "is not an image (it does not start like a BMP, GIF, JPEG or"),
+        (b"", "is not an image (it does not start like a BMP, GIF, JPEG or"),
+        (None, "is not a regular file."),
+    ],
+    ids=["csv", "empty", "fifo"],
+)
+def test_a_file_that_is_not_an_image_is_named_before_training(
+    files, image_folder, tmp_path, content, problem
+):
+    _, model, _ = files
+    data = _copy_images(image_folder, tmp_path)
+    bad = data / "class_1" / "notes.JPG"
+    if content is None:
+        os.mkfifo(bad)  # reading it would block: only its type is looked at
+    else:
+        bad.write_bytes(content)
+    (data / "class_1" / "readme.txt").write_text("not listed: no image suffix")
+    result = _invoke(model, "--data", data, "--epochs", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert line.startswith(
+        f"Error: Invalid value for '--data': Cannot read data: the file '{bad}' "
+    )
+    assert problem in line
+    assert "Expected only BMP, GIF, JPEG or PNG images in the class subfolders" in line
+    assert line.endswith(f". Received: data='{data}'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_image_is_named_when_training_fails(files, image_folder, tmp_path):
+    """A PNG signature with nothing after it passes the up-front check and fails in TensorFlow."""
+    _, model, _ = files
+    data = _copy_images(image_folder, tmp_path)
+    bad = data / "class_2" / "broken.png"
+    bad.write_bytes(PNG + b"\x00" * 12)
+    result = _invoke(
+        model, "--data", data, "--epochs", "1", "--out", tmp_path / "o", "--rates", "0",
+        "--batch-size", "8",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line.startswith(
+        f"Error: Cannot read data: the file '{bad}' cannot be decoded as an image ("
+    )
+    assert line.endswith(
+        "Expected only BMP, GIF, JPEG or PNG images in the class subfolders: remove or replace "
+        f"that file. Received: data='{data}'"
+    )
+    assert "{{" not in line and "[Op:" not in line
