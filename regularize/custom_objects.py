@@ -43,7 +43,7 @@ def load(spec: str | os.PathLike | None) -> dict:
             sys.modules[name] = module
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(text)
+            module = _import_named(text)
     except ModelLoadError:
         raise
     except Exception as err:
@@ -55,3 +55,26 @@ def load(spec: str | os.PathLike | None) -> dict:
         for name, obj in vars(module).items()
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and not name.startswith("_")
     }
+
+
+def _import_named(name: str):
+    """Imports the module the user named, also from the working folder.
+
+    The working folder is not on this program's import path (a `json.py`
+    beside a model must not be imported), but a module the user names is
+    looked for there too, last: it shadows nothing installed, and it is on
+    the path only while that one module is imported.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name.split(".")[0]:
+            raise
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        return importlib.import_module(name)  # raises the same error again
+    sys.path.append(cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(cwd)

@@ -442,3 +442,17 @@ def test_fuzz_keras2_configs_through_the_parent_check(tmp_path_factory, config):
             if isinstance(module, str):
                 assert module.split(".")[0] in safety._TRUSTED_MODULES
     assert legacy.detect(path) in (legacy.KERAS2_H5, None)
+
+
+def test_a_named_custom_object_module_is_found_in_the_working_folder_last(tmp_path, monkeypatch):
+    from regularize import custom_objects
+
+    (tmp_path / "regularize_test_layers.py").write_text("class Scale:\n    pass\n")
+    (tmp_path / "json.py").write_text("raise SystemExit('working-folder json.py imported')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    assert "Scale" in custom_objects.load("regularize_test_layers")
+    assert sys.path == before
+    assert legacy._module_folder("regularize_test_layers") == str(tmp_path)
+    assert legacy._module_folder("json") != str(tmp_path)  # installed modules win

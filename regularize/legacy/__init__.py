@@ -426,7 +426,10 @@ def _module_folder(name: str) -> str | None:
     import importlib.machinery
 
     try:
-        spec = importlib.machinery.PathFinder.find_spec(name.split(".")[0], sys.path)
+        # Where `custom_objects.load` would find it: the import path, then
+        # the working folder (last).
+        where = [*sys.path, os.getcwd()]
+        spec = importlib.machinery.PathFinder.find_spec(name.split(".")[0], where)
     except (ImportError, ValueError, OSError):
         return None
     if spec is None or not spec.origin or not os.path.isabs(spec.origin):
