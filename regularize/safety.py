@@ -89,6 +89,9 @@ _KEYWORDS = frozenset(
 _EINSUM = re.compile(r"[a-zA-Z. ]*(,[a-zA-Z. ]*)*(->[a-zA-Z. ]*)?")
 _NAME = re.compile(r"[\w.\-/]{0,128}")
 _CONSTANT = "_CONSTANT_VALUE"
+# How tf_keras' SavedModel metadata encodes a tuple and a shape (json_utils);
+# `.h5` configs write plain lists.
+_CONTAINERS = ("__tuple__", "TensorShape")
 _MAX_CONSTANT_ITEMS = 1_000_000
 # Modules a config may name (tf_keras imports the module a config's `module`
 # key names, before anything else checks it).
@@ -280,7 +283,15 @@ def _constant_arguments(inbound_nodes, layer_names: set[str]):
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(item.values())
+            kind = item.get("class_name")
+            if kind in _CONTAINERS and isinstance(item.get("items"), list):
+                stack.append(item["items"])  # a tuple or shape, as a list
+            elif kind == "__ellipsis__" and len(item) == 1:
+                pass  # `x[..., 0]`
+            elif kind is not None:
+                yield item  # any other encoded object is not inert
+            else:
+                stack.extend(item.values())
             continue
         if not isinstance(item, list):
             yield item

