@@ -254,6 +254,9 @@ def sample_inputs(model, seed: int = 0) -> list[np.ndarray]:
             arrays.append(rng.integers(0, 2, size=shape).astype(dtype.as_numpy_dtype))
         elif dtype.is_bool:
             arrays.append(rng.integers(0, 2, size=shape).astype(bool))
+        elif dtype == tf.string:  # text models (StringLookup, TextVectorization)
+            words = np.array([b"a", b"b", b"c", b"dropout"], dtype=object)
+            arrays.append(words[rng.integers(0, len(words), size=shape)])
         else:
             arrays.append(rng.normal(size=shape).astype(dtype.as_numpy_dtype))
     return arrays
