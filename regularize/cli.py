@@ -1,9 +1,12 @@
 """The `regularize` command: parse, call the API, print, choose the exit code.
 
 Exit codes: 0 done, 1 the model cannot be processed (or could not be written),
-2 bad arguments. Every error is one line on stderr; `--debug` shows the
-traceback instead. TensorFlow is imported only once a command runs, so
-`--help` stays fast.
+2 bad arguments, 3 the policy puts dropout nowhere (nothing written, unless
+`--allow-empty`), 130 interrupted (Ctrl-C; 143 for SIGTERM). Every error is
+one line on stderr; `--debug` shows the traceback instead. TensorFlow is
+imported only once a command runs and its arguments passed every check that
+needs no TensorFlow, so `--help` and bad arguments stay fast; on a terminal a
+progress line shows what the wait is for from the start.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import errno
 import importlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -26,8 +33,39 @@ from regularize.errors import ModelLoadError
 from regularize.errors import PolicyError
 from regularize.errors import RegularizeError
 from regularize.policy import validate_rate
+from regularize.rules import INFERENCE_ONLY
 from regularize.text import printable
 from regularize.text import short_repr
+
+EXIT_EMPTY = 3  # the policy puts dropout nowhere
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM: one line without "Error:", exit 128 + the signal number.
+
+    Args:
+        note: What the run left, e.g. "nothing written" or "after writing 'x'".
+        signum: SIGINT (Ctrl-C) or SIGTERM.
+    """
+
+    def __init__(self, note: str = ": nothing written", signum: int = signal.SIGINT):
+        word = "terminated" if signum == signal.SIGTERM else "interrupted"
+        super().__init__(printable(word + note))
+        self.exit_code = 128 + signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so that every temporary file is removed."""
+
+
+def _signal_of(err: BaseException) -> int:
+    return signal.SIGTERM if isinstance(err, _Terminated) else signal.SIGINT
+
+
+class NoDropout(click.ClickException):
+    """The policy puts dropout nowhere; `--allow-empty` accepts that."""
+
+    exit_code = EXIT_EMPTY
 
 
 class _OneLineErrors(click.Group):
@@ -42,13 +80,23 @@ class _OneLineErrors(click.Group):
             # Messages quote names from model files: no control sequence reaches the terminal.
             click.echo(f"Error: {printable(err.format_message())}", err=True)
             sys.exit(2)
+        except Interrupted as err:
+            click.echo(err.format_message(), err=True)
+            sys.exit(err.exit_code)
         except click.ClickException as err:
             click.echo(f"Error: {printable(err.format_message())}", err=True)
             sys.exit(err.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+        except click.Abort:  # Ctrl-C while click itself parsed the arguments
+            click.echo(Interrupted().format_message(), err=True)
+            sys.exit(128 + signal.SIGINT)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        # Before click's own handler turns it into an empty line and "Aborted.".
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            raise Interrupted(signum=_signal_of(err)) from None
 
 
 class _Rate(click.ParamType):
@@ -125,6 +173,10 @@ def path_callback(hint: str, *, follow: bool = True):
     return lambda ctx, param, value: check_path(value, hint, follow=follow)
 
 
+def _input_callback(ctx, param, value):
+    return _check_input(check_path(value, "'INPUT'"))
+
+
 def _options(*options):
     def decorate(func):
         for option in reversed(options):
@@ -139,7 +191,7 @@ _input_options = _options(
         "input",
         metavar="INPUT",
         type=click.Path(path_type=Path),
-        callback=path_callback("'INPUT'"),
+        callback=_input_callback,
     ),
     click.option(
         "--custom-objects",
@@ -202,6 +254,12 @@ _output_options = _options(
     click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
 )
+_allow_empty_option = click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Accept a policy that puts dropout nowhere: exit 0 (and write the model) "
+    "instead of exit 3 with nothing written.",
+)
 _policy_options = _options(
     click.option(
         "--policy",
@@ -257,18 +315,23 @@ def _policy(policy_file, preset, rate, recurrent_rate, mc=False):
     help="Monte Carlo dropout: dropout stays active at inference. Loading the "
     "output needs `import regularize`.",
 )
-def add_dropout_command(policy_file, preset, rate, recurrent_rate, mc, **common):
+@_allow_empty_option
+def add_dropout_command(policy_file, preset, rate, recurrent_rate, mc, allow_empty, **common):
     """Insert dropout after activations and set RNN dropout.
 
     Writes a new model ready for fine-tuning: same weights, same names,
-    same compile config, and the same predictions at inference.
+    same compile config, and the same predictions at inference. If the
+    policy puts dropout nowhere, exits 3 and writes nothing (unless
+    --allow-empty).
     """
     policy = _policy(policy_file, preset, rate, recurrent_rate, mc)
 
     def transform(api, model, report):
         return api.add_dropout(model, policy=policy, report=report)
 
-    _process(transform, "dropout", legacy={"mode": "add", "policy": policy}, **common)
+    legacy = {"mode": "add", "policy": policy}
+    empty = _EmptyCheck(policy, allow_empty)
+    _process(transform, "dropout", legacy=legacy, empty=empty, **common)
 
 
 @cli.command("remove-dropout")
@@ -287,69 +350,103 @@ def remove_dropout_command(**common):
 @_input_options
 @_policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
-def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, **common):
+@_allow_empty_option
+def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, allow_empty, **common):
     """Show every candidate site and what the policy would do there.
 
     Writes nothing: layer path, class, output shape, depth (0 at the inputs,
     1 at the outputs), dropout already there, and the action with its reason.
+    Exits 3 if the policy would put dropout nowhere (unless --allow-empty).
     """
     policy = _policy(policy_file, preset, rate, recurrent_rate)
+    empty = _EmptyCheck(policy, allow_empty)
 
     def transform(api, model, report):
         api.plan(model, policy=policy, report=report)
 
-    report = _run(transform, legacy={"mode": "plan", "policy": policy}, **common)
-    _print_warnings(report)
-    if as_json:
-        data = {"input": str(common["input"]), "policy": policy.to_dict()}
-        data.update(report.to_dict())
-        click.echo(json.dumps(data, indent=2))
-    elif _is_terminal():
-        _print_table(report)
-    else:
-        click.echo(report.render_plan())
+    with _interrupts():
+        with _progress(common["quiet"] or common["debug"]) as step:
+            report = _run(transform, step, legacy={"mode": "plan", "policy": policy}, **common)
+        _print_warnings(report)
+        if as_json:
+            data = {"input": str(common["input"]), "policy": policy.to_dict()}
+            data.update(report.to_dict())
+            click.echo(json.dumps(data, indent=2))
+        elif _is_terminal():
+            _print_table(report)
+        else:
+            click.echo(report.render_plan())
+    empty.conclude(report, planned=True)
 
 
-def _process(transform, suffix, *, output, force, dry_run, as_json, to_keras3, legacy, **common):
+def _process(
+    transform,
+    suffix,
+    *,
+    output,
+    force,
+    dry_run,
+    as_json,
+    to_keras3,
+    legacy,
+    empty=None,
+    **common,
+):
     """Checks the paths, loads, transforms, reports and (unless dry) saves."""
-    from regularize import legacy as keras2
-
     input = common["input"]
-    kind = keras2.detect(input)
-    given = output is not None
-    if output is None and kind:
-        output = keras2.default_output(input, suffix, to_keras3=to_keras3)
-    elif output is None and _is_application(input):
-        # In the working folder: INPUT names no folder.
-        output = Path(f"{applications.short_name(input)}_{suffix}.keras")
-    elif output is None:
-        output = input.with_name(f"{input.stem}_{suffix}.keras")
-    if not dry_run:
-        # A default output name may pass the 255-byte limit where INPUT's did not.
-        hint = "'-o' / '--output'" if given else "the default output (pass -o)"
-        check_path(output, hint, follow=False)
-        _check_input(input)
-        _check_output(input, output, force, keras2=bool(kind), to_keras3=to_keras3)
-    save_to = None if dry_run else output
-    report = _run(
-        transform, save_to=save_to, force=force, legacy=legacy, to_keras3=to_keras3, **common
-    )
-    _print_warnings(report)
-    if as_json:
-        data = {"input": str(input), "output": None if dry_run else str(output)}
-        data.update(report.to_dict())
-        click.echo(json.dumps(data, indent=2))
-    elif dry_run:
-        click.echo(report.render_plan())
-        click.echo("dry run: nothing written")
-    else:
-        for line in report.summary_lines():
-            click.echo(line)
-        click.echo(printable(f"wrote {output}"))
+    empty = empty or _EmptyCheck(None, True)
+    with _interrupts() as guard:
+        with _progress(common["quiet"] or common["debug"]) as step:
+            # Imported here, not at the top: h5py and this module's checks are
+            # part of the time the progress line accounts for.
+            from regularize import legacy as keras2
+
+            kind = keras2.detect(input)
+            given = output is not None
+            if output is None and kind:
+                output = keras2.default_output(input, suffix, to_keras3=to_keras3)
+            elif output is None and _is_application(input):
+                # In the working folder: INPUT names no folder.
+                output = Path(f"{applications.short_name(input)}_{suffix}.keras")
+            elif output is None:
+                output = input.with_name(f"{input.stem}_{suffix}.keras")
+            if not dry_run:
+                # A default output name may pass the 255-byte limit where INPUT's did not.
+                hint = OUTPUT_HINT if given else DEFAULT_OUTPUT_HINT
+                check_path(output, hint, follow=False)
+                _check_output(input, output, force, hint, keras2=bool(kind), to_keras3=to_keras3)
+            save_to = None if dry_run else output
+            guard.watch(save_to)
+            report = _run(
+                transform,
+                step,
+                save_to=save_to,
+                force=force,
+                legacy=legacy,
+                to_keras3=to_keras3,
+                keep=empty.keep,
+                **common,
+            )
+        written = save_to is not None and empty.keep(report)
+        _print_warnings(report)
+        if as_json:
+            data = {"input": str(input), "output": str(output) if written else None}
+            data.update(report.to_dict())
+            click.echo(json.dumps(data, indent=2))
+        elif dry_run:
+            click.echo(report.render_plan())
+            click.echo("dry run: nothing written")
+        else:
+            for line in report.summary_lines():
+                click.echo(line)
+            if written:
+                click.echo(printable(f"wrote {output}"))
+    empty.conclude(report, planned=dry_run)
 
 
 def _run(
     transform,
+    step,
     *,
     input,
     custom_objects,
@@ -364,19 +461,22 @@ def _run(
     force=False,
     legacy=None,
     to_keras3=False,
+    keep=None,
 ):
     """Loads INPUT, runs `transform(api, model, report)`, saves; one-line errors.
 
-    Keras 2 inputs (`legacy.detect`) go to the Keras 2 engine instead, with
-    `legacy` (the mode and policy) as the request.
+    `step(text)` shows what runs now. The model is saved only if
+    `keep(report)` (default: always). Keras 2 inputs (`legacy.detect`) go to
+    the Keras 2 engine instead, with `legacy` (the mode and policy) as the
+    request.
     """
     from regularize import legacy as keras2
 
-    _check_input(input)
     flags = {"weights": weights, "no_top": no_top or None, "input_shape": input_shape}
     flags["classes"] = classes
     options = _application_options(input, {k: v for k, v in flags.items() if v is not None})
     signal.signal(signal.SIGTERM, _terminate)
+    keep = keep or (lambda report: True)
     with one_line_errors(debug):
         if legacy is not None and keras2.detect(input):
             request = dict(legacy, input=input, custom_objects=custom_objects)
@@ -384,11 +484,11 @@ def _run(
             request.update(output=save_to, dry_run=save_to is None)
             # Keras 3 is needed here only to write a `.keras` file.
             needs_keras = to_keras3 and save_to is not None
+            step(f"rewriting {input} with the Keras 2 engine")
             with _quiet(debug) if needs_keras else contextlib.nullcontext():
-                with _progress(quiet or debug) as step:
-                    step(f"rewriting {input} with the Keras 2 engine")
-                    return keras2.to_report(keras2.run(request, debug=debug))
-        with _quiet(debug), _progress(quiet or debug) as step:
+                return _run_keras2(request, keep, debug=debug)
+        step("importing TensorFlow")
+        with _quiet(debug):
             step(f"loading {input}")
             from regularize import api
             from regularize import io
@@ -402,10 +502,221 @@ def _run(
             report = Report()
             step("rewriting")
             new = transform(api, model, report)
-            if save_to is not None:
+            if save_to is not None and keep(report):
                 step(f"writing {save_to}")
                 io.save_model(new, save_to, overwrite=force)
     return report
+
+
+def _run_keras2(request: dict, keep, *, debug: bool):
+    """One request to the Keras 2 engine; its output is published only if `keep(report)`.
+
+    The engine writes into a temporary folder beside the output, and the
+    result is renamed into place here: a policy that puts dropout nowhere, or
+    an interrupt, leaves the output as it was.
+    """
+    from regularize import legacy as keras2
+
+    output = request["output"]
+    if output is None:
+        return keras2.to_report(_keras2_run(request, debug))
+    output = Path(output)
+    prefix = f".{output.name[:100]}."
+    stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=output.parent))
+    try:
+        staged = stage / output.name
+        report = keras2.to_report(_keras2_run(dict(request, output=staged), debug))
+        if keep(report):
+            _publish(staged, output)
+        return report
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _keras2_run(request: dict, debug: bool) -> dict:
+    from regularize import legacy as keras2
+    from regularize.errors import UnsupportedModelError
+
+    try:
+        return keras2.run(request, debug=debug)
+    except UnsupportedModelError as err:
+        # The library names the argument (`to_keras3`); the flag is the CLI's.
+        text = str(err)
+        if request.get("to_keras3") and "--to-keras3" not in text and "Keras 3" in text:
+            hint = "Drop --to-keras3 to write a Keras 2 model."
+            raise UnsupportedModelError(f"{text} {hint}") from err
+        raise
+
+
+def _publish(staged: Path, output: Path) -> None:
+    """Renames the engine's finished output into place (a SavedModel folder too)."""
+    from regularize import atomic
+
+    if staged.is_dir() and not staged.is_symlink():
+        # A folder cannot replace another in one step; `write_folder` moves
+        # the old one aside and back on failure. Its empty temporary folder
+        # is replaced by the staged one in one rename.
+        atomic.write_folder(output, lambda tmp: os.rename(staged, tmp))
+    else:
+        os.replace(staged, output)
+
+
+class _EmptyCheck:
+    """Whether a report counts as "no dropout anywhere", and what to say then.
+
+    Only a policy that asks for dropout can come out empty: `--rate 0`
+    (removing the tool's dropout) is not. A rerun that keeps the tool's
+    layers at their rate is not empty either (`Report.with_dropout`).
+    """
+
+    def __init__(self, policy, allow: bool):
+        self.asks = policy is not None and _asks_for_dropout(policy)
+        self.allow = allow
+
+    def is_empty(self, report) -> bool:
+        return self.asks and report.with_dropout() == 0
+
+    def keep(self, report) -> bool:
+        """Whether to write the model of `report`."""
+        return self.allow or not self.is_empty(report)
+
+    def conclude(self, report, *, planned: bool) -> None:
+        """Says so on stderr if `report` is empty: a warning, or exit 3."""
+        if not self.is_empty(report):
+            return
+        text = _no_dropout_message(report, planned)
+        if self.allow:
+            click.echo(f"Warning: {printable(text)}", err=True)
+            return
+        if planned:
+            raise NoDropout(f"{text} Pass --allow-empty to accept that.")
+        raise NoDropout(f"{text} Nothing written; pass --allow-empty to write the model anyway.")
+
+
+def _asks_for_dropout(policy) -> bool:
+    """Whether `policy` sets a rate above 0 anywhere (not so for `--rate 0`)."""
+    rates = [policy.rate, policy.recurrent_rate, *(policy.schedule or ())]
+    for rule in policy.rules:
+        rates += [rule.rate, rule.recurrent_rate]
+    return any(rate for rate in rates if rate is not None)
+
+
+# The most common reason a site got no dropout -> what to do about it.
+_EMPTY_ADVICE = (
+    (
+        "preset head:",
+        "The head preset puts dropout only after the last normalization layer, and "
+        "this model has nothing there: a base without its top gets its head in your "
+        "own code, so rewrite the model after adding the head, or use --preset blocks.",
+    ),
+    (
+        "preset blocks:",
+        "The blocks preset puts dropout only at block outputs (after a residual Add or "
+        "a Concatenate), and this model has none: use --preset all or --preset head.",
+    ),
+    (
+        "already followed by",
+        'Dropout the model already has is kept as it is: set existing = "retarget" '
+        "in a --policy file to give it the policy's rate.",
+    ),
+    (
+        INFERENCE_ONLY,
+        "A nested model called with training=False stays in inference mode: rewrite "
+        "the nested model itself, or set skip_inference_only = false in a --policy file.",
+    ),
+    ("skipped by rule", "The --policy file's rules skip these sites."),
+    (
+        "feeds BatchNormalization",
+        "Dropout never goes directly before a BatchNormalization layer (it would shift "
+        "the variance that layer learned): use --preset blocks, or rules for other layers.",
+    ),
+)
+
+
+def _no_dropout_message(report, planned: bool) -> str:
+    from collections import Counter
+
+    verb = "would insert" if planned else "inserted"
+    reasons = Counter(site.reason for site in report.sites)
+    if not reasons:
+        return (
+            f"The policy {verb} no dropout: the model has no candidate site (no "
+            "activation and no recurrent layer to put dropout after)."
+        )
+    parts = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    total = len(report.sites)
+    sites = "the only candidate site" if total == 1 else f"all {total} candidate sites"
+    what = f"The policy {verb} no dropout: it leaves out {sites} ({parts})."
+    main = [r for r, _ in reasons.most_common() if r != "model output"]
+    for prefix, advice in _EMPTY_ADVICE:
+        if main and main[0].startswith(prefix):
+            return f"{what} {advice}"
+    return f"{what} Choose another --preset, or a --policy file with rules that set a rate."
+
+
+OUTPUT_HINT = "'-o' / '--output'"
+DEFAULT_OUTPUT_HINT = "the default output (pass -o)"
+
+
+class _Guard:
+    """The output a run may write, and what was at its path before."""
+
+    def __init__(self):
+        self.output: Path | None = None
+        self.before = None
+
+    def watch(self, output: Path | None) -> None:
+        self.output = output
+        self.before = _identity(output)
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """Turns Ctrl-C (and SIGTERM) into one `Interrupted` line that says what was written.
+
+    Yields a `_Guard`: the output it watches was written if it changed since
+    (a rename gives it a new inode); the saves are atomic, so it is then
+    whole. Temporary files this process left beside it are removed.
+    """
+    guard = _Guard()
+    try:
+        yield guard
+    except KeyboardInterrupt as err:
+        signum = _signal_of(err)
+        previous = signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C waits for the cleanup
+        try:
+            _remove_own_temps(guard.output)
+        finally:
+            signal.signal(signum, previous)
+        output = guard.output
+        changed = output is not None and _identity(output) not in (guard.before, None)
+        note = f" after writing {output}" if changed else ": nothing written"
+        raise Interrupted(note, signum) from None
+
+
+def _identity(path: Path | None):
+    if path is None:
+        return None
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns)
+
+
+def _remove_own_temps(output: Path | None) -> None:
+    """Removes this process's temporary files for `output` (atomic saves remove
+    their own; this covers an interrupt between creating one and guarding it)."""
+    if output is None:
+        return
+    from regularize import atomic
+
+    pattern = atomic.temp_pattern(output)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(output.parent):
+            match = pattern.fullmatch(entry.name)
+            if match and int(match.group(1)) == os.getpid():
+                atomic.remove(Path(entry.path))
 
 
 @contextlib.contextmanager
@@ -434,18 +745,92 @@ def one_line_errors(debug: bool):
 
 
 @contextlib.contextmanager
-def _progress(quiet: bool):
-    """Yields `step(text)`: a spinner line on a terminal, nothing otherwise."""
+def _progress(quiet: bool, first: str = "starting"):
+    """Yields `step(text)`: on a terminal, a spinner line with the text and the time
+    since the start; nothing otherwise, or when `quiet`.
+
+    The line is drawn through a duplicate of stderr's descriptor, so it keeps
+    turning while `import_keras_quietly` points descriptor 2 at /dev/null. It
+    is erased when the block ends, before anything else is printed.
+    """
     if quiet or not sys.stderr.isatty():
         yield lambda text: None
         return
-    from rich.console import Console
-    from rich.text import Text
+    with _terminal_stream() as stream:
+        spinner = _Spinner(stream, first)
+        try:
+            yield spinner.update
+        finally:
+            spinner.close()
 
-    console = Console(stderr=True)
-    # Text, not a string: rich would read markup in a path or name.
-    with console.status("starting") as status:
-        yield lambda text: status.update(Text(printable(text) + " ..."))
+
+class _Spinner:
+    """One self-redrawing line: a spinner, a text and the elapsed time.
+
+    Hand-made rather than rich's: importing rich.progress costs about a
+    third of the 0.3 s the first output may take (issue 13).
+    """
+
+    def __init__(self, stream, text: str):
+        self.stream = stream
+        self.text = printable(text)
+        self.started = time.monotonic()
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        self.frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏" if encoding == "utf8" else "|/-\\"
+        self.turn = 0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self._draw()
+        self.thread = threading.Thread(target=self._spin, name="regularize-progress", daemon=True)
+        self.thread.start()
+
+    def update(self, text: str) -> None:
+        with self.lock:
+            self.text = printable(text)
+            self._draw()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+    def _spin(self) -> None:
+        while not self.done.wait(0.1):
+            with self.lock:
+                self.turn += 1
+                self._draw()
+
+    def _draw(self) -> None:
+        seconds = int(time.monotonic() - self.started)
+        frame = self.frames[self.turn % len(self.frames)]
+        line = f"{frame} {self.text} ... {seconds // 60}:{seconds % 60:02d}"
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            width = 0
+        width = width or 80  # a terminal that does not know its size says 0
+        with contextlib.suppress(OSError, ValueError):
+            # One row, whatever the width: "\r" and erase-line reach only the cursor's row.
+            self.stream.write("\r\x1b[2K" + line[: max(width - 1, 1)])
+            self.stream.flush()
+
+
+@contextlib.contextmanager
+def _terminal_stream():
+    """A text stream on a duplicate of stderr's file descriptor (stderr itself if it has none)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: a test's stream
+        yield sys.stderr
+        return
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    stream = os.fdopen(os.dup(fd), "w", encoding=encoding, errors="backslashreplace")
+    try:
+        yield stream
+    finally:
+        stream.close()
 
 
 def _is_terminal() -> bool:
@@ -474,7 +859,7 @@ def _print_table(report) -> None:
         table.add_row(*(Text(row[c]) for c in COLUMNS), style=styles.get(row["action"]))
     console = Console()
     console.print(table)
-    for line in report.summary_lines():
+    for line in report.summary_lines(planned=True):
         console.print(Text(line))
 
 
@@ -515,17 +900,42 @@ def _resolve(input: Path) -> None:
         raise click.BadParameter(str(err), param_hint="'INPUT'") from err
 
 
-def _check_input(input: Path) -> None:
-    if not input.exists() and not applications.is_application_name(input):
-        raise click.BadParameter(
-            "no such file. Expected a `.keras` or `.h5` model or a SavedModel folder. "
-            f"Received: {str(input)!r}",
-            param_hint="'INPUT'",
-        )
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def _check_input(input: Path) -> Path:
+    """INPUT if some engine may read it; else one line, exit 2, before TensorFlow is imported.
+
+    What the file holds is the loaders' to judge (exit 1); its name and kind
+    are checked here, at once, like a missing file.
+    """
+    if input.is_dir():
+        if (input / "saved_model.pb").is_file():
+            return input
+        problem = "it is a folder, and not a SavedModel (no `saved_model.pb`)"
+    elif input.exists():
+        if input.suffix in MODEL_SUFFIXES:
+            return input
+        problem = f"unsupported file type {input.suffix or '(none)'!r}"
+    elif applications.is_application_name(input):
+        return input
+    else:
+        problem = "no such file"
+    raise click.BadParameter(
+        f"{problem}. Expected a `.keras` or `.h5` model or a SavedModel folder. "
+        f"Received: {str(input)!r}",
+        param_hint="'INPUT'",
+    )
 
 
 def _check_output(
-    input: Path, output: Path, force: bool, *, keras2: bool = False, to_keras3: bool = False
+    input: Path,
+    output: Path,
+    force: bool,
+    hint: str = OUTPUT_HINT,
+    *,
+    keras2: bool = False,
+    to_keras3: bool = False,
 ) -> None:
     """Fails before the slow TensorFlow import if OUTPUT cannot be written."""
     from regularize import legacy
@@ -538,12 +948,12 @@ def _check_output(
         else:
             check_output_path(output, overwrite=force, source=input)
     except ModelSaveError as err:
-        raise click.BadParameter(str(err), param_hint="'-o' / '--output'") from err
+        raise click.BadParameter(str(err), param_hint=hint) from err
 
 
 def _terminate(signum, frame):
     # Unwind like Ctrl-C so that the atomic save removes its temporary file.
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 @contextlib.contextmanager

@@ -111,6 +111,7 @@ def _path(hint: str, *, follow: bool = True):
     help="Module name or .py file defining the model's custom layers.",
 )
 @click.option("--unsafe", is_flag=True, help="Allow Python-lambda Lambda layers.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and library logs.")
 def sweep(
     model,
@@ -130,6 +131,7 @@ def sweep(
     as_json,
     custom_objects,
     unsafe,
+    quiet,
     debug,
 ):
     """Fine-tune one variant of MODEL per dropout rate and compare them.
@@ -139,71 +141,112 @@ def sweep(
     validation accuracy, generalization gap) with the best rate marked, and
     writes results.json, curves.png and one model per variant to --out.
     """
-    # TensorFlow-free checks first: they fail in a fraction of a second.
-    # Names, not `from regularize import sweep`: the package may export a
-    # `sweep` function under the module's name.
-    # The shared command-line plumbing (one-line errors, quiet imports,
-    # SIGTERM as Ctrl-C); imported here, as regularize.cli imports this module.
-    from regularize.cli import _quiet as quiet
-    from regularize.cli import _terminate
-    from regularize.cli import one_line_errors
-    from regularize.errors import ModelSaveError
-    from regularize.errors import PolicyError
-    from regularize.paths import check_output_path
-    from regularize.sweep import DataError
-    from regularize.sweep import check_data
-    from regularize.sweep import format_rate
-    from regularize.sweep import parse_rates
-    from regularize.sweep import sweep as run_sweep
-    from regularize.text import printable
+    # The progress line first (on a terminal), then the TensorFlow-free checks:
+    # they fail in a fraction of a second, and the line is erased before the error.
+    from regularize.cli import _progress
 
-    if not model.exists():
-        raise click.BadParameter(
-            f"no such file. Expected a `.keras` or `.h5` model. Received: {str(model)!r}",
-            param_hint="'MODEL'",
-        )
-    try:
-        rate_list = parse_rates(rates)
-    except PolicyError as err:
-        raise click.BadParameter(str(err), param_hint="'--rates'") from err
-    try:
-        check_data(data)
-    except DataError as err:
-        raise click.BadParameter(str(err), param_hint="'--data'") from err
-    recurrent = _recurrent_rate(recurrent_rate)
-    if policy is not None:
-        from regularize.policy import Policy
+    with _progress(quiet or debug) as step:
+        # Names, not `from regularize import sweep`: the package may export a
+        # `sweep` function under the module's name.
+        # The shared command-line plumbing (one-line errors, quiet imports,
+        # SIGTERM as Ctrl-C); imported here, as regularize.cli imports this module.
+        from regularize.cli import MODEL_SUFFIXES
+        from regularize.cli import Interrupted
+        from regularize.cli import _quiet
+        from regularize.cli import _signal_of
+        from regularize.cli import _terminate
+        from regularize.cli import import_keras_quietly
+        from regularize.cli import one_line_errors
+        from regularize.errors import ModelSaveError
+        from regularize.errors import PolicyError
+        from regularize.paths import check_output_path
+        from regularize.sweep import DataError
+        from regularize.sweep import SweepError
+        from regularize.sweep import check_data
+        from regularize.sweep import format_rate
+        from regularize.sweep import output_folder
+        from regularize.sweep import parse_rates
+        from regularize.sweep import sweep as run_sweep
+        from regularize.text import printable
 
+        problem = None
+        if not model.exists():
+            problem = "no such file"
+        elif model.is_dir():
+            problem = "it is a folder"
+        elif model.suffix not in MODEL_SUFFIXES:
+            problem = f"unsupported file type {model.suffix or '(none)'!r}"
+        if problem:
+            raise click.BadParameter(
+                f"{problem}. Expected a `.keras` or `.h5` model. Received: {str(model)!r}",
+                param_hint="'MODEL'",
+            )
         try:
-            policy = Policy.from_file(policy)
+            rate_list = parse_rates(rates)
         except PolicyError as err:
-            raise click.BadParameter(str(err), param_hint="'--policy'") from err
-    if save_best is not None:
+            raise click.BadParameter(str(err), param_hint="'--rates'") from err
         try:
-            check_output_path(save_best, overwrite=force, source=model)
-        except ModelSaveError as err:
-            raise click.BadParameter(str(err), param_hint="'--save-best'") from err
+            check_data(data)
+        except DataError as err:
+            raise click.BadParameter(str(err), param_hint="'--data'") from err
+        recurrent = _recurrent_rate(recurrent_rate)
+        if policy is not None:
+            from regularize.policy import Policy
 
-    signal.signal(signal.SIGTERM, _terminate)
-    with one_line_errors(debug), quiet(debug):
-        result = run_sweep(
-            model,
-            data,
-            rate_list,
-            epochs=epochs,
-            policy=policy,
-            recurrent_rate=recurrent,
-            seed=seed,
-            out=out,
-            batch_size=batch_size,
-            validation_split=validation_split,
-            save_best=save_best,
-            overwrite=force,
-            strategy=None if strategy == "none" else strategy,
-            keras_tuner=keras_tuner,
-            custom_objects=custom_objects,
-            safe_mode=not unsafe,
-        )
+            try:
+                policy = Policy.from_file(policy)
+            except PolicyError as err:
+                raise click.BadParameter(str(err), param_hint="'--policy'") from err
+        if save_best is not None:
+            try:
+                check_output_path(save_best, overwrite=force, source=model)
+            except ModelSaveError as err:
+                raise click.BadParameter(str(err), param_hint="'--save-best'") from err
+
+        step("importing TensorFlow")
+        signal.signal(signal.SIGTERM, _terminate)
+        with one_line_errors(debug):
+            if not debug:
+                import_keras_quietly()
+    try:
+        with one_line_errors(debug):
+            with _quiet(debug):
+                try:
+                    result = run_sweep(
+                        model,
+                        data,
+                        rate_list,
+                        epochs=epochs,
+                        policy=policy,
+                        recurrent_rate=recurrent,
+                        seed=seed,
+                        out=out,
+                        batch_size=batch_size,
+                        validation_split=validation_split,
+                        save_best=save_best,
+                        overwrite=force,
+                        strategy=None if strategy == "none" else strategy,
+                        keras_tuner=keras_tuner,
+                        progress=False if quiet else None,
+                        custom_objects=custom_objects,
+                        safe_mode=not unsafe,
+                    )
+                except SweepError as err:
+                    if debug or err.argument is None:
+                        raise
+                    # The library names its argument; the command line names the flag.
+                    flag = "--" + err.argument.replace("_", "-")
+                    raise click.BadParameter(str(err), param_hint=f"'{flag}'") from err
+    except KeyboardInterrupt as err:
+        folder = output_folder(model, out)
+        kept = sorted(folder.glob("variant-*.json")) if folder.is_dir() else []
+        note = ": nothing written"
+        if kept:
+            note = (
+                f": {len(kept)} finished variant{'s' if len(kept) != 1 else ''} kept in "
+                f"{folder}; run the same command again to resume"
+            )
+        raise Interrupted(note, _signal_of(err)) from None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -65,15 +65,27 @@ class Report:
         """How many sites the rewrite changes."""
         return sum(s.action in (INSERT, UPDATE, REMOVE) for s in self.sites)
 
-    def summary_lines(self) -> list[str]:
-        """Short human summary: one line per action, most common first; `printable`."""
-        verbs = {
-            INSERT: "inserted",
-            UPDATE: "updated",
-            REMOVE: "removed",
-            KEEP: "kept",
-            SKIP: "skipped",
-        }
+    def with_dropout(self) -> int:
+        """How many sites carry dropout the policy asked for once the rewrite is done.
+
+        Inserted and updated sites count, and so do kept ones with a rate (the
+        tool's own layer from an earlier run, an RNN already at the rate); a
+        site kept because the model's own dropout is there (no rate) does not.
+        0 after `add_dropout` means the policy put no dropout anywhere.
+        """
+        return sum(
+            s.action in (INSERT, UPDATE) or (s.action == KEEP and s.rate is not None)
+            for s in self.sites
+        )
+
+    def summary_lines(self, *, planned: bool = False) -> list[str]:
+        """Short human summary: one line per action, most common first; `printable`.
+
+        Args:
+            planned: Say what a plan would do ("would insert 4 sites"), not
+                what was done ("inserted 4 sites").
+        """
+        verbs = _PLANNED if planned else _DONE
         lines = []
         counts = self.counts()
         for action in (INSERT, UPDATE, REMOVE, KEEP, SKIP):
@@ -121,9 +133,11 @@ class Report:
         for row in [{c: c.upper() for c in COLUMNS}] + rows if rows else []:
             cells = [row[c].ljust(widths[c]) for c in COLUMNS]
             lines.append("  ".join(cells).rstrip())
-        return "\n".join(lines + self.summary_lines())
+        return "\n".join(lines + self.summary_lines(planned=True))
 
 
+_DONE = {INSERT: "inserted", UPDATE: "updated", REMOVE: "removed", KEEP: "kept", SKIP: "skipped"}
+_PLANNED = {action: f"would {action}" for action in _DONE}
 COLUMNS = ("action", "layer", "class", "shape", "depth", "existing", "dropout", "reason")
 
 

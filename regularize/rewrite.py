@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
+import sys
 import warnings
 
 import keras
@@ -571,4 +573,25 @@ def _warn(report: Report, text: str) -> None:
         report.warnings.append(text)
     if text not in _warned:
         _warned.add(text)
-        warnings.warn(text, RegularizeWarning, stacklevel=3)
+        warnings.warn(text, RegularizeWarning, stacklevel=_caller_level())
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../regularize/
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that points a warning at the code that called this package.
+
+    The depth from `_warn` to the public function varies (nested models
+    recurse), and Keras frames may sit in between, so the outermost frame
+    inside the package is found and its caller named. Python 3.12's
+    `skip_file_prefixes` would stop at the first Keras frame instead.
+    """
+    frame = sys._getframe(1)  # `_warn`'s frame: stacklevel 1 for `warnings.warn`
+    level = outermost = 1
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            outermost = level
+        frame = frame.f_back
+        level += 1
+    return outermost + 1

@@ -84,7 +84,16 @@ class DataError(RegularizeError, ValueError):
 
 
 class SweepError(RegularizeError):
-    """The sweep cannot run or resume as asked (output folder, metrics)."""
+    """The sweep cannot run or resume as asked (output folder, metrics).
+
+    Attributes:
+        argument: The `sweep` argument at fault (e.g. "out"), or None; the
+            command line names its own flag from it.
+    """
+
+    def __init__(self, message: str, *, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 @dataclasses.dataclass
@@ -733,7 +742,8 @@ def _finished(out: Path, rates: Sequence[float], settings: dict) -> dict[float, 
                 f"Cannot resume: {str(out)!r} holds results of a sweep with other "
                 f"settings ({', '.join(changed)} differ, in {marker.name}). Expected the "
                 "same model, data, epochs, seed, batch size, policy and compile config. "
-                "Choose another `out` folder, or delete that one."
+                "Choose another output folder, or delete that one.",
+                argument="out",
             )
         if (out / result.model_file).is_file():
             done[rate] = result
@@ -1122,22 +1132,29 @@ def _base_policy(policy) -> Policy | None:
     return policy
 
 
+def output_folder(model, out=None) -> Path:
+    """Where a sweep of `model` writes: `out`, or the default (see `sweep`); creates nothing."""
+    if out is not None:
+        return Path(out)
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).with_name(f"{Path(model).stem}_sweep")
+    return Path(f"{getattr(model, 'name', 'model')}_sweep")
+
+
 def _output_folder(model, out) -> Path:
-    if out is None:
-        if isinstance(model, (str, os.PathLike)):
-            out = Path(model).with_name(f"{Path(model).stem}_sweep")
-        else:
-            out = Path(f"{getattr(model, 'name', 'model')}_sweep")
-    out = Path(out)
+    out = output_folder(model, out)
     if out.exists() and not out.is_dir():
         raise SweepError(
             f"Cannot write the sweep to {str(out)!r}: it is a file. Expected a folder "
-            "(new, or one an earlier run of this sweep wrote)."
+            "(new, or one an earlier run of this sweep wrote).",
+            argument="out",
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise SweepError(f"Cannot create the sweep folder {str(out)!r}: {err.strerror}") from err
+        raise SweepError(
+            f"Cannot create the sweep folder {str(out)!r}: {err.strerror}", argument="out"
+        ) from err
     return out
 
 

@@ -76,6 +76,20 @@ def test_existing_output_needs_force(model_file, tmp_path):
     assert zipfile.is_zipfile(out)
 
 
+def test_an_existing_default_output_is_named_with_o_and_force(model_file):
+    """The user never typed -o: the message names the default path, not '-o'."""
+    default = model_file.with_name("cnn_dropout.keras")
+    default.write_bytes(b"precious")
+    result = _invoke("add-dropout", model_file)
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        f"Error: Invalid value for the default output (pass -o): Cannot write model to "
+        f"'{default}': the file already exists. Pass --force (overwrite=True in Python) to "
+        "replace it."
+    )
+    assert default.read_bytes() == b"precious"
+
+
 def test_output_equal_to_input_is_refused(model_file):
     before = _digest(model_file)
     result = _invoke("add-dropout", model_file, "-o", model_file, "--force")
@@ -332,8 +346,8 @@ def test_sigterm_during_save_leaves_nothing(model_file, tmp_path):
         timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
-    assert run.returncode == 1
-    assert run.stderr.strip() == "Aborted."
+    assert run.returncode == 143  # 128 + SIGTERM
+    assert run.stderr == "terminated: nothing written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.keras"]
     assert _digest(model_file) == before
 
@@ -484,3 +498,167 @@ def test_the_error_line_and_the_wrote_line_escape_control_characters(model_file,
     assert result.stdout.splitlines()[-1] == "wrote " + str(out).replace("\x1b", "\\x1b").replace(
         "\r", "\\r"
     )
+
+
+# -- a policy that puts dropout nowhere (issue 13, item 2) -------------------
+
+
+@pytest.fixture
+def topless_base(tmp_path):
+    """Like a Keras Application without its top: every activation before the last BN."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(4, 3, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    outputs = keras.layers.ReLU(name="out_relu")(x)
+    path = tmp_path / "base.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+HEAD_EMPTY = (
+    "no dropout: it leaves out all 2 candidate sites (1 preset head: before the last "
+    "normalization layer, 1 model output). The head preset puts dropout only after the last "
+    "normalization layer, and this model has nothing there: a base without its top gets its "
+    "head in your own code, so rewrite the model after adding the head, or use --preset blocks."
+)
+
+
+def test_a_policy_that_inserts_nothing_exits_3_and_writes_nothing(topless_base, tmp_path):
+    out = tmp_path / "out.keras"
+    result = _invoke("add-dropout", topless_base, "--preset", "head", "-o", out)
+    assert result.exit_code == 3
+    assert result.stdout.splitlines() == [
+        "skipped 2 sites: 1 preset head: before the last normalization layer, 1 model output"
+    ]
+    assert _error_line(result) == (
+        f"Error: The policy inserted {HEAD_EMPTY} Nothing written; pass --allow-empty to write "
+        "the model anyway."
+    )
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.keras"]
+
+
+def test_allow_empty_writes_the_model_and_warns(topless_base, tmp_path):
+    out = tmp_path / "out.keras"
+    result = _invoke("add-dropout", topless_base, "--preset", "head", "-o", out, "--allow-empty")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[-1] == f"wrote {out}"
+    assert _error_line(result) == f"Warning: The policy inserted {HEAD_EMPTY}"
+    assert inserted(keras.models.load_model(out)) == {}
+
+
+def test_a_plan_that_inserts_nothing_exits_3(topless_base):
+    for command in (["inspect"], ["add-dropout", "--dry-run"]):
+        result = _invoke(*command, topless_base, "--preset", "head")
+        assert result.exit_code == 3, command
+        assert "would skip 2 sites" in result.stdout
+        assert _error_line(result) == (
+            f"Error: The policy would insert {HEAD_EMPTY} Pass --allow-empty to accept that."
+        )
+        result = _invoke(*command, topless_base, "--preset", "head", "--allow-empty")
+        assert result.exit_code == 0
+        assert _error_line(result).startswith("Warning: The policy would insert no dropout")
+    assert sorted(p.name for p in topless_base.parent.iterdir()) == ["base.keras"]
+
+
+def test_json_of_an_empty_result_has_no_output(topless_base, tmp_path):
+    result = _invoke("add-dropout", topless_base, "--preset", "head", "--json")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["output"] is None
+    assert not topless_base.with_name("base_dropout.keras").exists()
+
+
+def test_a_rerun_keeping_the_tools_dropout_and_rate_0_are_not_empty(model_file, tmp_path):
+    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
+    assert _invoke("add-dropout", model_file, "-o", first).exit_code == 0
+    result = _invoke("add-dropout", first, "-o", second)  # the same rate: every site kept
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "kept 4 sites: 4 inserted earlier, same rate"
+    assert result.stderr == ""
+    # --rate 0 asks for no dropout: removing the tool's is what it is for.
+    result = _invoke("add-dropout", first, "--rate", "0", "-o", tmp_path / "none.keras")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert inserted(keras.models.load_model(tmp_path / "none.keras")) == {}
+
+
+def test_the_models_own_dropout_alone_is_empty_with_its_advice(tmp_path):
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(4, activation="relu", name="fc")(inputs)
+    x = keras.layers.Dropout(0.5, name="own")(x)
+    path = tmp_path / "own.keras"
+    keras.Model(inputs, keras.layers.Dense(2, name="out")(x)).save(path)
+    result = _invoke("inspect", path)
+    assert result.exit_code == 3
+    assert _error_line(result) == (
+        "Error: The policy would insert no dropout: it leaves out the only candidate site "
+        "(1 already followed by Dropout). Dropout the model already has is kept as it is: set "
+        'existing = "retarget" in a --policy file to give it the policy\'s rate. Pass '
+        "--allow-empty to accept that."
+    )
+
+
+# -- messages that point the right way (issue 13, item 4) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [
+        ({"PruneLowMagnitude"}, "Pruning wrappers (PruneLowMagnitude): remove them with "
+         "`tfmot.sparsity.keras.strip_pruning` after pruning."),
+        ({"ClusterWeights"}, "Clustering wrappers (ClusterWeights): remove them with "
+         "`tfmot.clustering.keras.strip_clustering` after clustering."),
+        ({"QuantizeWrapperV2", "QuantizeLayer"}, "Quantization-aware training wrappers "
+         "(QuantizeLayer, QuantizeWrapperV2): no tfmot function removes them, so a QAT model "
+         "cannot become a Keras 3 model"),
+    ],
+)  # fmt: skip
+def test_to_keras3_refusal_names_the_way_out_of_each_wrapper_kind(classes, words):
+    from regularize import legacy
+    from regularize.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as info:
+        legacy.refuse_keras3(classes | {"Dense"})
+    text = str(info.value)
+    assert text.startswith("Cannot convert to Keras 3: the model has tensorflow-model-opt")
+    assert words in text
+    assert "--" not in text  # a library message: the CLI names its flags
+    if "QuantizeLayer" in classes:
+        assert "strip_pruning" not in text
+
+
+def test_a_policy_warning_points_at_the_callers_line(model_file):
+    import warnings
+
+    import regularize
+
+    model = keras.models.load_model(model_file)
+    policy = regularize.Policy(rules=[{"match": "no_such_layer_7f3a*", "skip": True}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        regularize.add_dropout(model, policy=policy)
+    [warning] = [w for w in caught if "no_such_layer_7f3a" in str(w.message)]
+    assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+def test_setting_tf_cpp_min_log_level_keeps_tensorflow_logs_off_stderr(model_file):
+    """What the README tells API users (no GPU here: TensorFlow's cuInit fails loudly)."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import regularize
+        model = regularize.load_model({str(model_file)!r})
+        regularize.add_dropout(model)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    # TensorFlow 2.21's C++ import banner ("I0000 ...") ignores the variable; errors
+    # and warnings ("E0000 ... failed call to cuInit", "W0000 ...") obey it.
+    loud = [line for line in run.stderr.splitlines() if line[:1] in "EW" and line[1:5].isdigit()]
+    assert loud == [] and "cuInit" not in run.stderr, run.stderr

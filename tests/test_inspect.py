@@ -65,9 +65,10 @@ def test_inspect_prints_every_site_and_writes_nothing(model_file):
         ["insert", "fc"],
     ]
     assert "SpatialDropout2D(0.25)" in lines[2]
+    # A plan: what would be done, not what was done (issue 13, item 4).
     assert lines[-2:] == [
-        "inserted 4 sites: 3 SpatialDropout2D, 1 Dropout",
-        "skipped 1 site: 1 feeds BatchNormalization",
+        "would insert 4 sites: 3 SpatialDropout2D, 1 Dropout",
+        "would skip 1 site: 1 feeds BatchNormalization",
     ]
     assert sorted(p.name for p in model_file.parent.iterdir()) == before
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == digest
@@ -104,7 +105,7 @@ def test_inspect_on_a_terminal_is_a_rich_table(model_file, monkeypatch):
     result = _invoke("inspect", model_file)
     assert result.exit_code == 0, result.output
     assert "REASON" in result.stdout and "feeds BatchNormalization" in result.stdout
-    assert result.stdout.rstrip().endswith("skipped 1 site: 1 feeds BatchNormalization")
+    assert result.stdout.rstrip().endswith("would skip 1 site: 1 feeds BatchNormalization")
 
 
 def test_add_dropout_with_a_policy_file_and_rate(model_file, tmp_path):
@@ -205,6 +206,28 @@ def test_progress_shows_on_a_terminal_only(monkeypatch):
             step("loading model.keras")
             time.sleep(0.3)  # the spinner refreshes in its own thread
         assert ("loading model.keras" in stream.getvalue()) is shown, (quiet, terminal)
+
+
+def test_progress_keeps_turning_while_descriptor_2_is_silenced(tmp_path):
+    """TensorFlow's import points descriptor 2 at /dev/null; the line has its own copy."""
+    code = (
+        "import os, sys, time\n"
+        "from regularize.cli import _progress\n"
+        "sys.stderr.isatty = lambda: True\n"
+        "with _progress(False, 'importing TensorFlow') as step:\n"
+        "    saved = os.dup(2)\n"
+        "    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)\n"
+        "    step('loading model.keras')\n"
+        "    time.sleep(0.3)\n"
+        "    os.dup2(saved, 2)\n"
+    )
+    log = tmp_path / "stderr"
+    with open(log, "wb") as stream:
+        subprocess.run([sys.executable, "-c", code], stderr=stream, check=True)
+    shown = log.read_bytes().decode()
+    assert "importing TensorFlow ... 0:00" in shown
+    assert "loading model.keras ... 0:00" in shown
+    assert shown.endswith("\r\x1b[2K")
 
 
 def test_quiet_flag_is_accepted(model_file):

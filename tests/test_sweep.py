@@ -324,6 +324,7 @@ def _bad_folder(root):
         ("no_keys", "Invalid value for '--data': Cannot read data: the `.npz` file has no x_val"),
         ("flat", "Invalid value for '--data': Cannot read data: the folder has no subfolder"),
         ("missing_model", "Invalid value for 'MODEL': no such file."),
+        ("model_suffix", "Invalid value for 'MODEL': unsupported file type '.pt'."),
         ("epochs", "Invalid value for '--epochs': 0 is not in the range x>=1."),
         ("recurrent", "Invalid value for '--recurrent-rate': Expected a float in [0, 1) or"),
         ("policy", "Invalid value for '--policy': Cannot read policy file: no such file."),
@@ -345,6 +346,9 @@ def test_command_errors_are_one_line(files, tmp_path, case, message):
         data = _bad_folder(tmp_path)
     elif case == "missing_model":
         model = tmp_path / "nothing.keras"
+    elif case == "model_suffix":
+        model = tmp_path / "model.pt"
+        model.write_bytes(b"weights")
     elif case == "epochs":
         epochs = "0"
     elif case == "recurrent":
@@ -369,6 +373,68 @@ def test_command_runtime_error_is_one_line_exit_1(files, tmp_path):
         "Error: The data does not fit the model: x_train samples have shape (5, 5, 1), "
         "the model expects (4, 4, 1). Received: x_train shape (n, 5, 5, 1)"
     )
+
+
+def test_command_resume_error_names_the_out_flag(files, first_run):
+    _, model, npz = files
+    _, out = first_run
+    result = _invoke(
+        model, "--data", npz, "--rates", "0,0.5", "--epochs", "3", "--seed", "3",
+        "--batch-size", "16", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert line.startswith(f"Error: Invalid value for '--out': Cannot resume: '{out}' holds ")
+    assert line.endswith("Choose another output folder, or delete that one.")
+
+
+def _fake_sweep(monkeypatch, behave):
+    """Replaces the library's sweep: records its keyword arguments, then `behave(kwargs)`."""
+    seen = {}
+
+    def fake(model, data, rates, **kwargs):
+        seen.update(kwargs)
+        return behave(kwargs)
+
+    monkeypatch.setattr(sw, "sweep", fake)
+    return seen
+
+
+def test_command_quiet_turns_the_progress_display_off(files, monkeypatch):
+    _, model, npz = files
+
+    def stop(kwargs):
+        raise sw.SweepError("stop here")
+
+    seen = _fake_sweep(monkeypatch, stop)
+    for flags, progress in (([], None), (["-q"], False), (["--quiet"], False)):
+        result = _invoke(model, "--data", npz, "--epochs", "1", *flags)
+        assert result.exit_code == 1 and _error_line(result) == "Error: stop here"
+        assert seen["progress"] is progress, flags
+
+
+def test_command_interrupted_says_what_it_keeps(files, tmp_path, monkeypatch):
+    _, model, npz = files
+    out = tmp_path / "o"
+
+    def interrupted(kwargs):
+        out.mkdir(exist_ok=True)
+        if (out / "variant-0.json").exists():
+            (out / "variant-0.5.json").write_text("{}")
+        (out / "variant-0.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    _fake_sweep(monkeypatch, interrupted)
+    result = _invoke(model, "--data", npz, "--epochs", "1", "--out", out)
+    assert result.exit_code == 130
+    assert result.stderr == (
+        f"interrupted: 1 finished variant kept in {out}; run the same command again to resume\n"
+    )
+    result = _invoke(model, "--data", npz, "--epochs", "1", "--out", out)
+    assert "interrupted: 2 finished variants kept in" in result.stderr
+    monkeypatch.setattr(sw, "sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    result = _invoke(model, "--data", npz, "--epochs", "1", "--out", tmp_path / "new")
+    assert (result.exit_code, result.stderr) == (130, "interrupted: nothing written\n")
 
 
 def test_command_module_imports_no_tensorflow():

@@ -459,21 +459,47 @@ def _h5_config_text(path: Path) -> tuple[str, str]:
 
 def refuse_keras3(classes) -> None:
     """Raises `UnsupportedModelError` if layer `classes` cannot exist in Keras 3."""
-    found = sorted(set(classes) & TFMOT_CLASSES)
+    found = set(classes) & TFMOT_CLASSES
     if found:
+        # Each wrapper kind has its own way out, or none (QAT).
+        advice = []
+        for kind, names, way in _TFMOT_KINDS:
+            if found & names:
+                advice.append(f"{kind} wrappers ({', '.join(sorted(found & names))}): {way}")
+        ways = "; ".join(advice)
         raise UnsupportedModelError(
             "Cannot convert to Keras 3: the model has tensorflow-model-optimization "
-            f"wrappers ({', '.join(found)}) and Keras 3 has no tfmot. Drop "
-            "--to-keras3 to keep a Keras 2 file, or strip the wrappers first "
-            "(`tfmot.sparsity.keras.strip_pruning`)."
+            f"wrappers, and Keras 3 has no tfmot. {ways[0].upper()}{ways[1:]}. Expected a model "
+            "without tfmot wrappers, or a Keras 2 output (`to_keras3=False`)."
         )
     found = sorted(set(classes) & KERAS2_ONLY_CLASSES)
     if found:
         raise UnsupportedModelError(
             f"Cannot convert to Keras 3: the model has {', '.join(found)} layers, which "
             "Keras 3 does not have (`TFOpLambda`: a `tf.*` call recorded by Keras 2). "
-            "Drop --to-keras3 to keep a Keras 2 file."
+            "Expected a Keras 2 output (`to_keras3=False`)."
         )
+
+
+# The tfmot wrapper kinds, and what turns a model of each into plain layers.
+_TFMOT_KINDS = (
+    (
+        "pruning",
+        frozenset({"PruneLowMagnitude"}),
+        "remove them with `tfmot.sparsity.keras.strip_pruning` after pruning",
+    ),
+    (
+        "clustering",
+        frozenset({"ClusterWeights", "ClusterWeightsMHA"}),
+        "remove them with `tfmot.clustering.keras.strip_clustering` after clustering",
+    ),
+    (
+        "quantization-aware training",
+        frozenset({"QuantizeAnnotate", "QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"}),
+        "no tfmot function removes them, so a QAT model cannot become a Keras 3 model "
+        "(it stays a Keras 2 model; the TFLite converter takes it from there)",
+    ),
+)
 
 
 # -- the child process ----------------------------------------------------

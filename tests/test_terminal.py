@@ -1,0 +1,296 @@
+"""The command on a real terminal and under signals (issue 13, items 1 and 3).
+
+Real processes: the progress line needs a pseudo-terminal on stderr, and
+Ctrl-C is SIGINT sent to the process. Times are measured against a bare
+`python -c pass` started the same way, so that a slow machine slows both.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", COLUMNS="120", TERM="xterm")
+ENV.pop("NO_COLOR", None)
+FIRST_OUTPUT = 0.3  # seconds after Python's own start-up (issue 13)
+USAGE_ERROR = 0.5
+TRIES = 3  # the fastest of a few runs: other processes share the CPUs
+
+
+@pytest.fixture
+def work(tmp_path):
+    shutil.copy(FIXTURES / "cnn.keras", tmp_path / "cnn.keras")
+    return tmp_path
+
+
+class _Terminal:
+    """A process whose stderr is a pseudo-terminal (stdout a pipe unless `tty_stdout`)."""
+
+    def __init__(self, args, cwd, *, tty_stdout=False):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=slave if tty_stdout else subprocess.PIPE,
+            stderr=slave,
+            cwd=cwd,
+            env=ENV,
+        )
+        os.close(slave)
+        self.master = master
+        self.seen = b""
+
+    def read(self, timeout: float) -> bool:
+        """Reads what the terminal shows for up to `timeout` seconds; False at its end."""
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            return False
+        if not chunk:
+            return False
+        self.seen += chunk
+        return True
+
+    def wait_for(self, text: bytes, seconds: float = 300) -> None:
+        deadline = time.monotonic() + seconds
+        while text not in self.seen:
+            assert time.monotonic() < deadline, self.seen[-2000:]
+            assert self.read(0.5) or text in self.seen, self.seen[-2000:]
+
+    def finish(self, seconds: float = 300) -> tuple[int, str]:
+        """Reads to the end; returns the exit code and stdout (if piped)."""
+        deadline = time.monotonic() + seconds
+        while self.read(0.5):
+            assert time.monotonic() < deadline, self.seen[-2000:]
+        out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+        code = self.proc.wait(timeout=seconds)
+        os.close(self.master)
+        return code, out
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        os.close(self.master)
+
+    def text(self) -> str:
+        return self.seen.decode(errors="replace")
+
+
+def _python_startup() -> float:
+    """Seconds a bare interpreter takes to start and exit (the fastest of TRIES)."""
+    best = float("inf")
+    for _ in range(TRIES):
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, env=ENV)
+        best = min(best, time.monotonic() - start)
+    return best
+
+
+def _regularize(*args):
+    return [sys.executable, "-m", "regularize", *map(str, args)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["add-dropout", "cnn.keras", "-o", "out.keras"],
+        ["inspect", "cnn.keras"],
+        ["sweep", "cnn.keras", "--data", "data.npz", "--epochs", "1"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_first_output_within_0_3_s_of_python_start_up(work, command):
+    np.savez(work / "data.npz", x_train=np.zeros((2, 32, 32, 3)), y_train=np.zeros(2))
+    startup = _python_startup()
+    best = float("inf")
+    for _ in range(TRIES):
+        term = _Terminal(_regularize(*command), work)
+        try:
+            # Visible: words, not only the escape sequence that clears the line.
+            while b"starting" not in term.seen and b"importing TensorFlow" not in term.seen:
+                assert term.read(60), f"the command ended showing only {term.seen!r}"
+            best = min(best, time.monotonic() - term.started)
+        finally:
+            term.kill()
+    assert best - startup <= FIRST_OUTPUT, (best, startup)
+    assert not (work / "out.keras").exists()
+
+
+def test_progress_names_each_stage_with_the_elapsed_time_then_clears(work):
+    term = _Terminal(_regularize("add-dropout", "cnn.keras", "-o", "out.keras"), work)
+    code, out = term.finish()
+    assert code == 0, term.text()
+    shown = term.text()
+    stages = ["importing TensorFlow ...", "loading cnn.keras ...", "writing out.keras ..."]
+    positions = [shown.find(stage) for stage in stages]
+    assert -1 not in positions and positions == sorted(positions), shown
+    # The elapsed time (m:ss) goes on while TensorFlow imports (seconds, not less).
+    assert re.search(r"importing TensorFlow \.\.\. 0:0[1-9]", shown), shown
+    assert out.splitlines()[-1] == "wrote out.keras"
+    # One row, redrawn in place, and erased at the end.
+    assert "\n" not in shown
+    assert shown.endswith("\r\x1b[2K"), shown[-200:]
+
+
+def test_quiet_shows_nothing_on_a_terminal(work):
+    term = _Terminal(_regularize("add-dropout", "cnn.keras", "-o", "out.keras", "-q"), work)
+    code, out = term.finish()
+    assert code == 0
+    assert term.seen == b""
+    assert out.splitlines()[-1] == "wrote out.keras"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("folder", "it is a folder, and not a SavedModel (no `saved_model.pb`)"),
+        ("suffix", "unsupported file type '.pt'"),
+        ("missing", "no such file"),
+    ],
+)
+def test_a_bad_input_is_a_usage_error_within_0_5_s(work, make, message):
+    name = {"folder": "notamodel", "suffix": "model.pt", "missing": "nope.keras"}[make]
+    if make == "folder":
+        (work / name).mkdir()
+    elif make == "suffix":
+        (work / name).write_bytes(b"weights")
+    startup = _python_startup()
+    best = float("inf")
+    for _ in range(TRIES):
+        start = time.monotonic()
+        run = subprocess.run(
+            _regularize("add-dropout", name), cwd=work, env=ENV, capture_output=True, text=True
+        )
+        best = min(best, time.monotonic() - start)
+        assert run.returncode == 2
+        assert run.stderr.splitlines() == [
+            f"Error: Invalid value for 'INPUT': {message}. Expected a `.keras` or `.h5` model "
+            f"or a SavedModel folder. Received: '{name}'"
+        ]
+    assert best - startup <= USAGE_ERROR, (best, startup)
+
+
+# -- Ctrl-C -------------------------------------------------------------------
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in ("cnn.keras", "ready"))
+
+
+def test_ctrl_c_while_tensorflow_imports(work):
+    term = _Terminal(_regularize("add-dropout", "cnn.keras", "-o", "out.keras"), work)
+    term.wait_for(b"importing TensorFlow")
+    term.proc.send_signal(signal.SIGINT)
+    code, out = term.finish()
+    assert code == 130, term.text()
+    assert term.text().replace("\r\n", "\n").rstrip().endswith("interrupted: nothing written")
+    assert out == ""
+    assert _leftovers(work) == []
+
+
+# A child that runs the command with one stage slowed down: it says so
+# through a file, then waits to be interrupted.
+_DRIVER = """
+import os, sys, time
+from regularize.cli import import_keras_quietly
+import_keras_quietly()
+import keras
+import regularize.report
+
+def stall(*args, **kwargs):
+    {before}
+    open({ready!r}, "w").close()
+    time.sleep(120)
+
+{patch}
+from regularize.cli import main
+sys.argv = ["regularize", *{args!r}]
+main()
+"""
+
+_STAGES = {
+    # Keras' own loader, inside `regularize.load_model`.
+    "load": ("pass", "keras.saving.load_model = stall"),
+    # The save: half a model in the temporary file, then the stall.
+    "save": (
+        "open(args[1], 'wb').write(b'half a model')",
+        "keras.Model.save = stall",
+    ),
+    # After the rename: the summary lines are printed.
+    "print": ("pass", "regularize.report.Report.summary_lines = stall"),
+}
+
+
+def _interrupt_at(stage: str, folder: Path, args: list[str], signum=signal.SIGINT):
+    before, patch = _STAGES[stage]
+    ready = folder / "ready"
+    code = _DRIVER.format(before=before, ready=str(ready), patch=patch, args=args)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=folder,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signum)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    return child.returncode, out, err
+
+
+@pytest.mark.parametrize("stage", ["load", "save"])
+def test_ctrl_c_while_loading_or_saving_writes_nothing(work, stage):
+    before = (work / "cnn.keras").read_bytes()
+    code, out, err = _interrupt_at(stage, work, ["add-dropout", "cnn.keras", "-o", "out.keras"])
+    assert code == 130, err
+    assert err == "interrupted: nothing written\n"
+    assert out == ""
+    assert _leftovers(work) == []  # neither the output nor a temporary file
+    assert (work / "cnn.keras").read_bytes() == before
+
+
+def test_ctrl_c_after_the_write_says_so(work):
+    code, out, err = _interrupt_at("print", work, ["add-dropout", "cnn.keras", "-o", "out.keras"])
+    assert code == 130, err
+    assert err == "interrupted after writing out.keras\n"
+    assert _leftovers(work) == ["out.keras"]
+    assert "config.json" in zipfile.ZipFile(work / "out.keras").namelist()
+
+
+def test_sigterm_while_saving_writes_nothing(work):
+    args = ["add-dropout", "cnn.keras", "-o", "out.keras"]
+    code, out, err = _interrupt_at("save", work, args, signal.SIGTERM)
+    assert code == 143, err
+    assert err == "terminated: nothing written\n"
+    assert _leftovers(work) == []
