@@ -371,7 +371,7 @@ def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, allow_em
         if as_json:
             data = {"input": str(common["input"]), "policy": policy.to_dict()}
             data.update(report.to_dict())
-            click.echo(json.dumps(data, indent=2))
+            click.echo(_json(data))
         elif _is_terminal():
             _print_table(report)
         else:
@@ -432,7 +432,7 @@ def _process(
         if as_json:
             data = {"input": str(input), "output": str(output) if written else None}
             data.update(report.to_dict())
-            click.echo(json.dumps(data, indent=2))
+            click.echo(_json(data))
         elif dry_run:
             click.echo(report.render_plan())
             click.echo("dry run: nothing written")
@@ -835,6 +835,26 @@ def _terminal_stream():
 
 def _is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def _json(data) -> str:
+    """JSON for the terminal: names from the model file escaped as in the tables.
+
+    `json.dumps` writes ESC as `\u001b`, which `jq -r` turns back into a raw
+    ESC; `printable` keeps such names inert for any consumer. The Python API
+    (`Report.to_dict()`) keeps the names as they are.
+    """
+    return json.dumps(_escape_strings(data), indent=2)
+
+
+def _escape_strings(value):
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _escape_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_strings(v) for v in value]
+    return value
 
 
 def _print_warnings(report) -> None:

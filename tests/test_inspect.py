@@ -309,14 +309,16 @@ def test_inspect_on_a_terminal_shows_markup_as_text(evil_model, monkeypatch):
     assert _escaped(EVIL["osc"]) in result.stdout
 
 
-def test_inspect_json_escapes_and_keeps_the_names(evil_model):
+def test_inspect_json_escapes_the_names_in_every_field(evil_model):
+    """Decoded JSON holds no control character either (`jq -r` would print it raw)."""
     result = _invoke("inspect", evil_model, "--json")
     assert result.exit_code == 0, result.output
-    assert result.stdout.isascii() and not any(
-        ch in result.stdout for ch in UNSAFE[:1] + UNSAFE[3:]
-    )
-    layers = [site["layer"] for site in json.loads(result.stdout)["sites"]]
-    assert layers[:3] == [EVIL["colour"], EVIL["osc"], EVIL["lines"]]
+    assert result.stdout.isascii()
+    data = json.loads(result.stdout)
+    layers = [site["layer"] for site in data["sites"]]
+    assert layers[:3] == [_escaped(EVIL[k]) for k in ("colour", "osc", "lines")]
+    strings = [v for site in data["sites"] for v in site.values() if isinstance(v, str)]
+    assert strings and not any(ch in text for text in strings for ch in UNSAFE)
 
 
 def test_dry_run_and_warnings_escape_names(evil_model, capsys):
