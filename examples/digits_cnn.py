@@ -1,7 +1,8 @@
 """Does dropout help a small CNN that overfits? A dropout sweep on real digits, 3 seeds.
 
-    python3 examples/digits_cnn.py                        # 2.3 CPU-minutes; 4 min on 2 busy cores
+    python3 examples/digits_cnn.py                        # 3.2 CPU-minutes, one thread
     python3 examples/digits_cnn.py --seeds 0 --epochs 5   # a quick look
+    python3 examples/digits_cnn.py --out examples/results # replace the reference results
 
 Data: scikit-learn's bundled digits (1,797 8x8 grey images of handwritten digits; no download),
 written here as an image folder with one subfolder per class, the layout `regularize sweep
@@ -16,28 +17,31 @@ same sweep from the command line:
     regularize sweep digits_cnn.keras --data digits_images/ --rates 0,0.2,0.3,0.5 \\
         --epochs 30 --validation-split 0.8 --seed 0
 
-Writes examples/results/digits_cnn.json (every number, mean and std over seeds) and
-examples/results/digits_cnn.png (curves, mean and a one-std band over seeds).
+Writes digits_cnn.json (every number, mean and std over seeds) and digits_cnn.png (curves, mean
+and a one-std band over seeds) to `--out` (default: regularize-results/digits_cnn in the working
+folder). Runs are reproducible: the same command gives the same numbers on the same CPU with
+the same library versions (one thread per TensorFlow pool and op determinism, see
+`common.make_reproducible`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
+from common import add_options
+from common import make_reproducible
+from common import out_folder
+from common import parse_rates
+from common import report
 from sklearn.datasets import load_digits
 
-from regularize.sweep import plot_curves
-from regularize.sweep import summarize
 from regularize.sweep import sweep
 
 NAME = "digits_cnn"
-RATES = (0.0, 0.2, 0.3, 0.5)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_image_folder(root: Path) -> Path:
@@ -79,10 +83,9 @@ def build_model(seed: int) -> keras.Model:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--work", type=Path, help="Keep data, models and sweeps here (resumable).")
+    add_options(parser, epochs=30, name=NAME)
     args = parser.parse_args()
+    make_reproducible(args.threads, op_determinism=not args.no_op_determinism)
     with tempfile.TemporaryDirectory(prefix=f"{NAME}-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,7 @@ def main() -> None:
             result = sweep(
                 model_path,
                 images,
-                RATES,
+                parse_rates(args.rates),
                 epochs=args.epochs,
                 seed=seed,
                 out=work / f"seed-{seed}",
@@ -108,70 +111,12 @@ def main() -> None:
         report(
             NAME,
             results,
+            out_folder(args, NAME),
             description="scikit-learn digits (1,797 8x8 images) as an image folder, "
             "validation_split=0.8 by seed",
             title="Small CNN on digits",
+            run_settings={"threads": args.threads, "op_determinism": not args.no_op_determinism},
         )
-
-
-def report(name: str, results: list, *, description: str, title: str) -> None:
-    """Writes results/<name>.json and .png, and prints the Markdown table."""
-    RESULTS.mkdir(exist_ok=True)
-    summary = summarize(results)
-    first = results[0]
-    settings = first.settings
-    data = {
-        "experiment": name,
-        "data": description,
-        "train_samples": settings["data"]["train"],
-        "val_samples": settings["data"]["val"],
-        "epochs": settings["epochs"],
-        "seeds": [r.settings["seed"] for r in results],
-        "compile": first.compile_note,
-        "sites": {str(v.rate): v.sites for v in first.variants},
-        "summary": {str(rate): numbers for rate, numbers in summary.items()},
-        "best_rate_per_seed": [r.best_rate for r in results],
-        "runs": [
-            {
-                "seed": r.settings["seed"],
-                "best_rate": r.best_rate,
-                "variants": [v.to_dict() for v in r.variants],
-            }
-            for r in results
-        ],
-    }
-    json_path = RESULTS / f"{name}.json"
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
-    runs = {v.rate: [] for v in first.variants}
-    for result in results:
-        for variant in result.variants:
-            runs[variant.rate].append(variant.history)
-    png_path = plot_curves(
-        runs,
-        RESULTS / f"{name}.png",
-        title=f"{title} ({data['train_samples']} train samples): "
-        f"mean ± std over {len(results)} seed(s)",
-    )
-    print(markdown_table(summary))
-    print(f"\nwrote {json_path} and {png_path}")
-
-
-def markdown_table(summary: dict) -> str:
-    """Mean ± std per rate, as a Markdown table."""
-
-    def cell(numbers: dict) -> str:
-        return f"{numbers['mean']:.3f} ± {numbers['std']:.3f}"
-
-    lines = [
-        "| rate | train acc | val acc | best val acc | gap (train − val) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for rate, numbers in summary.items():
-        lines.append(
-            f"| {rate:g} | {cell(numbers['train_accuracy'])} | {cell(numbers['val_accuracy'])} "
-            f"| {cell(numbers['best_val_accuracy'])} | {cell(numbers['gap'])} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

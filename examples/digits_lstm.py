@@ -1,8 +1,9 @@
 """Dropout in a stacked LSTM: between the recurrent layers and on the recurrent state, 3 seeds.
 
-    python3 examples/digits_lstm.py                     # 2.7 CPU-minutes; 7 min on 2 busy cores
+    python3 examples/digits_lstm.py                     # 4.4 CPU-minutes, one thread
     python3 examples/digits_lstm.py --recurrent none    # dropout between the layers only
     python3 examples/digits_lstm.py --seeds 0 --epochs 5
+    python3 examples/digits_lstm.py --out examples/results  # replace the reference results
 
 Data: scikit-learn's bundled digits (1,797 8x8 images; no download). The LSTM reads each image
 as a sequence of 8 rows of 8 values. Each seed draws its own split, written as an `.npz` file
@@ -18,8 +19,9 @@ from the command line:
     regularize sweep digits_lstm.keras --data digits-seed0.npz --rates 0,0.2,0.3,0.5 \\
         --epochs 50 --policy lstm_policy.toml --recurrent-rate same --seed 0
 
-Writes examples/results/digits_lstm.json and digits_lstm.png (digits_lstm_between.* with
---recurrent none).
+Writes digits_lstm.json and digits_lstm.png (digits_lstm_between.* with --recurrent none) to
+`--out` (default: regularize-results/<that name> in the working folder). Runs are reproducible
+on the same CPU with the same library versions, as in digits_cnn.py.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from digits_cnn import report
+from common import add_options
+from common import make_reproducible
+from common import out_folder
+from common import parse_rates
+from common import report
 from sklearn.datasets import load_digits
 
 from regularize.sweep import sweep
 
-RATES = (0.0, 0.2, 0.3, 0.5)
 TRAIN, VAL = 300, 600
 # Rules keep their own rate while the sweep sets `rate`: no input dropout on the pixel rows.
 POLICY = """\
@@ -80,16 +85,15 @@ def build_model(seed: int) -> keras.Model:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument(
         "--recurrent",
         choices=("same", "none"),
         default="same",
         help="recurrent_dropout at the swept rate (same) or left at 0 (none).",
     )
-    parser.add_argument("--work", type=Path, help="Keep data, models and sweeps here (resumable).")
+    add_options(parser, epochs=50, name="digits_lstm")
     args = parser.parse_args()
+    make_reproducible(args.threads, op_determinism=not args.no_op_determinism)
     name = "digits_lstm" if args.recurrent == "same" else "digits_lstm_between"
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         work = args.work or Path(tmp)
@@ -104,7 +108,7 @@ def main() -> None:
             result = sweep(
                 model_path,
                 data,
-                RATES,
+                parse_rates(args.rates),
                 epochs=args.epochs,
                 policy=policy,
                 recurrent_rate="same" if args.recurrent == "same" else None,
@@ -120,6 +124,7 @@ def main() -> None:
         report(
             name,
             results,
+            out_folder(args, name),
             description=f"scikit-learn digits (1,797 8x8 images) as 8 rows of 8 values, "
             f"{TRAIN} train / {VAL} validation images per seed in an .npz; dropout: {what}, "
             "Dropout after the dense head layer",
@@ -129,6 +134,7 @@ def main() -> None:
                 if args.recurrent == "same"
                 else "dropout between layers"
             ),
+            run_settings={"threads": args.threads, "op_determinism": not args.no_op_determinism},
         )
 
 
