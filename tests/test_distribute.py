@@ -23,10 +23,13 @@ from conftest import predict
 
 import regularize
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="tf.distribute needs the TensorFlow backend",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow",
+        reason="tf.distribute needs the TensorFlow backend",
+    ),
+]
 
 CHILD = textwrap.dedent(
     """

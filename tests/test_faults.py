@@ -136,6 +136,7 @@ def _wait_for(path: Path, process, seconds=180) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_no_output_and_next_run_cleans_up(model_file, tmp_path):
     out = tmp_path / "out.keras"
     ready = tmp_path / "ready"
@@ -325,6 +326,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux's")
 def test_file_size_limit_is_a_real_write_failure(model_file, tmp_path):
     outs = [tmp_path / "out.keras", tmp_path / "out.h5"]

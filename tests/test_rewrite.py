@@ -1,6 +1,20 @@
-"""Every factory: structure, bit-exact inference, save -> reload."""
+"""Every factory: structure, bit-exact inference, save -> reload.
+
+TensorFlow on a CPU cannot run channels_first convolutions everywhere (oneDNN can, on some
+CPUs): there, the tests that run `conv_channels_first` assert that the same tests passed in a
+child pytest on JAX, which runs them on any CPU.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -17,6 +31,16 @@ from conftest import snapshot
 
 import regularize
 from regularize import graph
+
+ROOT = Path(__file__).resolve().parent.parent
+# The tests below that run a model. Where this backend cannot run a factory's model on every
+# machine (`Case.runs_here`), each asserts that the very same test passed on JAX instead.
+RUN_ON_JAX = (
+    "test_inference_bit_exact",
+    "test_save_reload_exact",
+    "test_dropout_is_active_in_training",
+)
+ON_JAX_FACTORIES = ("conv_channels_first",)  # the factories whose `runs_here` may be False
 
 
 def _expected_own(case):
@@ -35,6 +59,44 @@ def rewritten(request):
     return case, before, new
 
 
+@pytest.fixture(scope="module")
+def jax_outcomes(tmp_path_factory):
+    """Runs RUN_ON_JAX for ON_JAX_FACTORIES in a child pytest on JAX; outcome per test name."""
+    assert keras.backend.backend() != "jax", "the JAX child never delegates again"
+    report = tmp_path_factory.mktemp("jax_rewrite") / "junit.xml"
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    ids = [f"tests/test_rewrite.py::{t}[{f}]" for t in RUN_ON_JAX for f in ON_JAX_FACTORIES]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+        + ["-o", "addopts=--strict-markers", f"--junitxml={report}", *ids],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
+    assert report.exists(), run.stdout[-4000:] + run.stderr[-2000:]
+    outcomes = {}
+    for case in ET.parse(report).iter("testcase"):
+        failed = case.find("failure") is not None or case.find("error") is not None
+        skipped = case.find("skipped") is not None
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        outcome = "failed" if failed else "skipped" if skipped else "passed"
+        outcomes[case.get("name")] = (outcome, props.get("backend"))
+    assert len(outcomes) == len(ids), run.stdout[-4000:] + run.stderr[-2000:]
+    return outcomes, run.stdout[-4000:]
+
+
+def _check_runs(case, request, record_property, check):
+    """Runs `check()` where this backend can run `case.model`, else its test on JAX."""
+    if case.runs_here:
+        record_property("backend", keras.backend.backend())
+        check()
+        return
+    outcomes, log = request.getfixturevalue("jax_outcomes")
+    assert outcomes[request.node.name] == ("passed", "jax"), log
+
+
 def test_structure(rewritten):
     case, _, new = rewritten
     assert inserted(new) == _expected_own(case)
@@ -44,9 +106,9 @@ def test_structure(rewritten):
     assert_same_model_except_dropout(case.model, new)
 
 
-def test_inference_bit_exact(rewritten):
+def test_inference_bit_exact(rewritten, request, record_property):
     case, _, new = rewritten
-    assert_exact(case.model, new, case.x)
+    _check_runs(case, request, record_property, lambda: assert_exact(case.model, new, case.x))
 
 
 def test_input_model_untouched(rewritten):
@@ -67,12 +129,12 @@ def test_shares_variables(rewritten):
             assert v is w, path
 
 
-def test_save_reload_exact(rewritten, tmp_path):
+def test_save_reload_exact(rewritten, tmp_path, request, record_property):
     case, _, new = rewritten
     path = tmp_path / "new.keras"
     regularize.save_model(new, path)
     loaded = keras.models.load_model(path)
-    assert_exact(new, loaded, case.x)
+    _check_runs(case, request, record_property, lambda: assert_exact(new, loaded, case.x))
     assert inserted(loaded) == _expected_own(case)
     assert rnn_dropout(loaded) == _expected_rnn(case)
     assert [p for p, _ in all_layers(loaded)] == [p for p, _ in all_layers(new)]
@@ -89,13 +151,17 @@ def test_save_reload_exact(rewritten, tmp_path):
         assert loaded.get_compile_config()["loss"] == case.model.get_compile_config()["loss"]
 
 
-def test_dropout_is_active_in_training(rewritten):
+def test_dropout_is_active_in_training(rewritten, request, record_property):
     """Inserted layers do fire: training outputs differ from inference ones."""
     case, _, new = rewritten
-    keras.utils.set_random_seed(0)
-    train = [np.asarray(t) for t in keras.tree.flatten(new(case.x, training=True))]
-    infer = [np.asarray(t) for t in keras.tree.flatten(case.model(case.x, training=True))]
-    assert any(not np.array_equal(a, b) for a, b in zip(train, infer, strict=True))
+
+    def check():
+        keras.utils.set_random_seed(0)
+        train = [np.asarray(t) for t in keras.tree.flatten(new(case.x, training=True))]
+        infer = [np.asarray(t) for t in keras.tree.flatten(case.model(case.x, training=True))]
+        assert any(not np.array_equal(a, b) for a, b in zip(train, infer, strict=True))
+
+    _check_runs(case, request, record_property, check)
 
 
 def test_compiled_input_gives_compiled_output(rewritten):
@@ -178,9 +244,9 @@ def test_dict_outputs_keep_names_for_compile_loss_dict():
 
 
 def test_channels_first_1d_drops_whole_channels():
-    from conftest import conv_ranks
+    from conftest import conv_channels_first
 
-    case = conv_ranks()
+    case = conv_channels_first()
     new = regularize.add_dropout(case.model, 0.5)
     layer = new.get_layer("cf1d__dropout")
     mask = np.asarray(layer(np.ones((1, 5, 8), "float32"), training=True))[0]
@@ -199,6 +265,17 @@ def test_ops_nodes_are_replayed():
     assert old_ops and old_ops == new_ops
 
 
+@contextlib.contextmanager
+def _recursion_limit(limit):
+    """The test's own recursion limit: Keras builds a model with one frame per layer."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
 @pytest.mark.slow
 def test_2000_layer_chain(tmp_path):
     keras.utils.set_random_seed(0)
@@ -207,7 +284,8 @@ def test_2000_layer_chain(tmp_path):
     for i in range(2000):
         x = L.Dense(4, activation="relu", name=f"d{i}")(x)
     out = L.Dense(1, name="out")(x)
-    model = keras.Model(inp, out)
+    with _recursion_limit(20_000):  # Keras' own graph sort, before the tool runs
+        model = keras.Model(inp, out)
     report = regularize.Report()
     with pytest.warns(regularize.RegularizeWarning, match="sys.setrecursionlimit"):
         new = regularize.add_dropout(model, 0.1, report=report)
@@ -220,3 +298,76 @@ def test_2000_layer_chain(tmp_path):
     loaded = regularize.load_model(path)
     assert len(loaded.layers) == len(new.layers)
     assert_exact(new, loaded, data)
+
+
+# A fresh process at the recursion limit some machines have once TensorFlow is imported
+# (Python's default, 1,000; TensorFlow raises it to 3,000 on others). 600 layers build at
+# that limit; dropout after each doubles the longest path past it. Activations, not Dense
+# layers: depth is what matters, and 600 kernels would cost the child 15 s more.
+DEEP_CHILD = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import keras
+    import numpy as np
+
+    import regularize
+
+    sys.setrecursionlimit(1000)
+    out = sys.argv[1]
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    x = inp
+    for i in range(600):
+        x = keras.layers.Activation("relu", name=f"a{i}")(x)
+    model = keras.Model(inp, keras.layers.Dense(1, name="out")(x))
+    new = regularize.add_dropout(model, 0.1)
+    limit_after_rewrite = sys.getrecursionlimit()
+    regularize.save_model(new, f"{out}/deep.keras")
+    loaded = regularize.load_model(f"{out}/deep.keras")
+    data = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    before = np.asarray(model(data, training=False))
+    try:
+        keras.Model(new.inputs, new.outputs)
+        plain = "built"
+    except RecursionError:
+        plain = "RecursionError"
+    print(json.dumps({
+        "limit_after_rewrite": limit_after_rewrite,
+        "limit_at_end": sys.getrecursionlimit(),
+        "dropout_layers": sum(isinstance(layer, keras.layers.Dropout) for layer in new.layers),
+        "layers": [len(new.layers), len(loaded.layers)],
+        "exact": bool(np.array_equal(before, np.asarray(new(data, training=False)))),
+        "reload_exact": bool(np.array_equal(before, np.asarray(loaded(data, training=False)))),
+        "plain_keras_build": plain,
+    }))
+    """
+)
+
+
+def test_deep_chain_at_recursion_limit_1000(tmp_path):
+    """The tool raises the limit for itself: rewrite, save, load at a limit of 1,000."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-c", DEEP_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {
+        "limit_after_rewrite": 1000,
+        "limit_at_end": 1000,
+        "dropout_layers": 600,
+        "layers": [1202, 1202],
+        "exact": True,
+        "reload_exact": True,
+        # the rewritten model is deeper than the limit: without the tool's guards, its
+        # rewrite and load would fail
+        "plain_keras_build": "RecursionError",
+    }
