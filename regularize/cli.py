@@ -487,6 +487,10 @@ def _run(
             step(f"rewriting {input} with the Keras 2 engine")
             with _quiet(debug) if needs_keras else contextlib.nullcontext():
                 return _run_keras2(request, keep, debug=debug)
+        if not _is_application(input):
+            from regularize import inputs
+
+            inputs.check_readable(input)  # a wrong file is said before the slow import
         step("importing TensorFlow")
         with _quiet(debug):
             step(f"loading {input}")

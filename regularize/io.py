@@ -22,6 +22,7 @@ from regularize import applications
 from regularize import atomic
 from regularize import custom_objects
 from regularize import graph
+from regularize import inputs
 from regularize import safety
 from regularize import training
 from regularize.errors import ModelLoadError
@@ -30,7 +31,7 @@ from regularize.errors import RegularizeWarning
 from regularize.errors import first_line as _first_line
 from regularize.paths import check_output_path
 
-EXPECTED = "a `.keras` file or a Keras `.h5` file"
+EXPECTED = inputs.EXPECTED
 _STARTED = time.time()  # temporary files older than this process may be stale
 # Keras (de)serializes functional graphs recursively, one frame per node on
 # the longest path: allow models far deeper than the 2,000-layer target.
@@ -87,7 +88,7 @@ def load_model(
     from regularize import mc  # noqa: F401  registers the MC dropout layers of `--mc` files
 
     path = Path(path)
-    _check_readable(path)
+    inputs.check_readable(path)
     objects = _custom_objects(custom_objects)
     # Keras would compile a `.keras` model *and* build its optimizer (Adam:
     # two slot variables per weight); compile it here from the saved config
@@ -217,84 +218,6 @@ def _saved_compile_config(path: Path) -> dict | None:
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read("config.json"))
     return config.get("compile_config")
-
-
-def _check_readable(path: Path) -> None:
-    received = f"Received: path={str(path)!r}"
-    if not path.exists():
-        raise ModelLoadError(f"Cannot read model: no such file. Expected {EXPECTED}. {received}")
-    if path.is_dir():
-        if (path / "saved_model.pb").exists():
-            raise ModelLoadError(
-                "Cannot read model: Keras 3 cannot load a SavedModel folder; the "
-                "`regularize` command (or `regularize.legacy.run`) rewrites Keras 2 "
-                f"SavedModels. Expected {EXPECTED}. {received}"
-            )
-        raise ModelLoadError(
-            "Cannot read model: it is a folder, and not a SavedModel (no `saved_model.pb`). "
-            f"Expected {EXPECTED}. {received}"
-        )
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelLoadError(
-            f"Cannot read model: the file is empty (0 bytes). Expected {EXPECTED}. {received}"
-        )
-    if path.suffix == ".keras":
-        _check_keras_archive(path, received)
-    elif path.suffix in (".h5", ".hdf5"):
-        _check_h5(path, received)
-    else:
-        raise ModelLoadError(
-            f"Cannot read model: unsupported file type {path.suffix or '(none)'!r}. "
-            f"Expected {EXPECTED}. {received}"
-        )
-
-
-def _check_keras_archive(path: Path, received: str) -> None:
-    if not zipfile.is_zipfile(path):
-        raise ModelLoadError(
-            "Cannot read model: not a `.keras` archive (not a zip file, or a "
-            f"truncated one). Expected {EXPECTED}. {received}"
-        )
-    # No `testzip()` here: it reads the whole archive once more, and Keras'
-    # own reads check every member's CRC anyway.
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-    except Exception as err:  # BadZipFile, OSError, EOFError, UnicodeDecodeError, ...
-        raise ModelLoadError(
-            f"Cannot read model: corrupt `.keras` archive ({_first_line(err)}). "
-            f"Expected {EXPECTED}. {received}"
-        ) from err
-    if "config.json" not in names:
-        raise ModelLoadError(
-            "Cannot read model: the zip archive has no `config.json`, so it is not "
-            f"a Keras model. Expected {EXPECTED}. {received}"
-        )
-
-
-def _check_h5(path: Path, received: str) -> None:
-    if not h5py.is_hdf5(path):
-        raise ModelLoadError(
-            f"Cannot read model: not an HDF5 file. Expected {EXPECTED}. {received}"
-        )
-    try:
-        with h5py.File(path, "r") as f:
-            has_config = "model_config" in f.attrs
-    except Exception as err:  # h5py: OSError, or RuntimeError for a damaged attribute table
-        raise ModelLoadError(
-            f"Cannot read model: corrupt HDF5 file ({_first_line(err)}). "
-            f"Expected {EXPECTED}. {received}"
-        ) from err
-    if not has_config:
-        raise ModelLoadError(
-            "Cannot read model: the `.h5` file holds weights only, no model "
-            "config. Rebuild the architecture in code, call `load_weights()`, "
-            f"then save it as `.keras`. Expected {EXPECTED}. {received}"
-        )
-    # Keras copies whatever the datasets hold into the model, and HDF5 can
-    # keep a dataset's bytes in any other local file.
-    safety.check_h5_storage(path, received)
 
 
 def _explain_load_error(path: Path, err: Exception) -> str:

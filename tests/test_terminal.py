@@ -193,6 +193,32 @@ def test_a_bad_input_is_a_usage_error_within_0_5_s(work, make, message):
     assert best - startup <= USAGE_ERROR, (best, startup)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.keras", b"not a zip", "not a `.keras` archive"),
+        ("bad.h5", b"not hdf5", "not an HDF5 file"),
+        ("empty.keras", b"", "the file is empty (0 bytes)"),
+    ],
+)
+def test_a_file_that_is_not_a_model_is_said_before_the_tensorflow_import(
+    work, name, content, message
+):
+    (work / name).write_bytes(content)
+    startup = _python_startup()
+    best = float("inf")
+    for _ in range(TRIES):
+        start = time.monotonic()
+        run = subprocess.run(
+            _regularize("add-dropout", name), cwd=work, env=ENV, capture_output=True, text=True
+        )
+        best = min(best, time.monotonic() - start)
+        assert run.returncode == 1
+        [line] = run.stderr.splitlines()
+        assert line.startswith("Error: Cannot read model: ") and message in line, line
+    assert best - startup <= USAGE_ERROR, (best, startup)
+
+
 # -- Ctrl-C -------------------------------------------------------------------
 
 
