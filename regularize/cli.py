@@ -1015,18 +1015,48 @@ def import_keras_quietly() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import keras
+        with _interrupts_held():
+            import keras
 
-        # On JAX or PyTorch, Keras still imports TensorFlow if it is installed
-        # (its serializer probes for `tf.TensorShape` on every save), later and
-        # with the same banner: import it now, while stderr is quiet.
-        if keras.backend.backend() != "tensorflow":
-            with contextlib.suppress(ImportError):
-                importlib.import_module("tensorflow")
+            # On JAX or PyTorch, Keras still imports TensorFlow if it is
+            # installed (its serializer probes for `tf.TensorShape` on every
+            # save), later and with the same banner: import it now, while
+            # stderr is quiet.
+            if keras.backend.backend() != "tensorflow":
+                with contextlib.suppress(ImportError):
+                    importlib.import_module("tensorflow")
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Holds Ctrl-C and SIGTERM back until the block ends, then delivers them.
+
+    A KeyboardInterrupt raised inside TensorFlow's import can be swallowed by
+    a bare `except:` of some module it imports (the import then finishes, and
+    the run goes on as if nothing happened), or leave a half-imported module
+    behind. The signal is noted here and raised once the import is done.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if caught:
+        handler = old[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)
+        raise KeyboardInterrupt
 
 
 def _register_commands() -> None:
