@@ -297,7 +297,9 @@ class _Replay(replay.GraphReplay):
         return make_dropout(action.kind, action.rate, name, anchor, shape, action.data_format)
 
     def make_identity(self, layer):
-        return L.Identity(name=layer.name, dtype=layer.dtype_policy)
+        # By name: Identity's config is the one its `__init__` saw, and a
+        # policy object would not serialize.
+        return L.Identity(name=layer.name, dtype=layer.dtype_policy.name)
 
     def from_config(self, config: dict):
         return L.deserialize(config)
