@@ -5,8 +5,6 @@ Nothing here changes a model or builds one.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from collections.abc import Iterator
 
 import keras
@@ -140,99 +138,9 @@ def consumers(graph: Functional) -> dict[int, list]:
     return readers
 
 
-def levels(graph: Functional, weight) -> dict[int, int]:
-    """Maps `id(node)` to the length of the longest path from the inputs to it.
-
-    `weight(operation)` is how many levels one call adds: 1 for a layer, the
-    length of a nested model, 0 for dropout (so inserting dropout does not
-    move any site's depth).
-    """
-    end: dict[int, int] = {}
-    for node in iter_nodes(graph):
-        start = max((end.get(id(p), 0) for p in node.parent_nodes), default=0)
-        end[id(node)] = start + weight(node.operation)
-    return end
-
-
-def normalization_after(graph: Functional, tail: bool) -> dict[int, bool]:
-    """Maps `id(node)` to whether a normalization layer lies downstream of it.
-
-    `tail` says whether one lies downstream of the graph's outputs (for a
-    nested model: in the model that calls it).
-    """
-    outputs = {id(t) for t in graph.outputs}
-    after: dict[int, bool] = {}
-    for node in reversed(list(iter_nodes(graph))):  # consumers before producers
-        flag = after.get(id(node), False)
-        if tail and any(id(t) in outputs for t in node.outputs):
-            flag = True
-        after[id(node)] = flag
-        down = flag or is_normalization(node.operation)
-        for parent in node.parent_nodes:
-            after[id(parent)] = after.get(id(parent), False) or down
-    return after
-
-
-def data_format_near(node, limit: int = 64) -> str:
-    """The `data_format` of the nearest upstream layer that declares one.
-
-    Standalone activations carry no `data_format`, so a channels_first
-    network is recognised from the convolution or pooling feeding it.
-    """
-    for _ in range(limit):
-        fmt = getattr(node.operation, "data_format", None)
-        if fmt in ("channels_first", "channels_last"):
-            return fmt
-        parents = node.parent_nodes
-        if not parents:
-            break
-        node = parents[0]
-    return keras.config.image_data_format()
-
-
-def make_dropout(
-    kind: str, rate: float, name: str, anchor, shape, data_format: str, *, mc: bool = False
-):
-    """A new dropout layer of `kind` with the anchor's dtype policy and flag.
-
-    The anchor's policy matters: a float32 Dropout after a mixed_float16 layer
-    would cast the activations back to float32 and change inference. With
-    `mc`, the layer is the MC twin of `kind` (active at inference too).
-    """
-    common = {"rate": rate, "name": name, "dtype": anchor.dtype_policy}
-    classes = keras.layers
-    if mc:
-        from regularize import mc as mc_layers
-
-        classes = mc_layers
-        kind = "MC" + kind
-    if kind in ("Dropout", "MCDropout") and len(shape) == 3 and data_format == "channels_first":
-        # SpatialDropout1D only knows channels_last: drop whole channels of
-        # (batch, channels, steps) with a broadcast noise shape instead.
-        common["noise_shape"] = (None, shape[1], 1)
-    if "SpatialDropout" in kind and not kind.endswith("SpatialDropout1D"):
-        common["data_format"] = data_format
-    layer = getattr(classes, kind)(**common)
-    # Inside a frozen base the new layer is frozen too, as `base.trainable =
-    # False` would have made it (SpatialDropout* take no `trainable` argument).
-    layer.trainable = anchor.trainable
-    return layer
-
-
 def is_layer_class(name: str) -> bool:
     """Whether `name` is a Keras layer class or a registered custom layer."""
     cls = getattr(keras.layers, name, None)
     if cls is None:
         cls = keras.saving.get_registered_object(name)
     return isinstance(cls, type) and issubclass(cls, keras.layers.Layer)
-
-
-@contextlib.contextmanager
-def recursion_limit(at_least: int):
-    """Raises Python's recursion limit to `at_least` inside the block."""
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(old, at_least))
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(old)

@@ -21,10 +21,10 @@ import keras
 from regularize import applications
 from regularize import atomic
 from regularize import custom_objects
-from regularize import graph
 from regularize import inputs
 from regularize import safety
 from regularize import training
+from regularize.core.guards import recursion_limit
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
 from regularize.errors import RegularizeWarning
@@ -95,7 +95,7 @@ def load_model(
     # instead. Legacy `.h5` files keep Keras' own path.
     lazy = compile and path.suffix == ".keras"
     try:
-        with graph.recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
+        with recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
             model = _load(path, compile=compile and not lazy, safe_mode=safe_mode)
             if lazy and isinstance(model, keras.Model):
                 training.compile_from_config(model, _saved_compile_config(path))
@@ -150,7 +150,7 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
     check_output_path(path, overwrite=overwrite)
     _remove_stale_temps(path)
     try:
-        with graph.recursion_limit(DEEP):
+        with recursion_limit(DEEP):
             atomic.write_file(path, lambda tmp: _write(model, tmp))
     except BaseException as err:
         if isinstance(err, Exception):

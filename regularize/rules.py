@@ -1,9 +1,9 @@
 """What both engines share, without Keras: names, dropout kinds, RNN settings, texts.
 
-The Keras 3 engine (`regularize.rewrite`) and the Keras 2 engine
-(`regularize.legacy.rewrite`, in its own tf_keras process) walk different
-graph APIs but place and name dropout by the same rules; those rules live
-here, once.
+The decision core (`regularize.core.walk`) places and names dropout by these
+rules for both Keras APIs; its adapters (`regularize.rewrite` for Keras 3,
+`regularize.legacy.rewrite` for tf_keras in its own process) and the MC and
+CLI code use them too.
 """
 
 from __future__ import annotations
