@@ -40,12 +40,17 @@ from regularize.errors import RegularizeError
 from regularize.errors import UnsupportedModelError
 from regularize.legacy.keras3 import convert
 from regularize.legacy.keras3 import keras3_fixes
+from regularize.legacy.protocol import Failure
+from regularize.legacy.protocol import Job
+from regularize.legacy.protocol import Mode
+from regularize.legacy.protocol import Result
+from regularize.legacy.protocol import answer_from_dict
 from regularize.paths import check_output_path
 from regularize.paths import output_format
 
 SAVEDMODEL = "savedmodel"
 KERAS2_H5 = "keras2-h5"
-MODES = ("add", "strip", "plan")
+MODES = tuple(Mode)
 H5_SUFFIXES = (".h5", ".hdf5")
 
 # Layer classes of tensorflow-model-optimization: Keras 3 has no tfmot, so a
@@ -215,7 +220,7 @@ def run_many(requests: list[dict], *, debug: bool = False) -> list[dict | Regula
 
 
 def _run_all(requests: list[dict], *, debug: bool, raise_errors: bool) -> list:
-    checked: list = []
+    checked: list[Job | RegularizeError] = []
     for request in requests:
         try:
             checked.append(_validate(request))
@@ -234,17 +239,15 @@ def _run_all(requests: list[dict], *, debug: bool, raise_errors: bool) -> list:
                     raise request
                 result = _unwrap(next(answers))
                 if job is not request:  # --to-keras3: the child wrote a Keras 2 `.h5`
-                    output = Path(request["output"])
                     notes = convert(
-                        Path(job["output"]),
-                        Path(job["reference"]),
-                        output,
-                        custom_objects=request.get("custom_objects"),
-                        overwrite=request["overwrite"],
+                        Path(job.output),
+                        Path(job.reference),
+                        Path(request.output),
+                        custom_objects=request.custom_objects,
+                        overwrite=request.overwrite,
                     )
-                    result["output"] = str(output)
-                    result["warnings"] = list(result.get("warnings", [])) + notes
-                out.append(result)
+                    result = Result(result.sites, [*result.warnings, *notes], request.output)
+                out.append(result.to_dict())
             except RegularizeError as err:
                 if raise_errors:
                     raise
@@ -252,19 +255,18 @@ def _run_all(requests: list[dict], *, debug: bool, raise_errors: bool) -> list:
     return out
 
 
-def _engine_job(request, tmp: Path, index: int) -> dict | None:
-    """What the child gets: the request, or for --to-keras3 a temporary `.h5` job."""
-    if not isinstance(request, dict):
+def _engine_job(request, tmp: Path, index: int) -> Job | None:
+    """What the child gets: the job, or for --to-keras3 a temporary `.h5` job."""
+    if not isinstance(request, Job):
         return None
-    if not request["to_keras3"]:
+    if not request.to_keras3:
         return request
-    job = dict(request)
-    job.update(
+    return dataclasses.replace(
+        request,
         output=str(tmp / f"model{index}.h5"),
         reference=str(tmp / f"reference{index}.npz"),
         overwrite=True,
     )
-    return job
 
 
 def to_report(result: dict):
@@ -281,9 +283,12 @@ def to_report(result: dict):
 # -- checks before the child starts ---------------------------------------
 
 
-def _validate(request: dict) -> dict:
-    """Checks and normalises a request (absolute paths) before a child is paid for."""
-    request = dict(request)
+def _validate(request: dict) -> Job:
+    """Checks a request and turns it into the child's `Job` (absolute paths).
+
+    Everything that can be refused without TensorFlow is refused here,
+    before a child is paid for.
+    """
     mode = request.get("mode")
     if mode not in MODES:
         raise PolicyError(
@@ -291,53 +296,52 @@ def _validate(request: dict) -> dict:
             f"Received: mode={mode!r}"
         )
     policy = request.get("policy") or {}
+    source_name = request.get("policy_source") or ""
     if not isinstance(policy, dict):  # a Policy: its file name goes along for messages
-        request.setdefault("policy_source", getattr(policy, "source", ""))
+        source_name = source_name or getattr(policy, "source", "")
         policy = policy_to_dict(policy)
-    request["policy"] = policy
-    if request["policy"].get("mc") and mode == "add":
+    if policy.get("mc") and mode != Mode.STRIP:
         raise PolicyError(
             "MC dropout is not available for Keras 2 models. Expected mc=false "
             "(drop --mc), or convert the model to Keras 3 first. Received: mc=True"
         )
-    # "plan" is "add" without writing; `dry_run` plans "strip" as well.
-    request["dry_run"] = mode == "plan" or bool(request.get("dry_run", False))
-    request["mode"] = mode = "add" if mode == "plan" else mode
-    request["to_keras3"] = bool(request.get("to_keras3", False))
-    request["overwrite"] = bool(request.get("overwrite", False))
-    request["safe_mode"] = bool(request.get("safe_mode", True))
+    safe_mode = bool(request.get("safe_mode", True))
     source = Path(request.get("input") or "")
     _check_input(source)
-    request["input"] = str(source.resolve())
+    custom_objects = custom_path = None
     spec = request.get("custom_objects")
     if spec is not None:
         text = str(spec)
         is_file = text.endswith(".py") or os.sep in text
-        request["custom_objects"] = str(Path(text).resolve()) if is_file else text
-        if not is_file:
-            request["custom_path"] = _module_folder(text)
-    check_model_file(
-        source, unsafe=not request["safe_mode"], custom_objects=request.get("custom_objects")
+        custom_objects = str(Path(text).resolve()) if is_file else text
+        custom_path = None if is_file else _module_folder(text)
+    check_model_file(source, unsafe=not safe_mode, custom_objects=custom_objects)
+    job = Job(
+        # "plan" is "add" without writing; `dry_run` plans "strip" as well.
+        mode=Mode.STRIP if mode == Mode.STRIP else Mode.ADD,
+        input=str(source.resolve()),
+        dry_run=mode == Mode.PLAN or bool(request.get("dry_run", False)),
+        policy=policy,
+        policy_source=str(source_name),
+        custom_objects=custom_objects,
+        custom_path=custom_path,
+        safe_mode=safe_mode,
+        overwrite=bool(request.get("overwrite", False)),
     )
-    if request["dry_run"]:
-        request["output"] = None
-        request["to_keras3"] = False
-        return request
+    if job.dry_run:
+        return job
     if not request.get("output"):
         raise ModelSaveError(
             f"No output path given. Expected `output` for mode {mode!r}. Received: output=None"
         )
     output = Path(request["output"])
-    fmt = check_output(
-        source, output, overwrite=request["overwrite"], to_keras3=request["to_keras3"]
-    )
-    request["to_keras3"] = fmt == "keras"
-    if request["to_keras3"] and source.is_file():
+    to_keras3 = bool(request.get("to_keras3", False))
+    fmt = check_output(source, output, overwrite=job.overwrite, to_keras3=to_keras3)
+    if fmt == "keras" and source.is_file():
         refuse_keras3(safety.class_names(_h5_config_text(source)[1]))
     # Absolute, but the last component is not resolved: a link at the output
     # is replaced, never written through.
-    request["output"] = os.path.abspath(output)
-    return request
+    return dataclasses.replace(job, output=os.path.abspath(output), to_keras3=fmt == "keras")
 
 
 def _check_input(path: Path) -> None:
@@ -511,7 +515,7 @@ def _call_engine(requests: list[dict], *, debug: bool) -> list[dict]:
     env["TF_USE_LEGACY_KERAS"] = "1"
     if not debug:
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    payload = {"requests": requests, "debug": debug}
+    payload = {"requests": [job.to_dict() for job in requests], "debug": debug}
     with tempfile.TemporaryDirectory(prefix="regularize-legacy-") as tmp:
         result_path = Path(tmp) / "result.json"
         # `-I`: no working folder, no user site, no PYTHON* variables on the
@@ -550,8 +554,8 @@ def _call_engine(requests: list[dict], *, debug: bool) -> list[dict]:
     if answer is None:
         raise RegularizeError(_crash_message(proc.returncode, stderr or ""))
     if "error" in answer:  # the request as a whole was refused
-        return [answer] * len(requests)
-    return answer["results"]
+        return [Failure.from_dict(answer)] * len(requests)
+    return [answer_from_dict(one) for one in answer.get("results", [])]
 
 
 # The child's first lines: add the explicit folders to its path (after the
@@ -605,11 +609,11 @@ def _crash_message(code: int, stderr: str) -> str:
     )
 
 
-def _unwrap(answer: dict) -> dict:
-    if "error" not in answer:
+def _unwrap(answer: Result | Failure) -> Result:
+    if isinstance(answer, Result):
         return answer
-    cls = _ERRORS.get(answer.get("type"), RegularizeError)
-    raise cls(answer["error"])
+    cls = _ERRORS.get(answer.type, RegularizeError)
+    raise cls(answer.error)
 
 
 def _first_line(err: BaseException) -> str:

@@ -66,11 +66,12 @@ def _answer(source: str) -> dict:
             "type": "RegularizeError",
         }
     from regularize.legacy import engine
+    from regularize.legacy.protocol import Job
 
     results = []
-    for job in jobs:
+    for data in jobs:
         try:
-            results.append(engine.handle(job))
+            results.append(engine.handle(Job.from_dict(data)).to_dict())
         except Exception as err:
             results.append(_error(err, debug=debug))
         finally:
@@ -80,16 +81,16 @@ def _answer(source: str) -> dict:
 
 def _error(err: BaseException, *, debug: bool) -> dict:
     from regularize.errors import RegularizeError
+    from regularize.legacy.protocol import Failure
 
     if isinstance(err, RegularizeError):
-        return {"error": str(err), "type": type(err).__name__}
+        return Failure(str(err), type(err).__name__).to_dict()
     if debug:
         traceback.print_exception(err, file=sys.stderr)
-    return {
-        "error": f"internal error in the Keras 2 engine: {type(err).__name__}: "
-        f"{_first_line(err)} (run again with --debug for the traceback)",
-        "type": "RegularizeError",
-    }
+    return Failure(
+        f"internal error in the Keras 2 engine: {type(err).__name__}: "
+        f"{_first_line(err)} (run again with --debug for the traceback)"
+    ).to_dict()
 
 
 def _first_line(err: BaseException) -> str:

@@ -44,8 +44,8 @@ from regularize.legacy import TFMOT_CLASSES  # noqa: E402
 from regularize.legacy import check_model_file  # noqa: E402
 from regularize.legacy import refuse_keras3  # noqa: E402
 from regularize.legacy.keras3 import compare_outputs  # noqa: E402
-from regularize.legacy.rewrite import ADD  # noqa: E402
-from regularize.legacy.rewrite import PLAN  # noqa: E402
+from regularize.legacy.protocol import Job  # noqa: E402
+from regularize.legacy.protocol import Result  # noqa: E402
 from regularize.legacy.rewrite import STRIP  # noqa: E402
 from regularize.legacy.rewrite import all_layers  # noqa: E402
 from regularize.legacy.rewrite import class_name  # noqa: E402
@@ -58,37 +58,32 @@ EXPECTED = "a Keras 2 `.h5` file or a Keras 2 SavedModel folder"
 # -- requests -------------------------------------------------------------
 
 
-def handle(request: dict) -> dict:
-    """Runs one request (see `regularize.legacy.run`); returns the result dict."""
-    mode = ADD if request["mode"] == PLAN else request["mode"]
-    dry = bool(request.get("dry_run")) or request["mode"] == PLAN
-    source = Path(request["input"])
-    policy = _policy(request.get("policy") or {}, mode, request.get("policy_source") or "")
+def handle(job: Job) -> Result:
+    """Runs one job (see `regularize.legacy.run`)."""
+    policy = _policy(job.policy, job.mode, job.policy_source)
     model = load(
-        source,
-        request.get("custom_objects"),
-        safe_mode=request.get("safe_mode", True),
-        custom_path=request.get("custom_path"),
+        Path(job.input),
+        job.custom_objects,
+        safe_mode=job.safe_mode,
+        custom_path=job.custom_path,
     )
-    if request.get("to_keras3") and not dry:
+    if job.to_keras3 and not job.dry_run:
         refuse_keras3({class_name(layer) for layer in all_layers(model)})
-    done = rewrite(model, policy, mode=mode, build=not dry)
+    done = rewrite(model, policy, mode=job.mode, build=not job.dry_run)
     sites = [dataclasses.asdict(site) for site in done.sites]
-    result = {"sites": sites, "warnings": list(done.warnings), "output": None}
     new = done.model
     if new is None:
-        return result
+        return Result(sites, list(done.warnings))
     inputs = sample_inputs(model)
     # The walk warns when it rebuilds an LSTM with recurrent dropout.
     expected = check_inference(model, new, inputs, lstm_rebuilt=rules.LSTM_KERNEL in done.warnings)
-    output = Path(request["output"])
-    save(new, output, overwrite=bool(request.get("overwrite")))
-    if request.get("reference"):
+    output = Path(job.output)
+    save(new, output, overwrite=job.overwrite)
+    if job.reference:
         arrays = {f"input_{i}": x for i, x in enumerate(inputs)}
         arrays.update({f"output_{i}": y for i, y in enumerate(expected)})
-        np.savez(request["reference"], n_inputs=len(inputs), n_outputs=len(expected), **arrays)
-    result["output"] = str(output)
-    return result
+        np.savez(job.reference, n_inputs=len(inputs), n_outputs=len(expected), **arrays)
+    return Result(sites, list(done.warnings), str(output))
 
 
 def _policy(data: dict, mode: str, source: str) -> Policy:
