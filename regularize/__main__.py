@@ -8,7 +8,11 @@ import sys
 # library's. This package never imports from the working folder: drop it
 # before anything else is imported (`python -P -m` and the `regularize`
 # command do not add it in the first place).
-if sys.path and sys.path[0] in ("", os.getcwd()) and not sys.flags.safe_path:
+try:
+    _cwd = os.getcwd()
+except OSError:  # the working folder was removed: nothing to import from there
+    _cwd = None
+if sys.path and sys.path[0] in ("", _cwd) and not sys.flags.safe_path:
     del sys.path[0]
 
 from regularize.cli import main  # noqa: E402

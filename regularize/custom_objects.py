@@ -70,8 +70,11 @@ def _import_named(name: str):
     except ModuleNotFoundError as err:
         if err.name != name.split(".")[0]:
             raise
-    cwd = os.getcwd()
-    if cwd in sys.path or "" in sys.path:
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed
+        cwd = None
+    if cwd is None or cwd in sys.path or "" in sys.path:
         return importlib.import_module(name)  # raises the same error again
     sys.path.append(cwd)
     try:

@@ -128,8 +128,11 @@ def _check_source(path: Path, source: Path, where: str, info, is_link: bool) -> 
 
 def _check_replaceable_folder(path: Path, where: str) -> None:
     real = path.resolve()
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working folder was removed: it cannot be replaced either
+        cwd = None
+    if cwd is not None and (real == cwd or real in cwd.parents):
         raise ModelSaveError(
             f"{where}: it is the working folder or a folder above it, which is never "
             "replaced. Expected a SavedModel folder path."

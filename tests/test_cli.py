@@ -662,3 +662,17 @@ def test_setting_tf_cpp_min_log_level_keeps_tensorflow_logs_off_stderr(model_fil
     # and warnings ("E0000 ... failed call to cuInit", "W0000 ...") obey it.
     loud = [line for line in run.stderr.splitlines() if line[:1] in "EW" and line[1:5].isdigit()]
     assert loud == [] and "cuInit" not in run.stderr, run.stderr
+
+
+def test_runs_from_a_working_folder_that_was_removed(tmp_path):
+    """`python -m regularize` drops the working folder from its path: one that is gone too."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = (
+        "import os, runpy, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); "
+        "sys.argv = ['regularize', '--version']; "
+        "runpy.run_module('regularize', run_name='__main__', alter_sys=True)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(gone)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("regularize, version")

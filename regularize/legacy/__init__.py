@@ -575,7 +575,10 @@ def _child_path() -> list[str]:
     """The folders the isolated child needs on `sys.path` (never the working folder)."""
     import importlib.machinery
 
-    cwd = os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed
+        cwd = None
     folders = [str(Path(__file__).resolve().parents[2])]
     for name in _CHILD_PACKAGES[1:]:
         entries = [p for p in sys.path if p and os.path.abspath(p) != cwd]
