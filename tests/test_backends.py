@@ -292,13 +292,16 @@ JAX_SUBSET = [
 
 
 @pytest.mark.slow
-def test_the_backend_independent_tests_pass_on_jax():
+def test_the_backend_independent_tests_pass_on_jax(tmp_path):
     pytest.importorskip("jax")
     if os.environ.get("KERAS_BACKEND") == "jax":
         pytest.skip("already running on JAX (this is the child run)")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    # A base temp of its own: a new pytest session prunes all but the last
+    # three numbered ones, which would delete this session's, in use.
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+        + [f"--basetemp={tmp_path / 'jax'}"]
         + JAX_SUBSET,
         capture_output=True,
         text=True,

@@ -68,7 +68,10 @@ def jax_outcomes(tmp_path_factory):
     ids = [f"tests/test_rewrite.py::{t}[{f}]" for t in RUN_ON_JAX for f in ON_JAX_FACTORIES]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-        + ["-o", "addopts=--strict-markers", f"--junitxml={report}", *ids],
+        + ["-o", "addopts=--strict-markers", f"--junitxml={report}", *ids]
+        # A base temp of its own: a new pytest session prunes all but the last
+        # three numbered ones, which would delete this session's, in use.
+        + [f"--basetemp={report.parent / 'basetemp'}"],
         capture_output=True,
         text=True,
         timeout=600,

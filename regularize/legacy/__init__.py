@@ -580,8 +580,9 @@ def _child_path() -> list[str]:
     except OSError:  # the working folder was removed
         cwd = None
     folders = [str(Path(__file__).resolve().parents[2])]
+    # Relative entries ('' and the like) mean the working folder: left out.
+    entries = [p for p in sys.path if os.path.isabs(p) and os.path.normpath(p) != cwd]
     for name in _CHILD_PACKAGES[1:]:
-        entries = [p for p in sys.path if p and os.path.abspath(p) != cwd]
         try:
             spec = importlib.machinery.PathFinder.find_spec(name, entries)
         except (ImportError, ValueError, OSError):
