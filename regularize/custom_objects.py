@@ -68,14 +68,15 @@ def _import_named(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
+        missing = err
         if err.name != name.split(".")[0]:
             raise
     try:
         cwd = os.getcwd()
     except OSError:  # the working folder was removed
-        cwd = None
-    if cwd is None or cwd in sys.path or "" in sys.path:
-        return importlib.import_module(name)  # raises the same error again
+        raise missing from None
+    if cwd in sys.path or "" in sys.path:
+        raise missing  # already looked there
     sys.path.append(cwd)
     try:
         return importlib.import_module(name)

@@ -53,18 +53,18 @@ def check_output_path(
 
 
 def _check(path: Path, where: str, *, overwrite: bool, source: Path | None, fmt) -> None:
-    if fmt is None:
+    info = _lstat(path)
+    is_link = info is not None and stat.S_ISLNK(info.st_mode)
+    is_dir = info is not None and stat.S_ISDIR(info.st_mode)
+    if fmt is None:  # the Keras 3 engine: a `.keras` or `.h5` file
+        if is_dir:
+            raise ModelSaveError(f"{where}: it is a folder. Expected a file path.")
         if path.suffix not in SAVE_SUFFIXES:
-            if _lstat(path) is not None and stat.S_ISDIR(_lstat(path).st_mode):
-                raise ModelSaveError(f"{where}: it is a folder. Expected a file path.")
             raise ModelSaveError(
                 f"{where}: unsupported file type. Expected a path ending in `.keras` or "
                 f"`.h5`. Received: suffix={path.suffix!r}"
             )
         fmt = output_format(path)
-    info = _lstat(path)
-    is_link = info is not None and stat.S_ISLNK(info.st_mode)
-    is_dir = info is not None and stat.S_ISDIR(info.st_mode)
     if fmt != SAVEDMODEL and is_dir:
         raise ModelSaveError(f"{where}: it is a folder. Expected a file path.")
     if fmt == SAVEDMODEL and info is not None and stat.S_ISREG(info.st_mode):
@@ -149,9 +149,7 @@ def _lstat(path: Path) -> os.stat_result | None:
     """`path`'s own status (a link is not followed), or None if nothing is there."""
     try:
         return os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 

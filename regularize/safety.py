@@ -61,8 +61,8 @@ _PURE_FUNCTIONS = frozenset(
     image.resize image.resize_with_crop_or_pad image.resize_with_pad image.rgb_to_grayscale
     """.split()
 )
-# Namespaces refused even under an allowed prefix (none today: kept as the
-# place to say so if TensorFlow ever puts a file operation there).
+# Name parts refused even under an allowed namespace: a file or code-loading
+# operation TensorFlow may add there later.
 _NEVER = ("io.", "gfile", "saved_model", "load_library", "load_op_library", "py_function")
 _TENSOR_ATTRIBUTES = frozenset(
     """
@@ -136,8 +136,8 @@ def parse_config(text: str | bytes, received: str) -> dict:
         ) from err
     if not isinstance(config, dict):
         raise ModelLoadError(
-            "Cannot read model: its model config is not a JSON object. "
-            f"Received: {type(config).__name__}; {received.removeprefix('Received: ')}"
+            "Cannot read model: its model config is not a JSON object. Expected a Keras "
+            f"model config. {received}"
         )
     return config
 

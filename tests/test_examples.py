@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="the examples need the [examples] extra")
-pytest.importorskip("matplotlib", reason="the examples need the [examples] extra")
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # One seed, one epoch, the baseline and one dropout rate (masks on the inputs and the
 # recurrent state): about 30 s of CPU time per run.
