@@ -14,6 +14,8 @@ _EXPORTS = {
     "add_dropout": "regularize.api",
     "remove_dropout": "regularize.api",
     "plan": "regularize.api",
+    "process": "regularize.service",
+    "Outcome": "regularize.service",
     "mc_predict": "regularize.mc",
     "load_model": "regularize.io",
     "save_model": "regularize.io",

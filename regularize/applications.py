@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from regularize.errors import ModelLoadError
+from regularize.errors import UnknownApplicationError
 
 IMAGENET = "imagenet"
 # What `keras.Model.load_weights` reads: Keras 3 weights files, whole `.keras`
@@ -76,7 +77,7 @@ def resolve(name: str | os.PathLike):
         found = getattr(found, part, None) if not part.startswith("_") else None
     # Identity with a top-level builder also refuses `resnet50.preprocess_input`.
     if found is None or not any(found is f for f in builders.values()):
-        raise ModelLoadError(
+        raise UnknownApplicationError(
             f"Unknown Keras Application {relative!r}. {_expected(short_name(text), builders)} "
             f"{received}"
         )

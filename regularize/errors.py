@@ -19,6 +19,10 @@ class ModelLoadError(RegularizeError, OSError):
     """A model file or folder cannot be read as a Keras model."""
 
 
+class UnknownApplicationError(ModelLoadError):
+    """A `keras.applications.NAME` input names no Keras Application (a bad argument)."""
+
+
 class ModelSaveError(RegularizeError, OSError):
     """The rewritten model cannot be written where it was asked to go."""
 

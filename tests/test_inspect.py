@@ -17,8 +17,8 @@ from conftest import assert_exact
 from conftest import cnn_functional
 from conftest import inserted
 
-from regularize import cli as cli_module
 from regularize.cli import cli
+from regularize.cli import commands as cli_module
 
 FIELDS = {"layer", "layer_class", "kind", "rate", "action", "reason", "shape", "depth", "existing"}
 

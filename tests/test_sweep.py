@@ -18,7 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 
 # The module, even if the package exports a `sweep` function of the same name.
 sw = importlib.import_module("regularize.sweep")
-from regularize.cli_sweep import sweep as sweep_command  # noqa: E402
+from regularize.cli.sweep import sweep as sweep_command  # noqa: E402
 from regularize.errors import PolicyError  # noqa: E402
 
 L = keras.layers
@@ -439,7 +439,7 @@ def test_command_interrupted_says_what_it_keeps(files, tmp_path, monkeypatch):
 
 def test_command_module_imports_no_tensorflow():
     code = (
-        "import sys, regularize.cli_sweep, regularize.sweep; "
+        "import sys, regularize.cli.sweep, regularize.sweep; "
         "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -474,7 +474,7 @@ def test_keras_tuner_chief_and_two_workers_share_the_variants(files, tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "shared"
     args = [model, "--data", npz, "--rates", "0,0.2,0.5", "--epochs", "1", "--out", out]
-    code = "from regularize.cli_sweep import sweep; sweep(prog_name='regularize sweep')"
+    code = "from regularize.cli.sweep import sweep; sweep(prog_name='regularize sweep')"
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="3",

@@ -12,12 +12,21 @@ from pathlib import Path
 
 import click
 
+from regularize.cli.options import MODEL_SUFFIXES
+from regularize.cli.runtime import Interrupted
+from regularize.cli.runtime import _progress
+from regularize.cli.runtime import _quiet
+from regularize.cli.runtime import _signal_of
+from regularize.cli.runtime import _terminate
+from regularize.cli.runtime import check_path
+from regularize.cli.runtime import import_keras_quietly
+from regularize.cli.runtime import one_line_errors
+
 
 def _path(hint: str, *, follow: bool = True):
-    """`regularize.cli.check_path` as a callback (imported late: cli imports this module)."""
+    """`check_path` as a callback."""
 
     def callback(ctx, param, value):
-        from regularize.cli import check_path
 
         return check_path(value, hint, follow=follow)
 
@@ -143,20 +152,12 @@ def sweep(
     """
     # The progress line first (on a terminal), then the TensorFlow-free checks:
     # they fail in a fraction of a second, and the line is erased before the error.
-    from regularize.cli import _progress
 
     with _progress(quiet or debug) as step:
         # Names, not `from regularize import sweep`: the package may export a
         # `sweep` function under the module's name.
         # The shared command-line plumbing (one-line errors, quiet imports,
-        # SIGTERM as Ctrl-C); imported here, as regularize.cli imports this module.
-        from regularize.cli import MODEL_SUFFIXES
-        from regularize.cli import Interrupted
-        from regularize.cli import _quiet
-        from regularize.cli import _signal_of
-        from regularize.cli import _terminate
-        from regularize.cli import import_keras_quietly
-        from regularize.cli import one_line_errors
+        # SIGTERM as Ctrl-C).
         from regularize.errors import ModelSaveError
         from regularize.errors import PolicyError
         from regularize.paths import check_output_path

@@ -1,0 +1,304 @@
+"""File in, file out: `process` loads a model, rewrites it and saves it, on either engine.
+
+The one place that knows which engine reads a file (Keras 3 in this
+process, or the Keras 2 engine in its own), what the output is called when
+none is given, the output rule both engines share, and when a result is not
+worth writing (the policy put dropout nowhere). The CLI parses arguments,
+calls this and prints; a Python user calls the same function:
+
+    >>> outcome = regularize.process("model.keras", "add", policy=Policy(rate=0.2))
+    >>> outcome.output, outcome.written
+    (PosixPath('model_dropout.keras'), True)
+
+Imports no TensorFlow at module level: paths are checked before the slow
+import, and the Keras 2 engine's parent never imports it at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from regularize import applications
+from regularize.errors import ModelLoadError
+from regularize.paths import check_output_path
+from regularize.policy import Policy
+
+
+class Mode(enum.StrEnum):
+    """What `process` does to the model."""
+
+    ADD = "add"  # add dropout per the policy
+    STRIP = "strip"  # remove every dropout layer, RNN dropout to 0
+    PLAN = "plan"  # decide every site, build and write nothing
+
+
+# The default output's suffix per mode: `model.keras` -> `model_dropout.keras`.
+SUFFIXES = {Mode.ADD: "dropout", Mode.STRIP: "nodropout"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What `process` did.
+
+    Attributes:
+        report: One `Site` per candidate, and the warnings.
+        output: Where the model was (or, for a dry run, would be) written;
+            None for `Mode.PLAN`.
+        written: Whether a file or folder was written at `output`.
+        empty: The policy asks for dropout and put it nowhere; nothing is
+            written then unless `allow_empty`.
+    """
+
+    report: object
+    output: Path | None
+    written: bool
+    empty: bool
+
+
+def engine_of(input: str | os.PathLike) -> str:
+    """ "keras2" for inputs only the Keras 2 engine reads, else "keras3" (no TensorFlow import)."""
+    from regularize import legacy
+
+    return "keras2" if legacy.detect(input) else "keras3"
+
+
+def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: bool = False) -> Path:
+    """The output's name when none is given, beside the input and in its family.
+
+    `model.keras` -> `model_dropout.keras`; a Keras 2 `model.h5` ->
+    `model_dropout.h5` and a SavedModel `model/` -> `model_dropout/` (with
+    `to_keras3`: `model_dropout.keras`); `keras.applications.ResNet50` ->
+    `resnet50_dropout.keras` in the working folder.
+    """
+    from regularize import legacy
+
+    suffix = SUFFIXES[Mode(mode)]
+    input = Path(input)
+    if legacy.detect(input):
+        return legacy.default_output(input, suffix, to_keras3=to_keras3)
+    if is_application(input):
+        return Path(f"{applications.short_name(input)}_{suffix}.keras")
+    return input.with_name(f"{input.stem}_{suffix}.keras")
+
+
+def check_output(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    to_keras3: bool = False,
+) -> None:
+    """Raises `ModelSaveError` if `output` may not be written for `input` (no TensorFlow).
+
+    One rule for both engines (`regularize.paths`): the output is never the
+    input or a folder that holds it, a link there is replaced and never
+    followed, `overwrite` replaces only what the tool itself would write.
+    """
+    from regularize import legacy
+
+    if legacy.detect(input):
+        legacy.check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
+    else:
+        check_output_path(output, overwrite=overwrite, source=Path(input))
+
+
+def is_application(input: str | os.PathLike) -> bool:
+    """Whether `input` names a Keras Application (a file of that name wins)."""
+    return applications.is_application_name(input) and not Path(input).exists()
+
+
+def asks_for_dropout(policy: Policy | None) -> bool:
+    """Whether `policy` sets a rate above 0 anywhere.
+
+    `rate=0` (removing the dropout this tool inserted) does not.
+    """
+    if policy is None:
+        return False
+    rates = [policy.rate, policy.recurrent_rate, *(policy.schedule or ())]
+    for rule in policy.rules:
+        rates += [rule.rate, rule.recurrent_rate]
+    return any(rate for rate in rates if rate is not None)
+
+
+def process(
+    input: str | os.PathLike,
+    mode: Mode | str = Mode.ADD,
+    *,
+    policy: Policy | None = None,
+    output: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_empty: bool = False,
+    to_keras3: bool = False,
+    custom_objects: dict | str | os.PathLike | None = None,
+    safe_mode: bool = True,
+    step: Callable[[str], None] | None = None,
+    quiet: Callable[[], contextlib.AbstractContextManager] | None = None,
+    debug: bool = False,
+    **application_options,
+) -> Outcome:
+    """Loads `input`, rewrites it per `mode` and `policy`, and writes the result atomically.
+
+    Args:
+        input: A `.keras` / `.h5` file, a SavedModel folder, or a Keras
+            Application by name ("keras.applications.ResNet50").
+        mode: "add" (dropout per `policy`), "strip" (remove it) or "plan"
+            (decide every site; nothing is built or written).
+        policy: For "add" and "plan"; default `Policy()`.
+        output: Where to write; default `default_output(input, mode)`.
+        dry_run: Decide and report, write nothing ("add" and "strip").
+        overwrite: Replace an existing output the tool itself would write.
+        allow_empty: Write the model even if the policy asks for dropout and
+            put it nowhere (`Outcome.empty`).
+        to_keras3: Keras 2 inputs: write a Keras 3 `.keras` file.
+        custom_objects: A dict of custom classes (Keras 3 inputs), or a
+            module name or `.py` file (both engines).
+        safe_mode: False runs what a model file asks to run (Python
+            lambdas, ...): only for files you trust.
+        step: Called with what runs now ("importing TensorFlow", ...).
+        quiet: A context manager factory around the TensorFlow import and
+            the Keras work (the CLI keeps library logs off stderr with it).
+        debug: The Keras 2 engine lets its child's stderr through.
+        **application_options: For a Keras Application: `weights`,
+            `include_top`, `input_shape`, `classes`.
+
+    Returns:
+        An `Outcome`.
+
+    Raises:
+        ModelLoadError, ModelSaveError, PolicyError, UnsupportedModelError:
+            one line each, nothing written.
+    """
+    mode = Mode(mode)
+    input = Path(input)
+    policy = policy if policy is not None else Policy()
+    step = step or (lambda text: None)
+    quiet = quiet or contextlib.nullcontext
+    save_to = None
+    if mode is not Mode.PLAN:
+        given = output is not None
+        output = Path(output) if given else default_output(input, mode, to_keras3=to_keras3)
+        if not dry_run:
+            check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
+            save_to = output
+    else:
+        output = None
+    asks = mode is not Mode.STRIP and asks_for_dropout(policy)
+
+    def keep(report) -> bool:
+        return allow_empty or not (asks and report.with_dropout() == 0)
+
+    run = _run_keras2 if engine_of(input) == "keras2" else _run_keras3
+    report, written = run(
+        input,
+        mode,
+        policy,
+        save_to,
+        keep=keep,
+        overwrite=overwrite,
+        to_keras3=to_keras3,
+        custom_objects=custom_objects,
+        safe_mode=safe_mode,
+        step=step,
+        quiet=quiet,
+        debug=debug,
+        options=application_options,
+    )
+    empty = asks and report.with_dropout() == 0
+    return Outcome(report=report, output=output, written=written, empty=empty)
+
+
+def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, **kwargs):
+    if not is_application(input):
+        from regularize import inputs
+
+        inputs.check_readable(input)  # a wrong file is said before the slow import
+    step("importing TensorFlow")
+    with quiet():
+        step(f"loading {input}")
+        from regularize import api
+        from regularize import io
+        from regularize.report import Report
+
+        model = io.load_model(
+            input,
+            custom_objects=kwargs["custom_objects"],
+            safe_mode=kwargs["safe_mode"],
+            **kwargs["options"],
+        )
+        report = Report()
+        step("rewriting")
+        if mode is Mode.PLAN:
+            api.plan(model, policy=policy, report=report)
+            return report, False
+        if mode is Mode.STRIP:
+            new = api.remove_dropout(model, report=report)
+        else:
+            new = api.add_dropout(model, policy=policy, report=report)
+        if save_to is None or not keep(report):
+            return report, False
+        step(f"writing {save_to}")
+        io.save_model(new, save_to, overwrite=overwrite)
+    return report, True
+
+
+def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, step, quiet, **kw):
+    """One job for the Keras 2 engine; its output is published only if `keep(report)`.
+
+    The engine writes into a temporary folder beside the output, and the
+    result is renamed into place here: a policy that puts dropout nowhere, or
+    an interrupt, leaves the output as it was.
+    """
+    from regularize import legacy
+
+    if kw["options"]:
+        given = ", ".join(f"{k}={v!r}" for k, v in kw["options"].items())
+        raise ModelLoadError(
+            "Cannot read model: Application options apply only to a "
+            f"`keras.applications.NAME` input, not to a model file. Received: "
+            f"path={str(input)!r}, {given}"
+        )
+    request = {"mode": str(mode), "input": input, "custom_objects": kw["custom_objects"]}
+    request.update(safe_mode=kw["safe_mode"], overwrite=overwrite, to_keras3=to_keras3)
+    if mode is not Mode.STRIP:
+        request["policy"] = policy
+    step(f"rewriting {input} with the Keras 2 engine")
+    # Keras 3 is needed in this process only to write a `.keras` file.
+    needs_keras = to_keras3 and save_to is not None
+    with quiet() if needs_keras else contextlib.nullcontext():
+        if save_to is None:
+            request.update(output=None, dry_run=True)
+            return legacy.to_report(legacy.run(request, debug=kw["debug"])), False
+        output = Path(save_to)
+        prefix = f".{output.name[:100]}."
+        stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=output.parent))
+        try:
+            staged = stage / output.name
+            request.update(output=staged, dry_run=False)
+            report = legacy.to_report(legacy.run(request, debug=kw["debug"]))
+            if not keep(report):
+                return report, False
+            _publish(staged, output)
+            return report, True
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(staged: Path, output: Path) -> None:
+    """Renames the engine's finished output into place (a SavedModel folder too)."""
+    from regularize import atomic
+
+    if staged.is_dir() and not staged.is_symlink():
+        # A folder cannot replace another in one step; `write_folder` moves
+        # the old one aside and back on failure. Its empty temporary folder
+        # is replaced by the staged one in one rename.
+        atomic.write_folder(output, lambda tmp: os.rename(staged, tmp))
+    else:
+        os.replace(staged, output)
