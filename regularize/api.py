@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 
 from regularize import rewrite
 from regularize.errors import PolicyError
+from regularize.errors import RegularizeWarning
 from regularize.policy import Policy
 from regularize.report import Report
 from regularize.report import Site
@@ -53,7 +55,17 @@ def add_dropout(
         >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
     """
     policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
-    return rewrite.rewrite(model, policy, report=report)
+    report = report if report is not None else Report()
+    new = rewrite.rewrite(model, policy, report=report)
+    if policy.asks_for_dropout() and report.with_dropout() == 0:
+        warnings.warn(
+            "The policy put dropout nowhere: the new model has the same graph as the "
+            f"input ({len(report.sites)} candidate sites, none given dropout; see the "
+            "report's `reason` of each site).",
+            RegularizeWarning,
+            stacklevel=2,
+        )
+    return new
 
 
 def resolve_policy(

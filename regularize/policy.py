@@ -312,6 +312,17 @@ class Policy:
         anchor = c.activation or c.layer_class
         return Decision(rate, cls, f"after {anchor}{by_rule}", None, last)
 
+    def asks_for_dropout(self) -> bool:
+        """Whether the policy sets a rate above 0 anywhere.
+
+        `rate=0` (removing the dropout this tool inserted) does not: a rewrite
+        that then puts dropout nowhere is what was asked for.
+        """
+        rates = [self.rate, self.recurrent_rate, *(self.schedule or ())]
+        for rule in self.rules:
+            rates += [rule.rate, rule.recurrent_rate]
+        return any(rate for rate in rates if rate is not None)
+
     def _preset_skip(self, c: Candidate) -> str | None:
         if c.activation is None and c.auto_kind != RECURRENT and self.preset != "blocks":
             return f"preset {self.preset}: not after an activation"

@@ -114,19 +114,6 @@ def is_application(input: str | os.PathLike) -> bool:
     return applications.is_application_name(input) and not Path(input).exists()
 
 
-def asks_for_dropout(policy: Policy | None) -> bool:
-    """Whether `policy` sets a rate above 0 anywhere.
-
-    `rate=0` (removing the dropout this tool inserted) does not.
-    """
-    if policy is None:
-        return False
-    rates = [policy.rate, policy.recurrent_rate, *(policy.schedule or ())]
-    for rule in policy.rules:
-        rates += [rule.rate, rule.recurrent_rate]
-    return any(rate for rate in rates if rate is not None)
-
-
 def process(
     input: str | os.PathLike,
     mode: Mode | str = Mode.ADD,
@@ -190,7 +177,7 @@ def process(
             save_to = output
     else:
         output = None
-    asks = mode is not Mode.STRIP and asks_for_dropout(policy)
+    asks = mode is not Mode.STRIP and policy.asks_for_dropout()
 
     def keep(report) -> bool:
         return allow_empty or not (asks and report.with_dropout() == 0)
