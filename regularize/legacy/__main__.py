@@ -18,6 +18,9 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
+
+from regularize import atomic
 
 
 def main(argv: list[str]) -> int:
@@ -40,10 +43,8 @@ def main(argv: list[str]) -> int:
             out.write(text + "\n")
     else:
         os.close(answer_fd)
-        tmp = f"{target}.tmp"
-        with open(tmp, "w") as out:
-            out.write(text + "\n")
-        os.replace(tmp, target)
+        # The parent reads the answer only once it is whole.
+        atomic.write_file(Path(target), lambda tmp: Path(tmp).write_text(text + "\n"))
     return 0 if "error" not in answer else 1
 
 
