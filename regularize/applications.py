@@ -142,8 +142,8 @@ def check_options(
         if weights == IMAGENET and include_top and classes not in (None, 1000):
             raise ModelLoadError(
                 "Cannot use the ImageNet top with another number of classes: its "
-                "classifier has 1000. Expected classes=1000, or include_top=False "
-                "(--no-top) to add your own head, or weights=None (--weights none). "
+                "classifier has 1000. Expected classes=1000, or `include_top=False` "
+                "to add your own head, or `weights=None`. "
                 f"Received: classes={classes!r}"
             )
         return
@@ -221,8 +221,7 @@ def load_application(
         if imagenet and reason is not None:
             raise ModelLoadError(
                 f"Cannot download the imagenet weights of {app}: {reason}. Download them "
-                f"elsewhere ({url}) and pass `--weights PATH` (weights=PATH in Python), "
-                "or use `--weights none` (weights=None)."
+                f"elsewhere ({url}) and pass `weights=PATH`, or use `weights=None`."
             ) from err
         message = _one_line(err)
         if "Received" not in message:
@@ -300,7 +299,7 @@ def _is_shape(shape) -> bool:
 
 def _check_weights_file(path: Path) -> None:
     received = f"Received: weights={str(path)!r}"
-    expected = "Expected 'imagenet', None (--weights none) or the path of a weights file"
+    expected = "Expected 'imagenet', `weights=None` or the path of a weights file"
     if not path.exists():
         raise ModelLoadError(f"Cannot load weights: no such file. {expected}. {received}")
     if path.is_dir():

@@ -236,8 +236,7 @@ def _explain_load_error(path: Path, err: Exception) -> str:
         return (
             f"Cannot read model: it uses the custom object {name!r}, which is not defined "
             "here (a custom layer or function, or a class of a newer Keras). Pass "
-            "--custom-objects with the module or `.py` file that defines it "
-            f"(custom_objects=...). {received}"
+            f"`custom_objects`: the module or `.py` file that defines it. {received}"
         )
     if isinstance(err, json.JSONDecodeError):
         return (

@@ -36,7 +36,7 @@ from regularize.text import printable
 from regularize.text import short_repr
 
 MAX_CONFIG_DEPTH = 256
-UNSAFE_HINT = "If you trust the file, pass --unsafe (safe_mode=False)."
+UNSAFE_HINT = "If you trust the file, pass `safe_mode=False`."
 
 # The TensorFlow functions a Keras 2 `TFOpLambda` may call without `unsafe`:
 # pure tensor operations, named as tf_keras records them (`config.function`,

@@ -135,8 +135,8 @@ def test_parse_weights():
         (
             {"weights": "imagenet", "classes": 10},
             "Cannot use the ImageNet top with another number of classes: its classifier "
-            "has 1000. Expected classes=1000, or include_top=False (--no-top) to add your "
-            "own head, or weights=None (--weights none). Received: classes=10",
+            "has 1000. Expected classes=1000, or `include_top=False` to add your "
+            "own head, or `weights=None`. Received: classes=10",
         ),
         (
             {"classes": 0},
@@ -153,7 +153,7 @@ def test_parse_weights():
         ),
         (
             {"weights": "missing.weights.h5"},
-            "Cannot load weights: no such file. Expected 'imagenet', None (--weights none) "
+            "Cannot load weights: no such file. Expected 'imagenet', `weights=None` "
             "or the path of a weights file. Received: weights='missing.weights.h5'",
         ),
         (
@@ -368,8 +368,7 @@ def test_imagenet_weights_offline(offline, error, why, capsys):
     assert urls[0].endswith("weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5")
     assert str(err.value) == (
         f"Cannot download the imagenet weights of MobileNetV3Small: {why}. Download them "
-        f"elsewhere ({urls[0]}) and pass `--weights PATH` (weights=PATH in Python), or use "
-        "`--weights none` (weights=None)."
+        f"elsewhere ({urls[0]}) and pass `weights=PATH`, or use `weights=None`."
     )
     assert list((offline.home / "models").iterdir()) == []  # no partial file left
     captured = capsys.readouterr()
@@ -552,8 +551,8 @@ def test_cli_missing_weights_file(tmp_path):
     result = _invoke("add-dropout", "keras.applications.ResNet50", "--weights", missing)
     assert result.exit_code == 2
     assert _error_line(result).endswith(
-        f"no such file. Expected 'imagenet', None (--weights "
-        f"none) or the path of a weights file. Received: "
+        f"no such file. Expected 'imagenet', --weights none "
+        f"or the path of a weights file. Received: "
         f"weights={str(missing)!r}"
     )
 
@@ -578,8 +577,7 @@ def test_cli_imagenet_offline(offline, tmp_path):
     assert _error_line(result) == (
         "Error: Cannot download the imagenet weights of MobileNetV3Small: no network "
         f"([Errno -3] Temporary failure in name resolution). Download them elsewhere ({urls[0]}) "
-        "and pass `--weights PATH` (weights=PATH in Python), or use `--weights none` "
-        "(weights=None)."
+        "and pass --weights PATH, or use --weights none."
     )
     assert not out.exists()
 

@@ -68,7 +68,7 @@ def test_existing_output_needs_force(model_file, tmp_path):
     assert result.exit_code == 2
     assert _error_line(result) == (
         f"Error: Invalid value for '-o' / '--output': Cannot write model to '{out}': the file "
-        "already exists. Pass --force (overwrite=True in Python) to replace it."
+        "already exists. Pass --force to replace it."
     )
     assert out.read_bytes() == b"precious"
     result = _invoke("add-dropout", model_file, "-o", out, "--force")
@@ -84,7 +84,7 @@ def test_an_existing_default_output_is_named_with_o_and_force(model_file):
     assert result.exit_code == 2
     assert _error_line(result) == (
         f"Error: Invalid value for the default output (pass -o): Cannot write model to "
-        f"'{default}': the file already exists. Pass --force (overwrite=True in Python) to "
+        f"'{default}': the file already exists. Pass --force to "
         "replace it."
     )
     assert default.read_bytes() == b"precious"

@@ -118,7 +118,7 @@ def test_lambda_refused_in_safe_mode(tmp_path):
     out = L.Lambda(lambda t: t * 2.0, name="double")(inp)
     path = tmp_path / "lambda.keras"
     keras.Model(inp, out).save(path)
-    with pytest.raises(ModelLoadError, match="--unsafe") as info:
+    with pytest.raises(ModelLoadError, match="`safe_mode=False`") as info:
         regularize.load_model(path)
     _one_line(info)
     model = regularize.load_model(path, safe_mode=False)
@@ -150,7 +150,7 @@ def test_custom_objects_from_file(tmp_path):
     x = namespace["Scale"](3.0, name="scale")(L.Dense(3, activation="relu")(inp))
     path = tmp_path / "custom.keras"
     keras.Model(inp, x).save(path)
-    with pytest.raises(ModelLoadError, match=r"custom object 'Scale'.*--custom-objects") as info:
+    with pytest.raises(ModelLoadError, match=r"'Scale'.*Pass `custom_objects`") as info:
         regularize.load_model(path)
     _one_line(info)
     model = regularize.load_model(path, custom_objects=module)

@@ -265,7 +265,7 @@ def test_output_checks_before_the_child(tmp_path):
     source = K2 / "pruned.h5"
     taken = tmp_path / "taken.h5"
     taken.write_bytes(b"x")
-    with pytest.raises(ModelSaveError, match="already exists. Pass --force"):
+    with pytest.raises(ModelSaveError, match="already exists. Pass `overwrite=True`"):
         legacy.run({"mode": "add", "input": source, "output": taken})
     with pytest.raises(ModelSaveError, match="it is the input model"):
         legacy.run({"mode": "add", "input": source, "output": source})

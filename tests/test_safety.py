@@ -98,7 +98,7 @@ def test_other_functions_are_refused(function):
         safety.check_keras2_config(_model(_op("evil", function)), R)
     message = str(info.value)
     assert message.startswith("Refusing to load model: layer 'evil' (TFOpLambda) calls")
-    assert "--unsafe" in message and message.endswith(R)
+    assert "`safe_mode=False`" in message and message.endswith(R)
     assert "\n" not in message
 
 

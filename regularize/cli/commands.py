@@ -33,6 +33,7 @@ from regularize.cli.runtime import _progress
 from regularize.cli.runtime import _quiet
 from regularize.cli.runtime import _signal_of
 from regularize.cli.runtime import _terminate
+from regularize.cli.runtime import as_flags
 from regularize.cli.runtime import check_path
 from regularize.cli.runtime import one_line_errors
 from regularize.cli.sweep import sweep
@@ -61,13 +62,13 @@ class _OneLineErrors(click.Group):
             code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as err:
             # Messages quote names from model files: no control sequence reaches the terminal.
-            click.echo(f"Error: {printable(err.format_message())}", err=True)
+            click.echo(f"Error: {printable(as_flags(err.format_message()))}", err=True)
             sys.exit(2)
         except Interrupted as err:
             click.echo(err.format_message(), err=True)
             sys.exit(err.exit_code)
         except click.ClickException as err:
-            click.echo(f"Error: {printable(err.format_message())}", err=True)
+            click.echo(f"Error: {printable(as_flags(err.format_message()))}", err=True)
             sys.exit(err.exit_code)
         except click.Abort:  # Ctrl-C while click itself parsed the arguments
             click.echo(Interrupted().format_message(), err=True)
@@ -235,10 +236,9 @@ def _service(
         except UnknownApplicationError as err:
             raise click.BadParameter(str(err), param_hint="'INPUT'") from err
         except UnsupportedModelError as err:
-            # The library names the argument (`to_keras3`); the flag is the CLI's.
             text = str(err)
-            if to_keras3 and "--to-keras3" not in text and "Keras 3" in text:
-                hint = "Drop --to-keras3 to write a Keras 2 model."
+            if to_keras3 and "to_keras3" not in text and "Keras 3" in text:
+                hint = "Set `to_keras3=False` to write a Keras 2 model."
                 raise UnsupportedModelError(f"{text} {hint}") from err
             raise
 
@@ -316,7 +316,7 @@ def _no_dropout_message(report, planned: bool) -> str:
 
 def _print_warnings(report) -> None:
     for note in report.warnings:
-        click.echo(f"Warning: {printable(note)}", err=True)
+        click.echo(f"Warning: {printable(as_flags(note))}", err=True)
 
 
 def _print_table(report) -> None:

@@ -157,6 +157,29 @@ def _remove_own_temps(output: Path | None) -> None:
                 atomic.remove(Path(entry.path))
 
 
+# The library's messages name Python arguments in backticks; the command line's name its flags.
+_FLAGS = (
+    ("pass `safe_mode=False`", "pass --unsafe"),
+    ("`safe_mode=False`", "--unsafe"),
+    ("`overwrite=True`", "--force"),
+    ("`custom_objects`", "--custom-objects"),
+    ("`include_top=False`", "--no-top"),
+    ("`weights=None`", "--weights none"),
+    ("`weights=PATH`", "--weights PATH"),
+    ("Expected `mc=False`", "Expected no --mc"),
+    ("Set `to_keras3=False`", "Drop --to-keras3"),
+    ("`to_keras3`", "--to-keras3"),
+    ("`debug=True`", "--debug"),
+)
+
+
+def as_flags(text: str) -> str:
+    """A library message as the command line says it: `overwrite=True` -> --force, ..."""
+    for argument, flag in _FLAGS:
+        text = text.replace(argument, flag)
+    return text
+
+
 @contextlib.contextmanager
 def one_line_errors(debug: bool):
     """Turns what the block raises into one `click.ClickException` line.
@@ -169,7 +192,7 @@ def one_line_errors(debug: bool):
     except RegularizeError as err:
         if debug:
             raise
-        raise click.ClickException(str(err)) from err
+        raise click.ClickException(as_flags(str(err))) from err
     except (click.ClickException, KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:

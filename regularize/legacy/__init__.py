@@ -302,8 +302,8 @@ def _validate(request: dict) -> Job:
         policy = policy_to_dict(policy)
     if policy.get("mc") and mode != Mode.STRIP:
         raise PolicyError(
-            "MC dropout is not available for Keras 2 models. Expected mc=false "
-            "(drop --mc), or convert the model to Keras 3 first. Received: mc=True"
+            "MC dropout is not available for Keras 2 models. Expected `mc=False`, "
+            "or convert the model to Keras 3 first. Received: mc=True"
         )
     safe_mode = bool(request.get("safe_mode", True))
     source = Path(request.get("input") or "")
@@ -609,7 +609,7 @@ def _crash_message(code: int, stderr: str) -> str:
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     return (
         f"The Keras 2 engine (python -m regularize.legacy) {how} without a result: {last} "
-        "(run again with --debug for its full output)"
+        "(run again with `debug=True` for its full output)"
     )
 
 

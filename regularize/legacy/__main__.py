@@ -90,7 +90,7 @@ def _error(err: BaseException, *, debug: bool) -> dict:
         traceback.print_exception(err, file=sys.stderr)
     return Failure(
         f"internal error in the Keras 2 engine: {type(err).__name__}: "
-        f"{_first_line(err)} (run again with --debug for the traceback)"
+        f"{_first_line(err)} (run again with `debug=True` for the traceback)"
     ).to_dict()
 
 

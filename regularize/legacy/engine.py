@@ -95,8 +95,8 @@ def _policy(data: dict, mode: str, source: str) -> Policy:
         # The MC layers (regularize.mc) are Keras 3 classes; a Keras 2 file
         # holding tf_keras twins of them would need this package to load.
         raise PolicyError(
-            "MC dropout is not available for Keras 2 models. Expected mc=false "
-            "(drop --mc), or convert the model to Keras 3 first. Received: mc=True"
+            "MC dropout is not available for Keras 2 models. Expected `mc=False`, "
+            "or convert the model to Keras 3 first. Received: mc=True"
         )
     return policy
 
@@ -233,8 +233,8 @@ def _explain_load_error(err: Exception, received: str) -> str:
 def _missing_class(name: str, received: str) -> str:
     return (
         f"Cannot read model: it uses the custom object {name!r}, which is not defined "
-        "here. Pass --custom-objects with the module or `.py` file that defines it "
-        f"(custom_objects=...). {received}"
+        "here. Pass `custom_objects`: the module or `.py` file that defines it. "
+        f"{received}"
     )
 
 
@@ -293,7 +293,7 @@ def save(model, output: Path, *, overwrite: bool) -> None:
     if os.path.lexists(output) and not overwrite:
         raise ModelSaveError(
             f"Cannot write model to {str(output)!r}: it already exists. "
-            "Pass --force (overwrite=True in Python) to replace it."
+            "Pass `overwrite=True` to replace it."
         )
     h5 = output.suffix in (".h5", ".hdf5")
     try:

@@ -145,7 +145,8 @@ def make_keras3_readable(h5: str | os.PathLike) -> list[str]:
     fixes, blockers = keras3_fixes(config)
     if blockers:
         raise UnsupportedModelError(
-            f"Cannot convert to Keras 3: {blockers[0]}. Drop --to-keras3 to keep a Keras 2 file."
+            f"Cannot convert to Keras 3: {blockers[0]}. Set `to_keras3=False` to keep a "
+            "Keras 2 file."
         )
     if fixes:
         with h5py.File(h5, "r+") as f:
@@ -209,8 +210,8 @@ def convert(
         if not close:
             raise UnsupportedModelError(
                 "Cannot convert to Keras 3: inference differs from the Keras 2 model "
-                f"(max abs difference {worst:.3g}). Expected equal outputs. Drop "
-                "--to-keras3 to keep a Keras 2 file."
+                f"(max abs difference {worst:.3g}). Expected equal outputs. Set "
+                "`to_keras3=False` to keep a Keras 2 file."
             )
         notes.append(
             "Keras 3 computes some layers with other kernels than Keras 2: inference "
