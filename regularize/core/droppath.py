@@ -362,7 +362,7 @@ class GraphDropPaths:
             return
         if rate == 0:
             run.fates[id(layer)] = None
-            return site(facts.class_name, facts.rate, REMOVE, f"rate is 0, {why}")
+            return site(KIND, facts.rate, REMOVE, f"rate is 0, {why}")
         if same:
             run.fates[id(layer)] = self.kept
             own = "inserted earlier" if facts.is_own_drop_path else "already there"
