@@ -23,6 +23,9 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import regularize
 from regularize import core
@@ -303,6 +306,46 @@ def test_branch_read_elsewhere_is_skipped():
     ]
 
 
+@st.composite
+def residual_graphs(draw) -> FakeView:
+    """A chain where each layer reads the last tensor, and an add also an earlier one."""
+    g = Graph()
+    h = [g.x]
+    for i in range(draw(st.integers(1, 14))):
+        kind = draw(st.sampled_from(("conv", "relu", "bn", "dropout", "droppath", "add")))
+        name = f"l{i}__droppath" if kind == "droppath" else f"l{i}"
+        parents = [h[-1]]
+        if kind == "add":
+            parents.append(h[draw(st.integers(0, len(h) - 1))])
+        h.append(g.layer(name, kind, *parents, rate=draw(st.sampled_from((0.1, 0.2)))))
+    return g.view()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    residual_graphs(),
+    st.sampled_from((None, 0.0, 0.2)),
+    st.sampled_from(("keep", "retarget", "remove")),
+)
+def test_plan_is_the_build_and_rates_follow_the_schedule(view, drop_path, existing):
+    policy = Policy(rate=0.0, drop_path=drop_path, existing=existing)
+    planned = core.walk(view, policy)
+    built = core.walk(view, policy, builder=Recorder())
+    assert planned.sites == built.sites and planned.warnings == built.warnings
+    sites = [s for s in planned.sites if s.kind == droppath.KIND]
+    if drop_path is None:
+        assert sites == []
+        return
+    merges = _merges(view)
+    assert len(_drop_sites(planned.sites)) == len(merges)
+    rates = [s.rate for s in sites if s.action in (INSERT, UPDATE)]
+    assert rates == sorted(rates) and all(0 < r <= drop_path for r in rates)
+    # Never two drop paths on one branch: each insert follows a layer that is no dropout.
+    for action in planned.actions:
+        if isinstance(action, core.Insert) and action.noise_shape is not None:
+            assert action.anchor.kind not in ("dropout", "droppath")
+
+
 # -- Keras 3: tiny residual models ----------------------------------------
 
 
@@ -431,7 +474,9 @@ def test_fit_step_drops_whole_samples():
     new = regularize.add_dropout(model, rate=0.0, drop_path=0.5)
     before = [np.asarray(w).copy() for w in new.weights]
     new.fit(x, np.zeros((2, 3), "float32"), epochs=1, verbose=0)
-    assert any(not np.array_equal(a, np.asarray(w)) for a, w in zip(before, new.weights))
+    assert any(
+        not np.array_equal(a, np.asarray(w)) for a, w in zip(before, new.weights, strict=True)
+    )
     # In training, a drop path zeroes whole samples of its branch, or keeps them scaled.
     layer = new.get_layer("i2_conv__droppath")
     y = np.ones((64, 4, 4, 8), "float32")
@@ -803,11 +848,8 @@ def test_keras2_resnet50_through_the_engine(tmp_path):
 
     child("make")
     policy = {"rate": 0.0, "drop_path": 0.2}
-    first = legacy.run_many(
-        [
-            dict(mode="add", input=tmp_path / "resnet50.h5", output=tmp_path / "dp.h5", policy=policy),
-        ]
-    )[0]
+    job = dict(mode="add", input=tmp_path / "resnet50.h5", output=tmp_path / "dp.h5")
+    first = legacy.run_many([dict(job, policy=policy)])[0]
     assert not isinstance(first, Exception), first
     again = legacy.run_many(
         [
