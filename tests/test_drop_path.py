@@ -726,6 +726,16 @@ def test_cli_inspect_shows_drop_path_sites(tiny, tmp_path):
         ("i1_bn", "insert", 0.2),
         ("i2_conv", "insert", 0.3),
     ]
+    out = tmp_path / "out.keras"
+    args_add = ["add-dropout", str(path), "--rate", "0", "--drop-path", "0.3", "-o", str(out)]
+    added = CliRunner().invoke(cli, args_add, catch_exceptions=False)
+    assert added.exit_code == 0, added.output
+    assert "inserted 3 sites: 3 DropPath" in added.stdout
+    assert _drop_layers(keras.models.load_model(out)) == {
+        "p_bn__droppath": (0.1, (None, 1, 1, 1)),
+        "i1_bn__droppath": (0.2, (None, 1, 1, 1)),
+        "i2_conv__droppath": (0.3, (None, 1, 1, 1)),
+    }
     table = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert table.exit_code == 0
     assert "DropPath(0.2)" in table.stdout
