@@ -619,6 +619,20 @@ def test_add_operation_and_identity_placeholder():
     _assert_outputs(new, xs, expected)
 
 
+def test_convnext_stochastic_depth_gets_no_second_drop():
+    from keras.src.applications.convnext import StochasticDepth
+
+    x = keras.Input((4, 4, 8))
+    y = StochasticDepth(0.1, name="c_stochastic_depth")(L.Dense(8, name="c_dense")(x))
+    model = keras.Model(x, x + y)
+    report = Report()
+    new = regularize.add_dropout(model, rate=0.0, drop_path=0.2, report=report)
+    assert [(s.layer, s.action, s.reason) for s in _drop_sites(report.sites)] == [
+        ("c_stochastic_depth", KEEP, "branch already ends in StochasticDepth")
+    ]
+    assert _drop_layers(new) == {}
+
+
 def test_ambiguous_shortcut_is_skipped_with_a_reason():
     x = keras.Input((8,))
     a = L.Dense(8, name="left")(x)

@@ -46,6 +46,10 @@ from regularize.report import UPDATE
 SUFFIX = "__droppath"
 OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
 KIND = "DropPath"  # `Site.kind` of a drop-path site
+# Layers that already drop a branch per sample without being a Dropout
+# (Keras' ConvNeXt with `drop_path_rate > 0`, keras-hub/keras-cv blocks):
+# a branch that ends in one gets no drop path.
+STOCHASTIC_DEPTH_CLASSES = ("StochasticDepth", "DropPath")
 NO_MERGES = (
     "drop path: the model has no residual merges (an `Add` of a block's input and its branch)"
 )
@@ -295,6 +299,9 @@ class GraphDropPaths:
         shape = tuple(shape)
         if facts.is_dropout:
             return self._existing(node, op, facts, rate, shape, why)
+        if facts.class_name in STOCHASTIC_DEPTH_CLASSES:
+            reason = f"branch already ends in {facts.class_name}"
+            return self._queue(node, (node, facts, KIND, None, KEEP, reason))
         if rate == 0:
             return self._queue(node, (node, facts, KIND, None, SKIP, f"rate is 0, {why}"))
         self._queue(node, *self._insert(node, op, facts, rate, shape, why))
