@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -11,6 +12,7 @@ from regularize import rewrite
 from regularize.errors import PolicyError
 from regularize.errors import RegularizeWarning
 from regularize.policy import Policy
+from regularize.policy import validate_rate
 from regularize.report import Report
 from regularize.report import Site
 
@@ -20,6 +22,7 @@ def add_dropout(
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
+    drop_path: float | None = None,
     policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> keras.Model:
@@ -35,9 +38,14 @@ def add_dropout(
             dropout this tool inserted earlier.
         recurrent_rate: `recurrent_dropout` for LSTM/GRU/SimpleRNN/ConvLSTM
             layers; None leaves it unchanged.
+        drop_path: Stochastic depth, a float in [0, 1): a per-sample
+            `Dropout(noise_shape=(None, 1, ..., 1))` on the residual branch of
+            every residual `Add`, the rate growing linearly with depth up to
+            `drop_path` at the last merge. None (the default): off.
         policy: A `Policy`, or the path of a TOML policy file. A `Policy`
-            overrides `rate` and `recurrent_rate`; a file wins for the
-            settings it states and `rate` / `recurrent_rate` fill in the rest.
+            overrides `rate` and `recurrent_rate` (and `drop_path` where it
+            sets one); a file wins for the settings it states and `rate` /
+            `recurrent_rate` / `drop_path` fill in the rest.
         report: If given, receives one `Site` record per candidate.
 
     Returns:
@@ -53,8 +61,9 @@ def add_dropout(
         >>> base = keras.applications.MobileNetV2(include_top=False, weights=None)
         >>> new = regularize.add_dropout(base, rate=0.2)
         >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
+        >>> deep = regularize.add_dropout(base, rate=0.0, drop_path=0.1)
     """
-    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
+    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
     report = report if report is not None else Report()
     new = rewrite.rewrite(model, policy, report=report)
     if policy.asks_for_dropout() and report.with_dropout() == 0:
@@ -73,14 +82,24 @@ def resolve_policy(
     *,
     rate: float | None = 0.3,
     recurrent_rate: float | None = None,
+    drop_path: float | None = None,
 ) -> Policy:
-    """A `Policy` from a `Policy`, a TOML file path, or None (rate settings)."""
+    """A `Policy` from a `Policy`, a TOML file path, or None (rate settings).
+
+    `drop_path` fills in a `Policy` that sets none (the argument is checked
+    like any rate).
+    """
     if isinstance(policy, Policy):
-        return policy
+        validate_rate("drop_path", drop_path, allow_none=True)
+        if drop_path is None or policy.drop_path is not None:
+            return policy
+        return dataclasses.replace(policy, drop_path=drop_path)
     if policy is None:
-        return Policy(rate=rate, recurrent_rate=recurrent_rate)
+        return Policy(rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
     if isinstance(policy, (str, os.PathLike)):
-        return Policy.from_file(policy, rate=rate, recurrent_rate=recurrent_rate)
+        return Policy.from_file(
+            policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path
+        )
     raise PolicyError(
         "Invalid `policy`. Expected a `regularize.Policy` or the path of a TOML "
         f"policy file. Received: policy of type {type(policy).__name__!r}"
@@ -102,6 +121,7 @@ def plan(
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
+    drop_path: float | None = None,
     policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> list[Site]:
@@ -110,7 +130,7 @@ def plan(
     Takes the same arguments as `add_dropout`; `report` also receives the
     warnings (e.g. a rule that matches nothing).
     """
-    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
+    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
     report = report if report is not None else Report()
     rewrite.rewrite(model, policy, build=False, report=report)
     return report.sites

@@ -89,8 +89,7 @@ def _check(path: Path, where: str, *, overwrite: bool, source: Path | None, fmt)
     if not overwrite:
         what = "a symbolic link" if is_link else "the folder" if is_dir else "the file"
         raise ModelSaveError(
-            f"{where}: {what} already exists. "
-            "Pass `overwrite=True` to replace it."
+            f"{where}: {what} already exists. Pass `overwrite=True` to replace it."
         )
     if is_link:
         return  # the link itself is replaced, its target untouched

@@ -11,6 +11,7 @@ A policy file (TOML):
     recurrent_rate = 0.1      # RNN recurrent_dropout; absent: left as it is
     existing = "keep"         # dropout already in the model: keep, retarget, remove
     mc = false                # dropout stays active at inference (MC dropout)
+    drop_path = 0.1           # stochastic depth before residual merges; absent: off
 
     [schedule]                # rate grows linearly with depth, before rules
     start = 0.1
@@ -55,6 +56,7 @@ _POLICY_KEYS = (
     "rule",
     "existing",
     "mc",
+    "drop_path",
     "skip_inference_only",
 )
 _RULE_KEYS = ("match", "class", "depth", "trainable", "rate", "recurrent_rate", "kind", "skip")
@@ -196,6 +198,12 @@ class Policy:
         existing: Dropout the model already had (not inserted by this tool):
             "keep" it, "retarget" it like the tool's own, or "remove" it.
         mc: Insert dropout that stays active at inference (MC dropout).
+        drop_path: Stochastic depth: a per-sample `Dropout` (noise shape
+            `(None, 1, ..., 1)`) on the residual branch of every residual
+            `Add`, its rate growing linearly from `drop_path / N` at the first
+            of the N merges to `drop_path` at the last. None: off; 0 removes
+            the drop paths this tool inserted earlier. Independent of
+            `preset`, `rate` and the rules.
         skip_inference_only: Leave nested models that are always called with
             `training=False` alone: the caller asked for inference mode there.
         source: Where the policy came from, for messages.
@@ -208,6 +216,7 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     existing: str = "keep"
     mc: bool = False
+    drop_path: float | None = None
     skip_inference_only: bool = True
     source: str = dataclasses.field(default="", compare=False)
 
@@ -219,6 +228,7 @@ class Policy:
         _set(self, "preset", _choice("preset", self.preset, PRESETS, where))
         _set(self, "existing", _choice("existing", self.existing, EXISTING, where))
         _set(self, "mc", _flag("mc", self.mc, where))
+        _set(self, "drop_path", _rate("drop_path", self.drop_path, where, True))
         inference_only = _flag("skip_inference_only", self.skip_inference_only, where)
         _set(self, "skip_inference_only", inference_only)
         if self.schedule is not None:
@@ -267,8 +277,10 @@ class Policy:
             "rate": self.rate,
             "existing": self.existing,
             "mc": self.mc,
-            "skip_inference_only": self.skip_inference_only,
         }
+        if self.drop_path is not None:
+            data["drop_path"] = self.drop_path
+        data["skip_inference_only"] = self.skip_inference_only
         if self.recurrent_rate is not None:
             data["recurrent_rate"] = self.recurrent_rate
         if self.schedule is not None:
@@ -318,7 +330,7 @@ class Policy:
         `rate=0` (removing the dropout this tool inserted) does not: a rewrite
         that then puts dropout nowhere is what was asked for.
         """
-        rates = [self.rate, self.recurrent_rate, *(self.schedule or ())]
+        rates = [self.rate, self.recurrent_rate, self.drop_path, *(self.schedule or ())]
         for rule in self.rules:
             rates += [rule.rate, rule.recurrent_rate]
         return any(rate for rate in rates if rate is not None)

@@ -22,9 +22,13 @@ import warnings
 import keras
 from keras import tree
 
+# The operation that `x + y` on symbolic tensors records (ConvNeXt's residual adds).
+from keras.src.ops.numpy import Add as _AddOp
+
 from regularize import core
 from regularize import graph
 from regularize import training
+from regularize.core import droppath
 from regularize.core import refusals
 from regularize.core import replay
 from regularize.errors import RegularizeWarning
@@ -188,7 +192,10 @@ class _View:
             is_merge=graph.is_merge(op),
             is_activation_layer=graph.is_activation_layer(op),
             is_normalization=graph.is_normalization(op),
+            is_add=isinstance(op, (keras.layers.Add, _AddOp)),
+            is_own_drop_path=dropout and droppath.is_own_name(op.name),
             rate=getattr(op, "rate", None) if dropout else None,
+            noise_shape=_noise_shape(op) if dropout else None,
             data_format=getattr(op, "data_format", None),
         )
 
@@ -253,7 +260,10 @@ def _make(action: core.Insert | core.Retarget, name: str) -> keras.Layer:
     `mc`, the layer is the MC twin of `kind` (active at inference too).
     """
     kind, shape, data_format = action.kind, action.shape, action.data_format
-    common = {"rate": action.rate, "name": name, "dtype": action.anchor.dtype_policy}
+    # An operation (`x + y`) has no dtype policy; the new layer then takes the default.
+    common = {"rate": action.rate, "name": name}
+    if getattr(action.anchor, "dtype_policy", None) is not None:
+        common["dtype"] = action.anchor.dtype_policy
     classes = keras.layers
     if action.mc:
         from regularize import mc as mc_layers
@@ -264,10 +274,17 @@ def _make(action: core.Insert | core.Retarget, name: str) -> keras.Layer:
         # SpatialDropout1D only knows channels_last: drop whole channels of
         # (batch, channels, steps) with a broadcast noise shape instead.
         common["noise_shape"] = (None, shape[1], 1)
+    if action.noise_shape is not None:  # a drop path: one draw per sample
+        common["noise_shape"] = action.noise_shape
     if "SpatialDropout" in kind and not kind.endswith("SpatialDropout1D"):
         common["data_format"] = data_format
     layer = getattr(classes, kind)(**common)
     # Inside a frozen base the new layer is frozen too, as `base.trainable =
     # False` would have made it (SpatialDropout* take no `trainable` argument).
-    layer.trainable = action.anchor.trainable
+    layer.trainable = getattr(action.anchor, "trainable", True)
     return layer
+
+
+def _noise_shape(op) -> tuple | None:
+    shape = getattr(op, "noise_shape", None)
+    return tuple(shape) if shape is not None else None

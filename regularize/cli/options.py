@@ -162,14 +162,21 @@ _policy_options = _options(
         default=None,
         help="recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
     ),
+    click.option(
+        "--drop-path",
+        type=RATE,
+        default=None,
+        help="Stochastic depth: drop the residual branch of each residual Add per "
+        "sample, the rate growing with depth up to this at the last block. Default: off.",
+    ),
 )
 
 
-def _policy(policy_file, preset, rate, recurrent_rate, mc=False):
+def _policy(policy_file, preset, rate, recurrent_rate, mc=False, drop_path=None):
     """The policy of a command line, checked before the slow TensorFlow import."""
     from regularize.policy import Policy
 
-    defaults = {"rate": rate, "recurrent_rate": recurrent_rate}
+    defaults = {"rate": rate, "recurrent_rate": recurrent_rate, "drop_path": drop_path}
     if preset:
         defaults["preset"] = preset
     if mc:

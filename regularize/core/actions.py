@@ -22,6 +22,8 @@ class NewDropout:
         shape: The anchor's output shape.
         data_format: "channels_last" or "channels_first" near the anchor.
         mc: The layer stays active at inference (MC dropout).
+        noise_shape: A `Dropout`'s noise shape, e.g. `(None, 1, 1, 1)` for a
+            drop path (one draw per sample); None: the layer's default.
     """
 
     anchor: object
@@ -30,6 +32,7 @@ class NewDropout:
     shape: tuple
     data_format: str
     mc: bool = False
+    noise_shape: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)

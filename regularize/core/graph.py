@@ -42,7 +42,11 @@ class LayerFacts:
         is_merge: An `Add` or a `Concatenate` (closes a block).
         is_activation_layer: A standalone activation layer (ReLU, Activation, ...).
         is_normalization: A normalization layer, or a nested model holding one.
+        is_add: An `Add` layer or an add operation (`x + y`): a residual merge
+            where its two inputs share an ancestor (drop path).
+        is_own_drop_path: A drop-path layer this tool inserted (by its name).
         rate: A dropout layer's rate, else None.
+        noise_shape: A dropout layer's `noise_shape`, else None.
         data_format: The `data_format` it declares, else None.
     """
 
@@ -59,7 +63,10 @@ class LayerFacts:
     is_merge: bool = False
     is_activation_layer: bool = False
     is_normalization: bool = False
+    is_add: bool = False
+    is_own_drop_path: bool = False
     rate: float | None = None
+    noise_shape: tuple | None = None
     data_format: str | None = None
 
     @property

@@ -23,7 +23,7 @@ class Layers:
 
     def __init__(self, replay: type[GraphReplay]):
         self.replay = replay
-        self.new: dict[int, object] = {}  # id(anchor, old dropout or RNN) -> new layer
+        self.new: dict = {}  # (id(anchor), name), id(old dropout or RNN) -> new layer
         self.casts: dict[int, object] = {}  # id(node) -> identity layer
 
     def graph(self, view) -> GraphReplay:
@@ -89,7 +89,10 @@ class GraphReplay:
         self._replay(node, op)
 
     def insert(self, node, action: Insert) -> None:
-        dropout = self._once(id(action.anchor), lambda: self.make_dropout(action, action.name))
+        # By anchor and name: a drop path and a dropout may follow the same anchor,
+        # and layers of one name may sit in different nested models.
+        key = (id(action.anchor), action.name)
+        dropout = self._once(key, lambda: self.make_dropout(action, action.name))
         self.sequence.append(dropout)
         self._record(node, dropout(self.last))
 

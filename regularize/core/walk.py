@@ -17,6 +17,7 @@ import dataclasses
 import enum
 
 from regularize import rules
+from regularize.core import droppath
 from regularize.core.actions import Action
 from regularize.core.actions import Insert
 from regularize.core.actions import Rebuild
@@ -86,6 +87,8 @@ def walk(
     run = _Run(policy=policy, mode=Mode(mode), builder=builder)
     run.total = max(run.length(view), 1)
     run.has_norm = view.contains_normalization()
+    if run.mode == Mode.ADD:
+        droppath.prepare(run, view)
     # Building a model sorts its graph with a recursive search (Keras 3:
     # `_build_map_helper`, tf_keras: `_build_map`), one frame per node on the
     # longest path; dropout after every activation of a 2,000-layer chain
@@ -118,6 +121,7 @@ class _Run:
     fates: dict = dataclasses.field(default_factory=dict)  # dropout -> None | _KEPT | Retarget
     total: int = 1  # levels from the inputs to the outputs of the whole model
     has_norm: bool = False
+    drop: droppath.State = dataclasses.field(default_factory=droppath.State)
 
     def facts(self, view: GraphView, op) -> LayerFacts:
         if id(op) not in self.facts_of:
@@ -193,6 +197,8 @@ class _GraphWalk:
         self.names = view.layer_names()
         self.builder = run.builder.graph(view) if run.builder is not None else None
         self.changed = False
+        add = run.mode == Mode.ADD
+        self.drop_paths = droppath.GraphDropPaths(self, _KEPT) if add else None
 
     def facts(self, op) -> LayerFacts:
         return self.run_.facts(self.view, op)
@@ -216,6 +222,8 @@ class _GraphWalk:
                 self._call(node, op)
                 if action is not None:
                     self._apply(node, action)
+            if self.drop_paths is not None:
+                self.drop_paths.after(node)
 
     # -- facts about nodes ------------------------------------------------
 
@@ -380,7 +388,11 @@ class _GraphWalk:
         fmt = self._data_format_near(node)
         auto_kind = rules.dropout_kind(len(shape), fmt)
         readers = self.readers.get(key, [])
-        dropouts = [r for r in readers if self.facts(r).is_dropout]
+        dropouts = [
+            r
+            for r in readers
+            if self.facts(r).is_dropout and not droppath.claims(self.run_, r, self.facts(r))
+        ]
         existing = ", ".join(f"{self.facts(d).label}({self.facts(d).rate:g})" for d in dropouts)
         decision = self._decide(node, op, facts, auto_kind)
 

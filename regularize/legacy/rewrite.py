@@ -23,6 +23,7 @@ import tf_keras
 
 from regularize import core
 from regularize import rules
+from regularize.core import droppath
 from regularize.core import refusals
 from regularize.core import replay
 from regularize.legacy import TFMOT_CLASSES
@@ -38,6 +39,7 @@ ACTIVATION_CLASSES = (L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.Softmax, L.Threshol
 RECURRENT_CLASSES = (L.RNN, L.Bidirectional)
 NORMALIZATION_CLASSES = (L.BatchNormalization, L.LayerNormalization, L.GroupNormalization)
 MERGE_CLASSES = (L.Add, L.Concatenate)
+_ADD_SYMBOLS = ("__operators__.add", "math.add")
 
 
 # -- facts about layers ---------------------------------------------------
@@ -75,6 +77,14 @@ def is_batchnorm(layer) -> bool:
     return isinstance(unwrap(layer), L.BatchNormalization)
 
 
+def is_add(layer) -> bool:
+    """An `Add` layer, or `x + y` / `tf.add` recorded as a TFOpLambda (a residual merge)."""
+    inner = unwrap(layer)
+    if isinstance(inner, L.Add):
+        return True
+    return class_name(inner) == "TFOpLambda" and getattr(inner, "symbol", None) in _ADD_SYMBOLS
+
+
 def is_activation_layer(layer) -> bool:
     return isinstance(unwrap(layer), ACTIVATION_CLASSES + (L.Activation,))
 
@@ -106,6 +116,11 @@ def activation_of(layer) -> str | None:
     return None if name in ("linear", "NoOpActivation") else name
 
 
+def _noise_shape(layer) -> tuple | None:
+    shape = getattr(layer, "noise_shape", None)
+    return tuple(shape) if shape is not None else None
+
+
 def all_layers(model):
     for layer in model.layers:
         yield layer
@@ -113,10 +128,17 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
-def make_dropout(kind: str, rate: float, name: str, anchor, shape, data_format: str):
-    """A new dropout layer with the anchor's dtype policy and trainable flag."""
+def make_dropout(
+    kind: str, rate: float, name: str, anchor, shape, data_format: str, noise_shape=None
+):
+    """A new dropout layer with the anchor's dtype policy and trainable flag.
+
+    `noise_shape` (a drop path's `(None, 1, ..., 1)`) makes a plain `Dropout`.
+    """
     common = {"rate": rate, "name": name, "dtype": anchor.dtype_policy}
-    if kind == "Dropout" and len(shape) == 3 and data_format == "channels_first":
+    if noise_shape is not None:
+        layer = L.Dropout(noise_shape=noise_shape, **common)
+    elif kind == "Dropout" and len(shape) == 3 and data_format == "channels_first":
         layer = L.Dropout(noise_shape=(None, shape[1], 1), **common)
     else:
         if kind.startswith("SpatialDropout") and kind != "SpatialDropout1D":
@@ -241,7 +263,10 @@ class _View:
             is_merge=is_merge(op),
             is_activation_layer=is_activation_layer(op),
             is_normalization=has_normalization(op),
+            is_add=is_add(op),
+            is_own_drop_path=dropout and droppath.is_own_name(op.name),
             rate=float(inner.rate) if dropout else None,
+            noise_shape=_noise_shape(inner) if dropout else None,
             data_format=getattr(inner, "data_format", None),
         )
 
@@ -294,7 +319,8 @@ class _Replay(replay.GraphReplay):
 
     def make_dropout(self, action, name: str):
         anchor, shape = action.anchor, action.shape
-        return make_dropout(action.kind, action.rate, name, anchor, shape, action.data_format)
+        fmt, noise = action.data_format, action.noise_shape
+        return make_dropout(action.kind, action.rate, name, anchor, shape, fmt, noise)
 
     def make_identity(self, layer):
         # By name: Identity's config is the one its `__init__` saw, and a

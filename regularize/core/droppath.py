@@ -1,0 +1,380 @@
+"""Stochastic depth (drop path): residual merges, their shortcuts, and what goes on each branch.
+
+A residual merge is an `Add` of two tensors that share an ancestor: the
+block's input (the fork) reaches the merge once through the shortcut and
+once through the residual branch. Drop path drops the whole branch per
+sample during training: a plain `Dropout(rate, noise_shape=(None, 1, ..., 1))`
+just before the merge, as Keras' EfficientNet does with its `drop_rate`. The
+rate grows linearly with depth as in timm and ConvNeXt: merge i of N (graph
+order, nested models included) gets `drop_path * i / N`.
+
+Which input is the shortcut is read from the graph: the one whose path back
+to the fork (the nearest common ancestor tensor of both inputs) is shorter;
+the fork itself (an identity shortcut) where it is an input. Where both are
+equally long and neither is the fork, the merge is skipped: dropping the
+wrong branch would drop the shortcut.
+
+No Keras import here: the walk (`regularize.core.walk`) calls this module
+over any `GraphView`, for both Keras APIs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import re
+from collections.abc import Callable
+from collections.abc import Hashable
+from typing import Any
+
+from regularize import rules
+from regularize.core.actions import Insert
+from regularize.core.actions import Retarget
+from regularize.core.graph import GraphView
+from regularize.core.graph import LayerFacts
+from regularize.report import INSERT
+from regularize.report import KEEP
+from regularize.report import REMOVE
+from regularize.report import SKIP
+from regularize.report import UPDATE
+
+# Drop-path layers are named `<anchor>__droppath` (`_<n>` added on a name
+# clash): a second run finds its own, and `remove_dropout` strips them like
+# any dropout layer.
+SUFFIX = "__droppath"
+OWN_NAME = re.compile(re.escape(SUFFIX) + r"(_\d+)?$")
+KIND = "DropPath"  # `Site.kind` of a drop-path site
+# Layers that already drop a branch per sample without being a Dropout
+# (Keras' ConvNeXt with `drop_path_rate > 0`, keras-hub/keras-cv blocks):
+# a branch that ends in one gets no drop path.
+STOCHASTIC_DEPTH_CLASSES = ("StochasticDepth", "DropPath")
+NO_MERGES = (
+    "drop path: the model has no residual merges (an `Add` of a block's input and its branch)"
+)
+
+
+def is_own_name(name: str) -> bool:
+    """Whether `name` is the name of a drop-path layer this tool inserted."""
+    return bool(OWN_NAME.search(name))
+
+
+def noise_shape(shape: tuple) -> tuple:
+    """One draw per sample: `(None, 1, ..., 1)` for a tensor of `shape`."""
+    return (None,) + (1,) * (len(shape) - 1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Merge:
+    """One residual merge and which of its inputs is the shortcut.
+
+    Attributes:
+        node: The `Add` node.
+        branch: Key of the residual branch's tensor; None where ambiguous.
+        shortcut: Key of the shortcut's tensor; None where ambiguous.
+        fork: Key of the nearest tensor both inputs derive from.
+        lengths: Layers from the fork to (branch, shortcut); dropout layers
+            count 0, so a rerun sees the same lengths.
+        reason: Why no drop path can go there ("" where one can).
+    """
+
+    node: Any
+    branch: Hashable | None
+    shortcut: Hashable | None
+    fork: Hashable
+    lengths: tuple[int, int]
+    reason: str = ""
+
+    @property
+    def identity(self) -> bool:
+        return self.shortcut == self.fork
+
+
+def find_merges(view: GraphView, nodes, facts: Callable[[Any], LayerFacts]) -> list[Merge]:
+    """The residual merges among `nodes` (in their order), shortcuts identified.
+
+    An `Add` with other than two distinct input tensors, or whose inputs
+    share no ancestor, is no residual merge and is left out.
+
+    Args:
+        view: The graph.
+        nodes: Its call nodes in topological order (`view.nodes()`).
+        facts: The `LayerFacts` of an operation.
+    """
+    producer: dict = {}
+    position: dict = {}
+    for i, node in enumerate(nodes):
+        for key in view.output_keys(node):
+            producer[key] = node
+            position[key] = i
+
+    def weight(node) -> int:
+        return 0 if facts(view.operation(node)).is_dropout else 1
+
+    merges = []
+    for node in nodes:
+        if not facts(view.operation(node)).is_add:
+            continue
+        keys = list(view.input_keys(node))
+        if len(keys) != 2 or keys[0] == keys[1]:
+            continue
+        found = _fork(view, keys, producer, position, weight)
+        if found is None:
+            continue
+        fork, lengths = found
+        if lengths[0] == lengths[1]:
+            reason = f"ambiguous shortcut: both inputs {_layers(lengths[0])} from their fork"
+            merges.append(Merge(node, None, None, fork, lengths, reason))
+            continue
+        b = 0 if lengths[0] > lengths[1] else 1
+        merges.append(Merge(node, keys[b], keys[1 - b], fork, (lengths[b], lengths[1 - b])))
+    return merges
+
+
+def _fork(view: GraphView, keys, producer: dict, position: dict, weight):
+    """(fork key, (length to keys[0], length to keys[1])), or None if they share no ancestor.
+
+    Sweeps back from both inputs at once, latest tensor first: every tensor
+    is reached from all its readers before it is popped, so the first one
+    reached from both sides is the nearest common ancestor, and its
+    distances are final (shortest paths, dropout layers counting 0).
+    """
+    dist: tuple[dict, dict] = ({keys[0]: 0}, {keys[1]: 0})
+    order = itertools.count()
+    heap: list = []
+    seen: set = set()
+
+    def push(key) -> None:
+        if key not in seen:
+            seen.add(key)
+            heapq.heappush(heap, (-position.get(key, -1), next(order), key))
+
+    for key in keys:
+        push(key)
+    while heap:
+        key = heapq.heappop(heap)[2]
+        if key in dist[0] and key in dist[1]:
+            return key, (dist[0][key], dist[1][key])
+        node = producer.get(key)
+        if node is None:  # a graph input
+            continue
+        step = weight(node)
+        for parent in view.input_keys(node):
+            for side in dist:
+                if key in side:
+                    side[parent] = min(side.get(parent, math.inf), side[key] + step)
+            push(parent)
+    return None
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
+
+
+# -- the walk's side --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class State:
+    """What the drop-path part of one walk shares across nested graphs."""
+
+    merges: dict = dataclasses.field(default_factory=dict)  # id(view) -> {id(node): Merge}
+    counts: dict = dataclasses.field(default_factory=dict)  # id(view) -> merges, nested too
+    starts: dict = dataclasses.field(default_factory=dict)  # id(view) -> merges before it
+    names: dict = dataclasses.field(default_factory=dict)  # id(anchor) -> new layer's name
+    claimed: set = dataclasses.field(default_factory=set)  # dropout layers drop path decides
+    total: int = 0
+
+
+def prepare(run, view: GraphView) -> None:
+    """Counts the residual merges of the whole model (the schedule's N); warns if none."""
+    if run.policy.drop_path is None:
+        return
+    run.drop.total = _count(run, view)
+    if run.drop.total == 0:
+        run.result.warn(NO_MERGES)
+
+
+def _merges_of(run, view: GraphView) -> dict:
+    if id(view) not in run.drop.merges:
+        found = find_merges(view, list(view.nodes()), lambda op: run.facts(view, op))
+        run.drop.merges[id(view)] = {id(m.node): m for m in found}
+    return run.drop.merges[id(view)]
+
+
+def _count(run, view: GraphView) -> int:
+    if id(view) not in run.drop.counts:
+        n = len(_merges_of(run, view))
+        for node in view.nodes():
+            op = view.operation(node)
+            if run.facts(view, op).is_graph_model:
+                sub = run.sub_view(view, op)
+                n += _count(run, sub) if sub is not None else 0
+        run.drop.counts[id(view)] = n
+    return run.drop.counts[id(view)]
+
+
+def claims(run, op, facts: LayerFacts) -> bool:
+    """Whether the dropout layer `op` is a drop path's: the activation sites leave it alone."""
+    return facts.is_own_drop_path or id(op) in run.drop.claimed
+
+
+class GraphDropPaths:
+    """The drop-path decisions of one graph walk (`walk._GraphWalk`), applied node by node.
+
+    Every decision is made up front (the branch's last layer comes before the
+    merge); `after(node)` records the sites of `node` and applies the new
+    layers that go after it.
+    """
+
+    def __init__(self, graph, kept):
+        self.graph = graph
+        self.pending: dict = {}  # id(node) -> [(site args, Insert or None)]
+        self.producers: dict | None = None  # tensor key -> node
+        run, view = graph.run_, graph.view
+        for node in graph.nodes:
+            op = view.operation(node)
+            if graph.facts(op).is_own_drop_path:
+                # Left as it is, unless a merge below decides it.
+                run.fates.setdefault(id(op), kept)
+        self.kept = kept
+        if graph.policy.drop_path is None:
+            return
+        merges = _merges_of(run, view)
+        index = run.drop.starts.get(id(view), 0)
+        for node in graph.nodes:
+            op = view.operation(node)
+            if graph.facts(op).is_graph_model:
+                sub = run.sub_view(view, op)
+                if sub is not None:
+                    run.drop.starts.setdefault(id(sub), index)
+                    index += _count(run, sub)
+            elif id(node) in merges:
+                index += 1
+                self._decide(merges[id(node)], index)
+
+    def after(self, node) -> None:
+        """Records the drop-path sites of `node`; inserts what goes after it."""
+        for site, action in self.pending.pop(id(node), ()):
+            self.graph._site(*site)
+            if action is not None:
+                self.graph._apply(node, action)
+
+    def _queue(self, node, site: tuple, action: Insert | None = None) -> None:
+        self.pending.setdefault(id(node), []).append((site, action))
+
+    def _decide(self, merge: Merge, index: int) -> None:
+        graph, view, run = self.graph, self.graph.view, self.graph.run_
+        total = run.drop.total
+        rate = round(graph.policy.drop_path * index / total, 4)  # as `Policy.schedule`
+        add = view.operation(merge.node)
+        add_facts = graph.facts(add)
+
+        def skip_merge(reason: str) -> None:
+            self._queue(merge.node, (merge.node, add_facts, KIND, None, SKIP, reason))
+
+        if merge.reason:
+            return skip_merge(merge.reason)
+        if graph.inert:
+            return skip_merge(graph.inert)
+        node = self._producer(merge.branch)
+        if node is None:
+            return skip_merge("the residual branch is a graph input")
+        op = view.operation(node)
+        facts = graph.facts(op)
+        if len(view.output_keys(node)) != 1:
+            return skip_merge(f"the residual branch ends in {facts.name!r}, with several outputs")
+        others = [r for r in graph.readers.get(merge.branch, []) if r is not add]
+        if others:
+            names = ", ".join(sorted({graph.facts(r).name for r in others}))
+            return skip_merge(f"the residual branch also feeds {names}")
+        if merge.branch in graph.outputs:
+            return skip_merge("the residual branch is a model output")
+        shape = view.out_shape(node)
+        if shape is None or len(shape) < 2:
+            return skip_merge("the residual branch has no batch of samples to drop")
+        shortcut = "identity" if merge.identity else _layers(merge.lengths[1])
+        why = f"block {index}/{total} before {add_facts.name}, shortcut {shortcut}"
+        shape = tuple(shape)
+        if facts.is_dropout:
+            return self._existing(node, op, facts, rate, shape, why)
+        if facts.class_name in STOCHASTIC_DEPTH_CLASSES:
+            reason = f"branch already ends in {facts.class_name}"
+            return self._queue(node, (node, facts, KIND, None, KEEP, reason))
+        if rate == 0:
+            return self._queue(node, (node, facts, KIND, None, SKIP, f"rate is 0, {why}"))
+        self._queue(node, *self._insert(node, op, facts, rate, shape, why))
+
+    def _producer(self, key):
+        if self.producers is None:
+            view = self.graph.view
+            self.producers = {k: n for n in self.graph.nodes for k in view.output_keys(n)}
+        return self.producers.get(key)
+
+    def _insert(self, node, anchor, facts: LayerFacts, rate, shape, why, at=None):
+        """(site args, Insert) for a drop path after `anchor` (the node `at`)."""
+        graph, drop = self.graph, self.graph.run_.drop
+        if id(anchor) not in drop.names:
+            name = rules.unique_name(facts.name + SUFFIX, graph.names)
+            graph.names.add(name)
+            drop.names[id(anchor)] = name
+        action = Insert(anchor=anchor, name=drop.names[id(anchor)], **self._new(node, rate, shape))
+        site = (at or node, facts, KIND, rate, INSERT, why)
+        return site, action
+
+    def _new(self, node, rate, shape) -> dict:
+        return {
+            "kind": "Dropout",
+            "rate": rate,
+            "shape": shape,
+            "data_format": self.graph._data_format_near(node),
+            "noise_shape": noise_shape(shape),
+        }
+
+    def _existing(self, node, layer, facts: LayerFacts, rate, shape, why) -> None:
+        """The branch already ends in a dropout layer: never a second one on it.
+
+        The tool's own drop path follows the policy; the model's own dropout
+        (EfficientNet's drop-connect) stays with `existing = "keep"`, becomes
+        the drop path with `"retarget"` (keeping its name), or goes with
+        `"remove"` and the drop path takes its place.
+        """
+        graph, run = self.graph, self.graph.run_
+        if id(layer) in run.drop.claimed:  # a shared dropout, decided at its first call
+            return
+        existing = f"{facts.label}({facts.rate:g})"
+        parent = graph.view.parents(node)[0] if graph.view.parents(node) else node
+        anchor = graph.view.operation(parent)
+        anchor_facts = graph.facts(anchor)
+
+        def site(kind, r, action, reason):
+            self._queue(node, (parent, anchor_facts, kind, r, action, reason, existing))
+
+        wanted = noise_shape(shape)
+        same = facts.rate == rate and facts.class_name == "Dropout" and facts.noise_shape == wanted
+        policy = graph.policy.existing
+        if not facts.is_own_drop_path and policy == "keep":
+            return site(
+                facts.class_name, facts.rate, KEEP, "branch already ends in a dropout layer"
+            )
+        run.drop.claimed.add(id(layer))
+        if not facts.is_own_drop_path and policy == "remove":
+            # The walk removes it (existing = "remove"); the drop path goes in its place.
+            if rate == 0:
+                return site(KIND, None, SKIP, f"rate is 0, {why}")
+            run.drop.claimed.discard(id(layer))
+            site_args, action = self._insert(parent, anchor, anchor_facts, rate, shape, why)
+            self._queue(node, site_args, action)
+            return
+        if rate == 0:
+            run.fates[id(layer)] = None
+            return site(KIND, facts.rate, REMOVE, f"rate is 0, {why}")
+        if same:
+            run.fates[id(layer)] = self.kept
+            own = "inserted earlier" if facts.is_own_drop_path else "already there"
+            return site(KIND, rate, KEEP, f"drop path {own}, same rate")
+        run.fates[id(layer)] = Retarget(
+            layer=layer, anchor=anchor, **self._new(parent, rate, shape)
+        )
+        site(KIND, rate, UPDATE, f"{existing} -> {KIND}({rate:g}), {why}")
