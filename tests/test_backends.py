@@ -24,13 +24,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import cnn_functional
-from conftest import inserted
-from conftest import masked_sequence
-from conftest import mlp_sequential
-from conftest import multi_io_dict
-from conftest import nested_two_levels
-from conftest import predict
+from helpers import cnn_functional
+from helpers import inserted
+from helpers import masked_sequence
+from helpers import mlp_sequential
+from helpers import multi_io_dict
+from helpers import nested_two_levels
+from helpers import predict
 
 import regularize
 
@@ -100,17 +100,17 @@ CHILD = textwrap.dedent(
     import keras
     import numpy as np
     from click.testing import CliRunner
-    import conftest
-    from conftest import inserted
-    from conftest import predict
-    from conftest import rnn_dropout
+    import helpers
+    from helpers import inserted
+    from helpers import predict
+    from helpers import rnn_dropout
 
     import regularize
     from regularize.cli import cli
 
     result = {"backend": keras.backend.backend(), "factories": {}}
     for name in sys.argv[3].split(","):
-        factory = getattr(conftest, name)
+        factory = getattr(helpers, name)
         case = factory()
         new = regularize.add_dropout(case.model, 0.3)
         path = f"{out}/{factory.__name__}.keras"
@@ -219,7 +219,7 @@ def test_jax_rewrite_exact_and_reloads(jax_run, factory):
     _, result = jax_run
     found = result["factories"][factory.__name__]
     expected = {k: tuple(v) for k, v in found["expected"].items()}
-    assert expected  # conftest's expectations, as the child read them
+    assert expected  # helpers' expectations, as the child read them
     assert {k: tuple(v) for k, v in found["inserted"].items()} == expected
     assert found["exact"] is True
     assert found["reload_exact"] is True

@@ -9,10 +9,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import L
-from conftest import assert_exact
-from conftest import inserted
-from conftest import rnn_dropout
+from helpers import L
+from helpers import assert_exact
+from helpers import inserted
+from helpers import rnn_dropout
 
 import regularize
 from regularize.policy import Policy

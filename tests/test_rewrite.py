@@ -19,15 +19,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import FACTORIES
-from conftest import L
-from conftest import all_layers
-from conftest import assert_exact
-from conftest import assert_same_model_except_dropout
-from conftest import assert_snapshot_equal
-from conftest import inserted
-from conftest import rnn_dropout
-from conftest import snapshot
+from helpers import FACTORIES
+from helpers import L
+from helpers import all_layers
+from helpers import assert_exact
+from helpers import assert_same_model_except_dropout
+from helpers import assert_snapshot_equal
+from helpers import inserted
+from helpers import rnn_dropout
+from helpers import snapshot
 
 import regularize
 from regularize import graph
@@ -181,7 +181,7 @@ def test_compiled_input_gives_compiled_output(rewritten):
 
 
 def test_nested_trainable_flags_kept():
-    from conftest import nested_two_levels
+    from helpers import nested_two_levels
 
     case = nested_two_levels()
     new = regularize.add_dropout(case.model, 0.3)
@@ -195,7 +195,7 @@ def test_nested_trainable_flags_kept():
 
 
 def test_frozen_base_called_inference_only_is_reused_and_reported():
-    from conftest import frozen_base_inference
+    from helpers import frozen_base_inference
 
     case = frozen_base_inference()
     report = regularize.Report()
@@ -208,7 +208,7 @@ def test_frozen_base_called_inference_only_is_reused_and_reported():
 
 
 def test_mixed_precision_dtype_follows_anchor():
-    from conftest import mixed_precision
+    from helpers import mixed_precision
 
     case = mixed_precision()
     new = regularize.add_dropout(case.model, 0.3)
@@ -217,7 +217,7 @@ def test_mixed_precision_dtype_follows_anchor():
 
 
 def test_sequential_stays_sequential_with_order():
-    from conftest import mlp_sequential
+    from helpers import mlp_sequential
 
     case = mlp_sequential()
     new = regularize.add_dropout(case.model, 0.3)
@@ -235,7 +235,7 @@ def test_sequential_stays_sequential_with_order():
 
 
 def test_dict_outputs_keep_names_for_compile_loss_dict():
-    from conftest import multi_io_dict
+    from helpers import multi_io_dict
 
     case = multi_io_dict()
     new = regularize.add_dropout(case.model, 0.3)
@@ -247,7 +247,7 @@ def test_dict_outputs_keep_names_for_compile_loss_dict():
 
 
 def test_channels_first_1d_drops_whole_channels():
-    from conftest import conv_channels_first
+    from helpers import conv_channels_first
 
     case = conv_channels_first()
     new = regularize.add_dropout(case.model, 0.5)
@@ -259,7 +259,7 @@ def test_channels_first_1d_drops_whole_channels():
 
 
 def test_ops_nodes_are_replayed():
-    from conftest import ops_nodes
+    from helpers import ops_nodes
 
     case = ops_nodes()
     new = regularize.add_dropout(case.model, 0.3)
