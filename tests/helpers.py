@@ -37,6 +37,8 @@ class Case:
     # `runs_channels_first`): tests check its structure and files here and its
     # inference on JAX.
     runs_here: bool = True
+    # The model's outputs on `x`, where a test captured them before a rewrite.
+    outputs: list | None = None
 
 
 def _x(shape, seed=0):
@@ -349,17 +351,23 @@ def rnn_dropout(model) -> dict:
     return found
 
 
-def assert_same_model_except_dropout(old, new):
-    """Names, trainable flags, dtype policies and weights survive the rewrite."""
+def assert_same_model_except_dropout(old, new, before):
+    """Names, trainable flags, dtype policies and weights survive the rewrite.
+
+    Weight values are compared with `before`, the `snapshot` of `old` taken
+    before the rewrite: `new` shares `old`'s variables, so comparing the two
+    models with each other could not see a rewrite that changed them.
+    """
+    values = {path: weights for path, _, _, weights in before}
     new_layers = dict(all_layers(new))
     for path, layer in all_layers(old):
         assert path in new_layers, f"layer {path} lost"
         twin = new_layers[path]
         assert twin.trainable == layer.trainable, path
         assert twin.dtype_policy.name == layer.dtype_policy.name, path
-        assert len(twin.weights) == len(layer.weights), path
-        for v, w in zip(layer.weights, twin.weights, strict=True):
-            np.testing.assert_array_equal(np.asarray(v), np.asarray(w))
+        assert len(twin.weights) == len(values[path]), path
+        for w, value in zip(twin.weights, values[path], strict=True):
+            np.testing.assert_array_equal(np.asarray(w), value, err_msg=path)
     assert graph.graph_of(new).output_names == graph.graph_of(old).output_names
     assert new.count_params() == old.count_params()
     assert len(new.trainable_weights) == len(old.trainable_weights)
@@ -368,6 +376,12 @@ def assert_same_model_except_dropout(old, new):
         if graph.is_own_dropout(layer):
             anchor = path[: -len(graph.SUFFIX)]
             assert layer.dtype_policy.name == new_layers[anchor].dtype_policy.name
+
+
+def assert_outputs(expected: list, model, x) -> None:
+    """`model`'s outputs on `x` equal `expected` (from `predict`) bit for bit."""
+    for left, right in zip(expected, predict(model, x), strict=True):
+        np.testing.assert_array_equal(left, right)
 
 
 def snapshot(model) -> list:

@@ -688,14 +688,14 @@ def check_properties(spec: dict, policy) -> None:
     model = build(spec)
     x = sample(spec)
     before = snapshot(model)
-    expected = _outputs(model, x)
+    outputs = _outputs(model, x)
     report = regularize.Report()
     new = regularize.add_dropout(model, policy=policy, report=report)
     assert_snapshot_equal(before, snapshot(model))  # the input is not changed
     old_kernels, new_kernels = _kernels(model), _kernels(new)
     rebuilt = {p for p, layer in all_layers(model) if graph.is_recurrent(layer)}
     reduced = spec["dtype"] != "float32"
-    assert_same_outputs(expected, new, x, old_kernels == new_kernels, reduced)
+    assert_same_outputs(outputs, new, x, old_kernels == new_kernels, reduced)
     assert_kernel_warning(model, new, report)
     assert_same_weights(model, new, before, rebuilt)
     assert_placement(new, policy.preset == "blocks")
@@ -753,7 +753,7 @@ def check_properties(spec: dict, policy) -> None:
     if not _has_dropout(model):
         assert topology(reference) == topology(model)
     assert_same_weights(model, stripped, before, rebuilt, stripped=True)
-    assert_same_outputs(expected, stripped, x, _kernels(stripped) == old_kernels, reduced)
+    assert_same_outputs(outputs, stripped, x, _kernels(stripped) == old_kernels, reduced)
     assert_kernel_warning(new, stripped, stripped_report)
     assert_snapshot_equal(before, snapshot(model))
 
