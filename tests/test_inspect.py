@@ -12,6 +12,7 @@ import time
 
 import keras
 import pytest
+from click.testing import _NamedTextIOWrapper
 from helpers import assert_exact
 from helpers import cnn_functional
 from helpers import inserted
@@ -218,9 +219,22 @@ def test_progress_keeps_turning_while_descriptor_2_is_silenced(tmp_path):
     assert shown.endswith("\r\x1b[2K")
 
 
-def test_quiet_flag_is_accepted(model_file):
-    result = invoke("inspect", model_file, "-q")
-    assert result.exit_code == 0 and result.stderr == ""
+@pytest.mark.parametrize(("flags", "drawn"), [((), True), (("-q",), False)], ids=["", "-q"])
+def test_quiet_hides_the_progress_line(model_file, monkeypatch, flags, drawn):
+    """On a terminal, stderr shows a progress line; `-q` shows none.
+
+    CliRunner's streams are no terminal, where the line is never drawn (so
+    `-q` alone could not fail there): here its stderr says it is one, and the
+    line, drawn on stderr itself since that has no file descriptor, is captured.
+    """
+    monkeypatch.setattr(_NamedTextIOWrapper, "isatty", lambda self: self.name == "<stderr>")
+    result = invoke("inspect", model_file, *flags)
+    assert result.exit_code == 0, result.output
+    assert (f"loading {model_file} ..." in result.stderr) is drawn, result.stderr
+    assert result.stderr.endswith("\r\x1b[2K") is drawn  # erased at the end
+    if not drawn:
+        assert result.stderr == ""
+    assert result.stdout.rstrip().endswith("would skip 1 site: 1 feeds BatchNormalization")
 
 
 # -- names from a model file cannot drive the terminal (issue 10, item 9) ------
