@@ -13,13 +13,16 @@ import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import assert_exact
+from helpers import assert_outputs
 from helpers import cnn_functional
 from helpers import error_line
 from helpers import inserted
 from helpers import invoke
+from helpers import predict
 
 from regularize.cli import cli
 
@@ -660,3 +663,36 @@ def test_runs_from_a_working_folder_that_was_removed(tmp_path):
     run = subprocess.run([sys.executable, "-c", code, str(gone)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("regularize, version")
+
+
+def test_add_dropout_mc_keeps_dropout_active_at_inference(model_file, tmp_path):
+    """`--mc`: MC layers that fire at inference; remove-dropout gives the original back."""
+    original = keras.models.load_model(model_file)
+    x = cnn_functional().x
+    expected = predict(original, x)
+    out = tmp_path / "mc.keras"
+    result = invoke("add-dropout", model_file, "--mc", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "inserted 4 sites: 3 SpatialDropout2D, 1 Dropout",
+        "skipped 1 site: 1 feeds BatchNormalization",
+        f"wrote {out}",
+    ]
+    mc = keras.models.load_model(out)  # the MC classes are registered by `import regularize`
+    assert inserted(mc) == {
+        "r2__dropout": ("MCSpatialDropout2D", 0.3),
+        "c3__dropout": ("MCSpatialDropout2D", 0.3),
+        "leaky__dropout": ("MCSpatialDropout2D", 0.3),
+        "fc__dropout": ("MCDropout", 0.3),
+    }
+    keras.utils.set_random_seed(0)
+    first, second = predict(mc, x)[0], predict(mc, x)[0]
+    assert not np.array_equal(first, second)  # a new mask at each inference call
+    assert not np.array_equal(first, expected[0])
+    for old, new in zip(original.weights, mc.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(old), np.asarray(new), err_msg=old.path)
+    plain = tmp_path / "plain.keras"
+    result = invoke("remove-dropout", out, "-o", plain)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "removed 4 sites: 3 MCSpatialDropout2D, 1 MCDropout"
+    assert_outputs(expected, keras.models.load_model(plain), x)
