@@ -28,6 +28,10 @@ LSTM_KERNEL = (
     "recurrent dropout switches LSTM to its per-gate kernel (implementation=1): "
     "inference can differ from the original by float rounding (about 1e-7)"
 )
+LSTM_KERNEL_BACK = (
+    "removing recurrent dropout switches LSTM back to its fused kernel (implementation=2): "
+    "inference can differ from the original by float rounding (about 1e-7)"
+)
 
 
 def is_own_name(name: str) -> bool:
@@ -76,6 +80,16 @@ def has_lstm_cell(config) -> bool:
     if isinstance(config, list):
         return any(has_lstm_cell(v) for v in config)
     return False
+
+
+def returns_to_fused_lstm(config, settings) -> bool:
+    """Whether clearing recurrent dropout gives an LSTM its fused kernel back.
+
+    Keras 3 does not save the `implementation` that recurrent dropout forced
+    to 1, so the rebuilt cell takes the fused kernel (2); tf_keras saves the 1
+    and keeps it.
+    """
+    return has_lstm_cell(config) and any(s.get("implementation", 2) != 1 for s in settings)
 
 
 def describe_rnn(values) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import assert_exact
-from conftest import inserted
+from helpers import assert_exact
+from helpers import inserted
 
 import regularize
 

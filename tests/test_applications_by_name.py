@@ -21,16 +21,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import assert_exact
-from conftest import inserted
+from helpers import assert_exact
+from helpers import error_line
+from helpers import inserted
+from helpers import invoke
 from keras.src.backend import config as keras_config
 from keras.src.utils import file_utils
 
 import regularize
 from regularize import applications
-from regularize import io
-from regularize.cli import cli
 from regularize.errors import ModelLoadError
 
 # name -> input size: the smallest each accepts (InceptionV3 needs 75 px).
@@ -47,28 +46,8 @@ APPS = {
 CLASSES = 7
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "transfer_learning.py"
 
-CLI_WIRED = any("--weights" in p.opts for p in cli.commands["add-dropout"].params)
-_LOAD_PARAMS = inspect.signature(io.load_model).parameters
-LOAD_MODEL_WIRED = "weights" in _LOAD_PARAMS or any(
-    p.kind is inspect.Parameter.VAR_KEYWORD for p in _LOAD_PARAMS.values()
-)
-needs_cli = pytest.mark.skipif(not CLI_WIRED, reason="CLI wiring pending (--weights)")
-needs_load_model = pytest.mark.skipif(
-    not LOAD_MODEL_WIRED, reason="regularize.load_model wiring pending (weights=...)"
-)
 # Keras warns when ImageNet weights meet a non-224 input; expected here.
 quiet_input_shape = pytest.mark.filterwarnings("ignore:`input_shape` is undefined")
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def _error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # --- names and options: no model built -----------------------------------
@@ -453,11 +432,10 @@ def test_load_application_by_name_with_local_weights(reference):
     assert_exact(reference.model, model, reference.x)
 
 
-@needs_cli
 @pytest.mark.slow
 def test_cli_add_dropout_by_name(reference, tmp_path):
     out = tmp_path / f"{reference.name}_dropout.keras"
-    result = _invoke(
+    result = invoke(
         "add-dropout",
         f"keras.applications.{reference.name}",
         "--weights",
@@ -482,7 +460,6 @@ def test_cli_add_dropout_by_name(reference, tmp_path):
 # --- regularize.load_model and the CLI: wiring --------------------------------
 
 
-@needs_load_model
 def test_load_model_by_name():
     model = regularize.load_model(
         "keras.applications.MobileNetV3Small",
@@ -494,7 +471,6 @@ def test_load_model_by_name():
     assert "predictions" not in [layer.name for layer in model.layers]
 
 
-@needs_load_model
 def test_load_model_refuses_application_options_for_files(tmp_path):
     path = tmp_path / "tiny.keras"
     keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
@@ -502,7 +478,6 @@ def test_load_model_refuses_application_options_for_files(tmp_path):
         regularize.load_model(path, weights=None)
 
 
-@needs_load_model
 def test_load_model_prefers_an_existing_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # A file whose name reads like an Application: the file wins.
@@ -511,16 +486,14 @@ def test_load_model_prefers_an_existing_file(tmp_path, monkeypatch):
         regularize.load_model("keras.applications.ResNet50")
 
 
-@needs_cli
 def test_cli_unknown_application(tmp_path):
-    result = _invoke("add-dropout", "keras.applications.ResNet5O", "-o", tmp_path / "o.keras")
+    result = invoke("add-dropout", "keras.applications.ResNet5O", "-o", tmp_path / "o.keras")
     assert result.exit_code == 2
-    line = _error_line(result)
+    line = error_line(result)
     assert "Unknown Keras Application 'ResNet5O'. Did you mean: keras.applications.ResNet50" in line
     assert not (tmp_path / "o.keras").exists()
 
 
-@needs_cli
 @pytest.mark.parametrize(
     "option",
     [["--weights", "none"], ["--no-top"], ["--input-shape", "32,32,3"], ["--classes", "3"]],
@@ -529,42 +502,39 @@ def test_cli_unknown_application(tmp_path):
 def test_cli_application_options_refused_for_files(tmp_path, option):
     path = tmp_path / "tiny.keras"
     keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
-    result = _invoke("add-dropout", path, *option, "-o", tmp_path / "o.keras")
+    result = invoke("add-dropout", path, *option, "-o", tmp_path / "o.keras")
     assert result.exit_code == 2
-    line = _error_line(result)
+    line = error_line(result)
     assert option[0] in line and "keras.applications" in line
 
 
-@needs_cli
 def test_cli_bad_input_shape():
-    result = _invoke("add-dropout", "keras.applications.ResNet50", "--input-shape", "224x224")
+    result = invoke("add-dropout", "keras.applications.ResNet50", "--input-shape", "224x224")
     assert result.exit_code == 2
-    assert _error_line(result).endswith(
+    assert error_line(result).endswith(
         "Expected three comma-separated positive integers (height,width,channels), "
         "e.g. 224,224,3. Received: input_shape='224x224'"
     )
 
 
-@needs_cli
 def test_cli_missing_weights_file(tmp_path):
     missing = tmp_path / "nope.weights.h5"
-    result = _invoke("add-dropout", "keras.applications.ResNet50", "--weights", missing)
+    result = invoke("add-dropout", "keras.applications.ResNet50", "--weights", missing)
     assert result.exit_code == 2
-    assert _error_line(result).endswith(
+    assert error_line(result).endswith(
         f"no such file. Expected 'imagenet', --weights none "
         f"or the path of a weights file. Received: "
         f"weights={str(missing)!r}"
     )
 
 
-@needs_cli
 @quiet_input_shape
 def test_cli_imagenet_offline(offline, tmp_path):
     urls = offline(
         urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
     )
     out = tmp_path / "o.keras"
-    result = _invoke(
+    result = invoke(
         "add-dropout",
         "keras.applications.MobileNetV3Small",
         "--no-top",
@@ -574,7 +544,7 @@ def test_cli_imagenet_offline(offline, tmp_path):
         out,
     )
     assert result.exit_code == 1
-    assert _error_line(result) == (
+    assert error_line(result) == (
         "Error: Cannot download the imagenet weights of MobileNetV3Small: no network "
         f"([Errno -3] Temporary failure in name resolution). Download them elsewhere ({urls[0]}) "
         "and pass --weights PATH, or use --weights none."
@@ -582,10 +552,9 @@ def test_cli_imagenet_offline(offline, tmp_path):
     assert not out.exists()
 
 
-@needs_cli
 def test_cli_classes_and_default_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = _invoke(
+    result = invoke(
         "add-dropout",
         "keras.applications.MobileNetV3Small",
         "--weights",
@@ -613,7 +582,6 @@ def _example():
     return module
 
 
-@needs_load_model
 @pytest.mark.slow
 def test_transfer_learning_example(capsys):
     trained, history = _example().main(weights=None, image_size=32, epochs=1)

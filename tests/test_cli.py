@@ -13,40 +13,27 @@ import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import assert_exact
-from conftest import cnn_functional
-from conftest import inserted
+from helpers import assert_exact
+from helpers import assert_outputs
+from helpers import cnn_functional
+from helpers import error_line
+from helpers import inserted
+from helpers import invoke
+from helpers import predict
 
 from regularize.cli import cli
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _error_line(result):
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
-@pytest.fixture
-def model_file(saved_cnn, tmp_path):
-    path = tmp_path / "cnn.keras"
-    path.write_bytes(saved_cnn.read_bytes())
-    return path
-
-
 def test_add_dropout_writes_default_output_next_to_input(model_file):
     before = _digest(model_file)
-    result = _invoke("add-dropout", model_file, "--rate", "0.3")
+    result = invoke("add-dropout", model_file, "--rate", "0.3")
     assert result.exit_code == 0, result.output
     out = model_file.with_name("cnn_dropout.keras")
     assert result.stdout.splitlines() == [
@@ -64,14 +51,14 @@ def test_add_dropout_writes_default_output_next_to_input(model_file):
 def test_existing_output_needs_force(model_file, tmp_path):
     out = tmp_path / "out.keras"
     out.write_bytes(b"precious")
-    result = _invoke("add-dropout", model_file, "-o", out)
+    result = invoke("add-dropout", model_file, "-o", out)
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         f"Error: Invalid value for '-o' / '--output': Cannot write model to '{out}': the file "
         "already exists. Pass --force to replace it."
     )
     assert out.read_bytes() == b"precious"
-    result = _invoke("add-dropout", model_file, "-o", out, "--force")
+    result = invoke("add-dropout", model_file, "-o", out, "--force")
     assert result.exit_code == 0
     assert zipfile.is_zipfile(out)
 
@@ -80,9 +67,9 @@ def test_an_existing_default_output_is_named_with_o_and_force(model_file):
     """The user never typed -o: the message names the default path, not '-o'."""
     default = model_file.with_name("cnn_dropout.keras")
     default.write_bytes(b"precious")
-    result = _invoke("add-dropout", model_file)
+    result = invoke("add-dropout", model_file)
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         f"Error: Invalid value for the default output (pass -o): Cannot write model to "
         f"'{default}': the file already exists. Pass --force to "
         "replace it."
@@ -92,9 +79,9 @@ def test_an_existing_default_output_is_named_with_o_and_force(model_file):
 
 def test_output_equal_to_input_is_refused(model_file):
     before = _digest(model_file)
-    result = _invoke("add-dropout", model_file, "-o", model_file, "--force")
+    result = invoke("add-dropout", model_file, "-o", model_file, "--force")
     assert result.exit_code == 2
-    assert "it is the input model. Expected another path." in _error_line(result)
+    assert "it is the input model. Expected another path." in error_line(result)
     assert _digest(model_file) == before
 
 
@@ -102,18 +89,18 @@ def test_output_equal_to_input_is_refused(model_file):
     ("value", "shown"), [("1.5", "'1.5'"), ("-0.1", "'-0.1'"), ("abc", "'abc'"), ("nan", "'nan'")]
 )
 def test_bad_rate_exit_2(model_file, value, shown):
-    result = _invoke("add-dropout", model_file, "--rate", value)
+    result = invoke("add-dropout", model_file, "--rate", value)
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         f"Error: Invalid value for '--rate': Expected a float in [0, 1). Received: {shown}"
     )
     assert not model_file.with_name("cnn_dropout.keras").exists()
 
 
 def test_bad_recurrent_rate_exit_2(model_file):
-    result = _invoke("add-dropout", model_file, "--recurrent-rate", "1")
+    result = invoke("add-dropout", model_file, "--recurrent-rate", "1")
     assert result.exit_code == 2
-    assert "Invalid value for '--recurrent-rate'" in _error_line(result)
+    assert "Invalid value for '--recurrent-rate'" in error_line(result)
 
 
 @pytest.mark.parametrize(
@@ -125,16 +112,16 @@ def test_bad_recurrent_rate_exit_2(model_file):
     ],
 )
 def test_bad_output_path_exit_2_before_loading(model_file, name, message):
-    result = _invoke("add-dropout", model_file, "-o", model_file.parent / name)
+    result = invoke("add-dropout", model_file, "-o", model_file.parent / name)
     assert result.exit_code == 2
-    assert message in _error_line(result)
+    assert message in error_line(result)
     assert "keras" not in result.stdout
 
 
 def test_missing_input_exit_2(tmp_path):
-    result = _invoke("add-dropout", tmp_path / "nope.keras")
+    result = invoke("add-dropout", tmp_path / "nope.keras")
     assert result.exit_code == 2
-    assert _error_line(result).startswith("Error: Invalid value for 'INPUT': no such file.")
+    assert error_line(result).startswith("Error: Invalid value for 'INPUT': no such file.")
 
 
 @pytest.mark.parametrize(
@@ -148,9 +135,9 @@ def test_missing_input_exit_2(tmp_path):
 def test_unreadable_model_exit_1(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
-    result = _invoke("add-dropout", path)
+    result = invoke("add-dropout", path)
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert line.startswith("Error: Cannot read model: ")
     assert message in line
     assert f"Received: path='{path}'" in line
@@ -160,13 +147,13 @@ def test_unreadable_model_exit_1(tmp_path, name, content, message):
 def test_truncated_and_not_a_model_zip_exit_1(model_file, tmp_path):
     cut = tmp_path / "cut.keras"
     cut.write_bytes(model_file.read_bytes()[:1000])
-    result = _invoke("add-dropout", cut)
-    assert result.exit_code == 1 and "not a `.keras` archive" in _error_line(result)
+    result = invoke("add-dropout", cut)
+    assert result.exit_code == 1 and "not a `.keras` archive" in error_line(result)
     other = tmp_path / "other.keras"
     with zipfile.ZipFile(other, "w") as archive:
         archive.writestr("data.csv", "1,2")
-    result = _invoke("add-dropout", other)
-    assert result.exit_code == 1 and "no `config.json`" in _error_line(result)
+    result = invoke("add-dropout", other)
+    assert result.exit_code == 1 and "no `config.json`" in error_line(result)
 
 
 def test_debug_shows_the_exception(tmp_path):
@@ -178,7 +165,7 @@ def test_debug_shows_the_exception(tmp_path):
 
 
 def test_dry_run_writes_nothing(model_file):
-    result = _invoke("add-dropout", model_file, "--dry-run")
+    result = invoke("add-dropout", model_file, "--dry-run")
     assert result.exit_code == 0
     header, first = result.stdout.splitlines()[:2]
     assert header.split() == ["ACTION", "LAYER", "CLASS", "SHAPE", "DEPTH", "EXISTING"] + [
@@ -193,7 +180,7 @@ def test_dry_run_writes_nothing(model_file):
 
 def test_json_output(model_file, tmp_path):
     out = tmp_path / "j.keras"
-    result = _invoke("add-dropout", model_file, "-o", out, "--json", "--rate", "0.2")
+    result = invoke("add-dropout", model_file, "-o", out, "--json", "--rate", "0.2")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["output"] == str(out)
@@ -210,10 +197,10 @@ def test_lambda_model_needs_unsafe(tmp_path):
     out = keras.layers.Lambda(lambda t: t + 1.0, name="plus")(x)
     path = tmp_path / "lam.keras"
     keras.Model(inp, out).save(path)
-    result = _invoke("add-dropout", path)
+    result = invoke("add-dropout", path)
     assert result.exit_code == 1
-    assert "--unsafe" in _error_line(result)
-    result = _invoke("add-dropout", path, "--unsafe")
+    assert "--unsafe" in error_line(result)
+    result = invoke("add-dropout", path, "--unsafe")
     assert result.exit_code == 0, result.output
 
 
@@ -243,17 +230,17 @@ def test_subclassed_model_file_is_refused_cleanly(tmp_path):
         model(keras.ops.ones((1, 3)))
         path = tmp_path / "sub.keras"
         model.save(path)
-        result = _invoke("add-dropout", path, "--custom-objects", module)
+        result = invoke("add-dropout", path, "--custom-objects", module)
     finally:
         sys.path.remove(str(tmp_path))
     assert result.exit_code == 1
-    assert "Cannot rewrite subclassed model 'Net'" in _error_line(result)
+    assert "Cannot rewrite subclassed model 'Net'" in error_line(result)
 
 
 def test_remove_dropout_command(model_file, tmp_path):
     with_dropout = tmp_path / "with.keras"
-    assert _invoke("add-dropout", model_file, "-o", with_dropout).exit_code == 0
-    result = _invoke("remove-dropout", with_dropout, "-o", tmp_path / "without.keras")
+    assert invoke("add-dropout", model_file, "-o", with_dropout).exit_code == 0
+    result = invoke("remove-dropout", with_dropout, "-o", tmp_path / "without.keras")
     assert result.exit_code == 0
     assert result.stdout.splitlines()[0] == "removed 4 sites: 3 SpatialDropout2D, 1 Dropout"
     assert inserted(keras.models.load_model(tmp_path / "without.keras")) == {}
@@ -371,12 +358,12 @@ def test_custom_objects_by_module_name(tmp_path, monkeypatch):
     out = team_layers.Shift(name="shift")(keras.layers.Dense(3, activation="relu", name="fc")(inp))
     path = tmp_path / "shift.keras"
     keras.Model(inp, out).save(path)
-    result = _invoke("add-dropout", path, "--custom-objects", "team_layers", "--dry-run")
+    result = invoke("add-dropout", path, "--custom-objects", "team_layers", "--dry-run")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[1].split()[:2] == ["insert", "fc"]
-    result = _invoke("add-dropout", path, "--custom-objects", "no_such_module_xyz")
+    result = invoke("add-dropout", path, "--custom-objects", "no_such_module_xyz")
     assert result.exit_code == 1
-    assert "Cannot read custom objects from 'no_such_module_xyz'" in _error_line(result)
+    assert "Cannot read custom objects from 'no_such_module_xyz'" in error_line(result)
 
 
 def test_python_dash_m_runs():
@@ -400,9 +387,9 @@ def test_a_name_over_255_bytes_is_one_line_exit_2(model_file, tmp_path, where, h
     args = {"input": model_file, "output": tmp_path / "out.keras", "policy": None}
     args[where] = tmp_path / f"{LONG}.keras"
     extra = ["--policy", args["policy"]] if args["policy"] else []
-    result = _invoke("add-dropout", args["input"], "-o", args["output"], *extra)
+    result = invoke("add-dropout", args["input"], "-o", args["output"], *extra)
     assert result.exit_code == 2
-    line = _error_line(result)
+    line = error_line(result)
     assert line.startswith(
         f"Error: Invalid value for {hint}: Cannot use path: a name in it is longer than the "
         "file system allows. Expected names of at most 255 bytes. Received: '"
@@ -415,27 +402,27 @@ def test_a_default_output_name_over_255_bytes_is_one_line(model_file, tmp_path):
     # 245 + "_dropout.keras" passes the limit; the input's own name does not.
     source = tmp_path / ("m" * 245 + ".keras")
     source.write_bytes(model_file.read_bytes())
-    result = _invoke("add-dropout", source)
+    result = invoke("add-dropout", source)
     assert result.exit_code == 2
-    assert _error_line(result).startswith(
+    assert error_line(result).startswith(
         "Error: Invalid value for the default output (pass -o): Cannot use path: a name in it "
         "is longer than the file system allows."
     )
-    assert _invoke("add-dropout", source, "--dry-run").exit_code == 0
+    assert invoke("add-dropout", source, "--dry-run").exit_code == 0
 
 
 def test_a_symlink_loop_or_a_device_as_policy_is_one_line(model_file, tmp_path):
     loop = tmp_path / "loop.toml"
     loop.symlink_to(loop)
-    result = _invoke("inspect", model_file, "--policy", loop)
+    result = invoke("inspect", model_file, "--policy", loop)
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         "Error: Invalid value for '--policy': Cannot use path: it is a symlink loop. Expected "
         f"a file, a folder or a link to one. Received: '{loop}'"
     )
-    result = _invoke("inspect", model_file, "--policy", "/dev/zero")
+    result = invoke("inspect", model_file, "--policy", "/dev/zero")
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         "Error: Invalid value for '--policy': Cannot read policy file: it is a character "
         "device, not a regular file. Expected a TOML file. Received: '/dev/zero'"
     )
@@ -463,16 +450,16 @@ def test_a_fifo_as_policy_is_refused_without_waiting(tmp_path):
 def test_a_deeply_nested_or_huge_policy_is_one_short_line(model_file, tmp_path):
     policy = tmp_path / "deep.toml"
     policy.write_text("rate = " + "[" * 5000 + "]" * 5000)
-    result = _invoke("add-dropout", model_file, "--policy", policy)
+    result = invoke("add-dropout", model_file, "--policy", policy)
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         f"Error: Invalid value for '--policy': Cannot read policy file '{policy}': it nests "
         "arrays or tables too deeply to parse. Expected `key = value` lines and [[rule]] tables."
     )
     policy.write_text('zzz = "' + "a" * 5_000_000 + '"')
-    result = _invoke("add-dropout", model_file, "--policy", policy)
+    result = invoke("add-dropout", model_file, "--policy", policy)
     assert result.exit_code == 2
-    line = _error_line(result)
+    line = error_line(result)
     assert line.endswith("Received: zzz='" + "a" * 80 + "...' (5000000 chars)")
     assert len(line) < 400
 
@@ -488,12 +475,12 @@ def test_the_error_line_and_the_wrote_line_escape_control_characters(model_file,
         raise ModelLoadError("Cannot read layer 'a\x1b]0;pwned\x07b\nc\x9b31m': bad")
 
     monkeypatch.setattr(model_io, "load_model", refuse)
-    result = _invoke("inspect", model_file)
+    result = invoke("inspect", model_file)
     assert result.exit_code == 1
-    assert _error_line(result) == "Error: Cannot read layer 'a\\x1b]0;pwned\\x07b\\nc\\x9b31m': bad"
+    assert error_line(result) == "Error: Cannot read layer 'a\\x1b]0;pwned\\x07b\\nc\\x9b31m': bad"
     monkeypatch.undo()
     out = model_file.with_name("out\x1b[2J\r.keras")
-    result = _invoke("add-dropout", model_file, "-o", out)
+    result = invoke("add-dropout", model_file, "-o", out)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1] == "wrote " + str(out).replace("\x1b", "\\x1b").replace(
         "\r", "\\r"
@@ -528,12 +515,12 @@ HEAD_EMPTY = (
 
 def test_a_policy_that_inserts_nothing_exits_3_and_writes_nothing(topless_base, tmp_path):
     out = tmp_path / "out.keras"
-    result = _invoke("add-dropout", topless_base, "--preset", "head", "-o", out)
+    result = invoke("add-dropout", topless_base, "--preset", "head", "-o", out)
     assert result.exit_code == 3
     assert result.stdout.splitlines() == [
         "skipped 2 sites: 1 preset head: before the last normalization layer, 1 model output"
     ]
-    assert _error_line(result) == (
+    assert error_line(result) == (
         f"Error: The policy inserted {HEAD_EMPTY} Nothing written; pass --allow-empty to write "
         "the model anyway."
     )
@@ -543,29 +530,29 @@ def test_a_policy_that_inserts_nothing_exits_3_and_writes_nothing(topless_base, 
 
 def test_allow_empty_writes_the_model_and_warns(topless_base, tmp_path):
     out = tmp_path / "out.keras"
-    result = _invoke("add-dropout", topless_base, "--preset", "head", "-o", out, "--allow-empty")
+    result = invoke("add-dropout", topless_base, "--preset", "head", "-o", out, "--allow-empty")
     assert result.exit_code == 0
     assert result.stdout.splitlines()[-1] == f"wrote {out}"
-    assert _error_line(result) == f"Warning: The policy inserted {HEAD_EMPTY}"
+    assert error_line(result) == f"Warning: The policy inserted {HEAD_EMPTY}"
     assert inserted(keras.models.load_model(out)) == {}
 
 
 def test_a_plan_that_inserts_nothing_exits_3(topless_base):
     for command in (["inspect"], ["add-dropout", "--dry-run"]):
-        result = _invoke(*command, topless_base, "--preset", "head")
+        result = invoke(*command, topless_base, "--preset", "head")
         assert result.exit_code == 3, command
         assert "would skip 2 sites" in result.stdout
-        assert _error_line(result) == (
+        assert error_line(result) == (
             f"Error: The policy would insert {HEAD_EMPTY} Pass --allow-empty to accept that."
         )
-        result = _invoke(*command, topless_base, "--preset", "head", "--allow-empty")
+        result = invoke(*command, topless_base, "--preset", "head", "--allow-empty")
         assert result.exit_code == 0
-        assert _error_line(result).startswith("Warning: The policy would insert no dropout")
+        assert error_line(result).startswith("Warning: The policy would insert no dropout")
     assert sorted(p.name for p in topless_base.parent.iterdir()) == ["base.keras"]
 
 
 def test_json_of_an_empty_result_has_no_output(topless_base, tmp_path):
-    result = _invoke("add-dropout", topless_base, "--preset", "head", "--json")
+    result = invoke("add-dropout", topless_base, "--preset", "head", "--json")
     assert result.exit_code == 3
     assert json.loads(result.stdout)["output"] is None
     assert not topless_base.with_name("base_dropout.keras").exists()
@@ -573,13 +560,13 @@ def test_json_of_an_empty_result_has_no_output(topless_base, tmp_path):
 
 def test_a_rerun_keeping_the_tools_dropout_and_rate_0_are_not_empty(model_file, tmp_path):
     first, second = tmp_path / "first.keras", tmp_path / "second.keras"
-    assert _invoke("add-dropout", model_file, "-o", first).exit_code == 0
-    result = _invoke("add-dropout", first, "-o", second)  # the same rate: every site kept
+    assert invoke("add-dropout", model_file, "-o", first).exit_code == 0
+    result = invoke("add-dropout", first, "-o", second)  # the same rate: every site kept
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == "kept 4 sites: 4 inserted earlier, same rate"
     assert result.stderr == ""
     # --rate 0 asks for no dropout: removing the tool's is what it is for.
-    result = _invoke("add-dropout", first, "--rate", "0", "-o", tmp_path / "none.keras")
+    result = invoke("add-dropout", first, "--rate", "0", "-o", tmp_path / "none.keras")
     assert result.exit_code == 0 and result.stderr == ""
     assert inserted(keras.models.load_model(tmp_path / "none.keras")) == {}
 
@@ -590,9 +577,9 @@ def test_the_models_own_dropout_alone_is_empty_with_its_advice(tmp_path):
     x = keras.layers.Dropout(0.5, name="own")(x)
     path = tmp_path / "own.keras"
     keras.Model(inputs, keras.layers.Dense(2, name="out")(x)).save(path)
-    result = _invoke("inspect", path)
+    result = invoke("inspect", path)
     assert result.exit_code == 3
-    assert _error_line(result) == (
+    assert error_line(result) == (
         "Error: The policy would insert no dropout: it leaves out the only candidate site "
         "(1 already followed by Dropout). Dropout the model already has is kept as it is: set "
         'existing = "retarget" in a --policy file to give it the policy\'s rate. Pass '
@@ -676,3 +663,36 @@ def test_runs_from_a_working_folder_that_was_removed(tmp_path):
     run = subprocess.run([sys.executable, "-c", code, str(gone)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("regularize, version")
+
+
+def test_add_dropout_mc_keeps_dropout_active_at_inference(model_file, tmp_path):
+    """`--mc`: MC layers that fire at inference; remove-dropout gives the original back."""
+    original = keras.models.load_model(model_file)
+    x = cnn_functional().x
+    expected = predict(original, x)
+    out = tmp_path / "mc.keras"
+    result = invoke("add-dropout", model_file, "--mc", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "inserted 4 sites: 3 SpatialDropout2D, 1 Dropout",
+        "skipped 1 site: 1 feeds BatchNormalization",
+        f"wrote {out}",
+    ]
+    mc = keras.models.load_model(out)  # the MC classes are registered by `import regularize`
+    assert inserted(mc) == {
+        "r2__dropout": ("MCSpatialDropout2D", 0.3),
+        "c3__dropout": ("MCSpatialDropout2D", 0.3),
+        "leaky__dropout": ("MCSpatialDropout2D", 0.3),
+        "fc__dropout": ("MCDropout", 0.3),
+    }
+    keras.utils.set_random_seed(0)
+    first, second = predict(mc, x)[0], predict(mc, x)[0]
+    assert not np.array_equal(first, second)  # a new mask at each inference call
+    assert not np.array_equal(first, expected[0])
+    for old, new in zip(original.weights, mc.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(old), np.asarray(new), err_msg=old.path)
+    plain = tmp_path / "plain.keras"
+    result = invoke("remove-dropout", out, "-o", plain)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "removed 4 sites: 3 MCSpatialDropout2D, 1 MCDropout"
+    assert_outputs(expected, keras.models.load_model(plain), x)

@@ -33,7 +33,9 @@ from pathlib import Path
 import h5py
 import keras
 import pytest
-from click.testing import CliRunner
+from helpers import copy_model
+from helpers import error_line
+from helpers import invoke
 from hypothesis import HealthCheck
 from hypothesis import Phase
 from hypothesis import given
@@ -42,7 +44,6 @@ from hypothesis import strategies as st
 
 import regularize
 from regularize import io as rio
-from regularize.cli import cli
 from regularize.errors import ModelSaveError
 
 L = keras.layers
@@ -53,18 +54,6 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def _error_line(result) -> str:
-    """The one line a failing command prints: no traceback, no second line."""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def _small_model():
@@ -89,10 +78,8 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture
-def model_file(saved, tmp_path):
-    path = tmp_path / "small.keras"
-    shutil.copy(saved / "small.keras", path)
-    return path
+def small_file(saved, tmp_path):
+    return copy_model(saved / "small.keras", tmp_path)
 
 
 def _rewrite_member(src: Path, dst: Path, name: str, change) -> None:
@@ -137,11 +124,11 @@ def _wait_for(path: Path, process, seconds=180) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_during_save_leaves_no_output_and_next_run_cleans_up(model_file, tmp_path):
+def test_sigkill_during_save_leaves_no_output_and_next_run_cleans_up(small_file, tmp_path):
     out = tmp_path / "out.keras"
     ready = tmp_path / "ready"
-    before = _digest(model_file)
-    code = _KILLED_CHILD.format(ready=str(ready), src=str(model_file), out=str(out))
+    before = _digest(small_file)
+    code = _KILLED_CHILD.format(ready=str(ready), src=str(small_file), out=str(out))
     child = subprocess.Popen(
         [sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -155,7 +142,7 @@ def test_sigkill_during_save_leaves_no_output_and_next_run_cleans_up(model_file,
         child.communicate()
     assert child.returncode == -9
     assert not out.exists()
-    assert _digest(model_file) == before
+    assert _digest(small_file) == before
     # SIGKILL cannot be caught: the temporary file stays, hidden, next to OUT.
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("small.keras", "ready"))
     assert len(left) == 1 and left[0].startswith(f".out.{child.pid}.")
@@ -163,7 +150,7 @@ def test_sigkill_during_save_leaves_no_output_and_next_run_cleans_up(model_file,
 
     # The next run (a new process) writes OUT and removes the stale file.
     rerun = subprocess.run(
-        [sys.executable, "-m", "regularize", "add-dropout", model_file, "-o", out],
+        [sys.executable, "-m", "regularize", "add-dropout", small_file, "-o", out],
         env=ENV,
         capture_output=True,
         text=True,
@@ -171,7 +158,7 @@ def test_sigkill_during_save_leaves_no_output_and_next_run_cleans_up(model_file,
     )
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.keras", "ready", "small.keras"]
-    assert _digest(model_file) == before
+    assert _digest(small_file) == before
     keras.models.load_model(out)
 
 
@@ -228,27 +215,27 @@ def _read_only(folder: Path):
         subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
-def test_read_only_output_folder(model_file, tmp_path):
+def test_read_only_output_folder(small_file, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     out = locked / "out.keras"
-    before = _digest(model_file)
+    before = _digest(small_file)
     with _read_only(locked):
         with pytest.raises(OSError):  # the folder really refuses files
             (locked / "probe").write_bytes(b"")
-        result = _invoke("add-dropout", model_file, "-o", out)
+        result = invoke("add-dropout", small_file, "-o", out)
         assert result.exit_code == 2
-        assert _error_line(result) == (
+        assert error_line(result) == (
             f"Error: Invalid value for '-o' / '--output': Cannot write model to '{out}': "
             f"folder '{locked}' is not writable. Expected a folder you may create files in."
         )
         with pytest.raises(ModelSaveError, match="is not writable"):
             regularize.save_model(_small_model(), out)
     assert os.listdir(locked) == []
-    assert _digest(model_file) == before
+    assert _digest(small_file) == before
 
 
-def test_folder_turning_read_only_during_the_run(model_file, tmp_path, monkeypatch):
+def test_folder_turning_read_only_during_the_run(small_file, tmp_path, monkeypatch):
     """The early check passed, then the temporary file cannot be created: exit 1."""
 
     def refuse(*args, **kwargs):
@@ -256,22 +243,22 @@ def test_folder_turning_read_only_during_the_run(model_file, tmp_path, monkeypat
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     out = tmp_path / "out.keras"
-    result = _invoke("add-dropout", model_file, "-o", out)
+    result = invoke("add-dropout", small_file, "-o", out)
     assert result.exit_code == 1
-    assert _error_line(result) == f"Error: Cannot write model to '{out}': Permission denied"
+    assert error_line(result) == f"Error: Cannot write model to '{out}': Permission denied"
     assert sorted(os.listdir(tmp_path)) == ["small.keras"]
 
 
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("name", ["folder", "folder.keras"])
-def test_output_path_that_is_a_folder(model_file, tmp_path, name, force):
+def test_output_path_that_is_a_folder(small_file, tmp_path, name, force):
     target = tmp_path / name
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    args = ["add-dropout", model_file, "-o", target] + (["--force"] if force else [])
-    result = _invoke(*args)
+    args = ["add-dropout", small_file, "-o", target] + (["--force"] if force else [])
+    result = invoke(*args)
     assert result.exit_code == 2
-    assert _error_line(result) == (
+    assert error_line(result) == (
         f"Error: Invalid value for '-o' / '--output': Cannot write model to '{target}': "
         "it is a folder. Expected a file path."
     )
@@ -281,7 +268,7 @@ def test_output_path_that_is_a_folder(model_file, tmp_path, name, force):
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
-def test_disk_full_during_save(model_file, tmp_path, monkeypatch, suffix):
+def test_disk_full_during_save(small_file, tmp_path, monkeypatch, suffix):
     """ENOSPC from deep inside Keras' writer (zip member or HDF5 dataset)."""
     if suffix == ".keras":
         real = zipfile.ZipFile.writestr
@@ -300,12 +287,12 @@ def test_disk_full_during_save(model_file, tmp_path, monkeypatch, suffix):
 
         monkeypatch.setattr(h5py.Group, "create_dataset", full)
     out = tmp_path / f"out{suffix}"
-    before = _digest(model_file)
-    result = _invoke("add-dropout", model_file, "-o", out)
+    before = _digest(small_file)
+    result = invoke("add-dropout", small_file, "-o", out)
     assert result.exit_code == 1
-    assert _error_line(result) == f"Error: Cannot write model to '{out}': No space left on device"
+    assert error_line(result) == f"Error: Cannot write model to '{out}': No space left on device"
     assert sorted(os.listdir(tmp_path)) == ["small.keras"]  # no partial, no temporary file
-    assert _digest(model_file) == before
+    assert _digest(small_file) == before
 
 
 # A real I/O failure, not a simulation: the child may not write more than
@@ -328,11 +315,11 @@ print(json.dumps(results))
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux's")
-def test_file_size_limit_is_a_real_write_failure(model_file, tmp_path):
+def test_file_size_limit_is_a_real_write_failure(small_file, tmp_path):
     outs = [tmp_path / "out.keras", tmp_path / "out.h5"]
-    before = _digest(model_file)
+    before = _digest(small_file)
     run = subprocess.run(
-        [sys.executable, "-c", _SMALL_DISK, model_file, *outs],
+        [sys.executable, "-c", _SMALL_DISK, small_file, *outs],
         env=ENV,
         capture_output=True,
         text=True,
@@ -346,7 +333,7 @@ def test_file_size_limit_is_a_real_write_failure(model_file, tmp_path):
         assert lines[0].startswith(f"Error: Cannot write model to '{out}': "), stderr
         assert "Traceback" not in stderr
     assert sorted(os.listdir(tmp_path)) == ["small.keras"]
-    assert _digest(model_file) == before
+    assert _digest(small_file) == before
 
 
 # -- corrupt and unusual inputs ----------------------------------------------
@@ -397,9 +384,9 @@ def test_corrupt_keras_config(saved, tmp_path, case):
     change, words = CORRUPT[case]
     path = _corrupt(saved, tmp_path, "bad.keras", change)
     before = _digest(path)
-    result = _invoke("add-dropout", path)
+    result = invoke("add-dropout", path)
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert line.startswith("Error: Cannot read model: ")
     assert line.endswith(f"Received: path='{path}'")
     for word in words:
@@ -410,18 +397,18 @@ def test_corrupt_keras_config(saved, tmp_path, case):
 
 def test_keras_archive_without_weights(saved, tmp_path):
     path = _corrupt(saved, tmp_path, "noweights.keras", lambda d: None, "model.weights.h5")
-    result = _invoke("add-dropout", path)
+    result = invoke("add-dropout", path)
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert line.startswith("Error: Cannot read model: ") and "model.weights.h5" in line
 
 
 def test_weights_only_h5(saved, tmp_path):
     path = tmp_path / "small.weights.h5"
     shutil.copy(saved / "small.weights.h5", path)
-    result = _invoke("add-dropout", path)
+    result = invoke("add-dropout", path)
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert "holds weights only, no model config" in line
     assert "call `load_weights()`, then save it as `.keras`" in line
 
@@ -448,11 +435,11 @@ def test_unknown_custom_layer_names_class_and_option(tmp_path, monkeypatch, suff
     keras.Model(inp, namespace["Twice"](name="twice")(h)).save(path)
     # The class is registered in this process: unregister it, as in a fresh one.
     monkeypatch.delitem(keras.saving.get_custom_objects(), "acme>Twice")
-    result = _invoke("add-dropout", path, "--dry-run")
+    result = invoke("add-dropout", path, "--dry-run")
     assert result.exit_code == 1
-    line = _error_line(result)
+    line = error_line(result)
     assert "Twice'" in line and "--custom-objects" in line, line
-    result = _invoke("add-dropout", path, "--dry-run", "--custom-objects", module)
+    result = invoke("add-dropout", path, "--dry-run", "--custom-objects", module)
     assert result.exit_code == 0, result.output
     assert "fc" in result.stdout
 

@@ -12,26 +12,15 @@ import time
 
 import keras
 import pytest
-from click.testing import CliRunner
-from conftest import assert_exact
-from conftest import cnn_functional
-from conftest import inserted
+from click.testing import _NamedTextIOWrapper
+from helpers import assert_exact
+from helpers import cnn_functional
+from helpers import inserted
+from helpers import invoke
 
-from regularize.cli import cli
 from regularize.cli import commands as cli_module
 
 FIELDS = {"layer", "layer_class", "kind", "rate", "action", "reason", "shape", "depth", "existing"}
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def model_file(saved_cnn, tmp_path):
-    path = tmp_path / "cnn.keras"
-    path.write_bytes(saved_cnn.read_bytes())
-    return path
 
 
 def _policy(tmp_path, text):
@@ -43,7 +32,7 @@ def _policy(tmp_path, text):
 def test_inspect_prints_every_site_and_writes_nothing(model_file):
     before = sorted(p.name for p in model_file.parent.iterdir())
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
-    result = _invoke("inspect", model_file, "--rate", "0.25")
+    result = invoke("inspect", model_file, "--rate", "0.25")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
@@ -76,14 +65,14 @@ def test_inspect_prints_every_site_and_writes_nothing(model_file):
 
 def test_dry_run_shows_the_same_plan_as_inspect(model_file, tmp_path):
     policy = _policy(tmp_path, 'preset = "blocks"\n')
-    plan = _invoke("inspect", model_file, "--policy", policy).stdout
-    dry = _invoke("add-dropout", model_file, "--policy", policy, "--dry-run").stdout
+    plan = invoke("inspect", model_file, "--policy", policy).stdout
+    dry = invoke("add-dropout", model_file, "--policy", policy, "--dry-run").stdout
     assert dry == plan + "dry run: nothing written\n"
 
 
 def test_inspect_json_has_every_field_and_the_policy(model_file, tmp_path):
     policy = _policy(tmp_path, 'preset = "head"\n[[rule]]\nmatch = "r*"\nrate = 0.1\n')
-    result = _invoke("inspect", model_file, "--policy", policy, "--rate", "0.4", "--json")
+    result = invoke("inspect", model_file, "--policy", policy, "--rate", "0.4", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["policy"] == {
@@ -102,7 +91,7 @@ def test_inspect_json_has_every_field_and_the_policy(model_file, tmp_path):
 
 def test_inspect_on_a_terminal_is_a_rich_table(model_file, monkeypatch):
     monkeypatch.setattr(cli_module, "_is_terminal", lambda: True)
-    result = _invoke("inspect", model_file)
+    result = invoke("inspect", model_file)
     assert result.exit_code == 0, result.output
     assert "REASON" in result.stdout and "feeds BatchNormalization" in result.stdout
     assert result.stdout.rstrip().endswith("would skip 1 site: 1 feeds BatchNormalization")
@@ -113,7 +102,7 @@ def test_add_dropout_with_a_policy_file_and_rate(model_file, tmp_path):
         tmp_path, '[[rule]]\nmatch = "fc"\nrate = 0.5\n[[rule]]\nmatch = "c3"\nskip = true\n'
     )
     out = tmp_path / "out.keras"
-    result = _invoke("add-dropout", model_file, "--policy", policy, "--rate", "0.2", "-o", out)
+    result = invoke("add-dropout", model_file, "--policy", policy, "--rate", "0.2", "-o", out)
     assert result.exit_code == 0, result.output
     new = keras.models.load_model(out)
     assert inserted(new) == {
@@ -126,7 +115,7 @@ def test_add_dropout_with_a_policy_file_and_rate(model_file, tmp_path):
 
 def test_preset_flag(model_file, tmp_path):
     out = tmp_path / "out.keras"
-    result = _invoke("add-dropout", model_file, "--preset", "blocks", "-o", out)
+    result = invoke("add-dropout", model_file, "--preset", "blocks", "-o", out)
     assert result.exit_code == 0, result.output
     # The LeakyReLU after the Concatenate closes the only block.
     assert set(inserted(keras.models.load_model(out))) == {"leaky__dropout"}
@@ -134,7 +123,7 @@ def test_preset_flag(model_file, tmp_path):
 
 def test_a_bad_policy_file_is_one_line_exit_2_before_loading(model_file, tmp_path):
     policy = _policy(tmp_path, 'preset = "tail"\n')
-    result = _invoke("add-dropout", model_file, "--policy", policy)
+    result = invoke("add-dropout", model_file, "--policy", policy)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -142,13 +131,13 @@ def test_a_bad_policy_file_is_one_line_exit_2_before_loading(model_file, tmp_pat
         "'all', 'head', 'blocks'. Received: preset='tail'"
     ]
     assert not model_file.with_name("cnn_dropout.keras").exists()
-    result = _invoke("inspect", model_file, "--policy", tmp_path / "missing.toml")
+    result = invoke("inspect", model_file, "--policy", tmp_path / "missing.toml")
     assert result.exit_code == 2 and "no such file" in result.stderr
 
 
 def test_an_unknown_class_in_a_rule_is_one_line_exit_1(model_file, tmp_path):
     policy = _policy(tmp_path, '[[rule]]\nclass = "Conv9D"\nskip = true\n')
-    result = _invoke("inspect", model_file, "--policy", policy)
+    result = invoke("inspect", model_file, "--policy", policy)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
         f"Error: Invalid `class` in rule 1 in {policy}: no Keras layer class has that name. "
@@ -158,7 +147,7 @@ def test_an_unknown_class_in_a_rule_is_one_line_exit_1(model_file, tmp_path):
 
 def test_a_rule_matching_nothing_is_a_warning_line(model_file, tmp_path):
     policy = _policy(tmp_path, '[[rule]]\nmatch = "block9_*"\nskip = true\n')
-    result = _invoke("inspect", model_file, "--policy", policy)
+    result = invoke("inspect", model_file, "--policy", policy)
     assert result.exit_code == 0
     assert result.stderr.strip().splitlines() == [
         f"Warning: rule 1 (match='block9_*') of {policy} matches no candidate site"
@@ -166,15 +155,15 @@ def test_a_rule_matching_nothing_is_a_warning_line(model_file, tmp_path):
 
 
 def test_inspect_missing_input_exit_2(tmp_path):
-    result = _invoke("inspect", tmp_path / "nope.keras")
+    result = invoke("inspect", tmp_path / "nope.keras")
     assert result.exit_code == 2
     assert "no such file" in result.stderr
 
 
 def test_remove_dropout_reports_what_it_removed(model_file, tmp_path):
     with_dropout = tmp_path / "with.keras"
-    assert _invoke("add-dropout", model_file, "-o", with_dropout).exit_code == 0
-    result = _invoke("remove-dropout", with_dropout, "-o", tmp_path / "without.keras")
+    assert invoke("add-dropout", model_file, "-o", with_dropout).exit_code == 0
+    result = invoke("remove-dropout", with_dropout, "-o", tmp_path / "without.keras")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == ("removed 4 sites: 3 SpatialDropout2D, 1 Dropout")
     assert inserted(keras.models.load_model(tmp_path / "without.keras")) == {}
@@ -230,9 +219,22 @@ def test_progress_keeps_turning_while_descriptor_2_is_silenced(tmp_path):
     assert shown.endswith("\r\x1b[2K")
 
 
-def test_quiet_flag_is_accepted(model_file):
-    result = _invoke("inspect", model_file, "-q")
-    assert result.exit_code == 0 and result.stderr == ""
+@pytest.mark.parametrize(("flags", "drawn"), [((), True), (("-q",), False)], ids=["", "-q"])
+def test_quiet_hides_the_progress_line(model_file, monkeypatch, flags, drawn):
+    """On a terminal, stderr shows a progress line; `-q` shows none.
+
+    CliRunner's streams are no terminal, where the line is never drawn (so
+    `-q` alone could not fail there): here its stderr says it is one, and the
+    line, drawn on stderr itself since that has no file descriptor, is captured.
+    """
+    monkeypatch.setattr(_NamedTextIOWrapper, "isatty", lambda self: self.name == "<stderr>")
+    result = invoke("inspect", model_file, *flags)
+    assert result.exit_code == 0, result.output
+    assert (f"loading {model_file} ..." in result.stderr) is drawn, result.stderr
+    assert result.stderr.endswith("\r\x1b[2K") is drawn  # erased at the end
+    if not drawn:
+        assert result.stderr == ""
+    assert result.stdout.rstrip().endswith("would skip 1 site: 1 feeds BatchNormalization")
 
 
 # -- names from a model file cannot drive the terminal (issue 10, item 9) ------
@@ -283,7 +285,7 @@ def test_printable_escapes_controls_and_keeps_the_rest():
 
 
 def test_inspect_escapes_names_in_plain_columns(evil_model):
-    result = _invoke("inspect", evil_model)
+    result = invoke("inspect", evil_model)
     assert result.exit_code == 0, result.output
     assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
     lines = result.stdout.splitlines()
@@ -301,7 +303,7 @@ def test_inspect_escapes_names_in_plain_columns(evil_model):
 def test_inspect_on_a_terminal_shows_markup_as_text(evil_model, monkeypatch):
     monkeypatch.setattr(cli_module, "_is_terminal", lambda: True)
     monkeypatch.setenv("COLUMNS", "300")
-    result = _invoke("inspect", evil_model)
+    result = invoke("inspect", evil_model)
     assert result.exit_code == 0, result.output
     assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
     # As markup, "[bold]", "[red]" and "[link=...]" would vanish and ":warning:" turn into ⚠.
@@ -311,7 +313,7 @@ def test_inspect_on_a_terminal_shows_markup_as_text(evil_model, monkeypatch):
 
 def test_inspect_json_escapes_the_names_in_every_field(evil_model):
     """Decoded JSON holds no control character either (`jq -r` would print it raw)."""
-    result = _invoke("inspect", evil_model, "--json")
+    result = invoke("inspect", evil_model, "--json")
     assert result.exit_code == 0, result.output
     assert result.stdout.isascii()
     data = json.loads(result.stdout)
@@ -322,7 +324,7 @@ def test_inspect_json_escapes_the_names_in_every_field(evil_model):
 
 
 def test_dry_run_and_warnings_escape_names(evil_model, capsys):
-    result = _invoke("add-dropout", evil_model, "--dry-run")
+    result = invoke("add-dropout", evil_model, "--dry-run")
     assert result.exit_code == 0, result.output
     assert _escaped(EVIL["colour"]) in result.stdout
     assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)

@@ -9,9 +9,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import L
-from conftest import assert_exact
-from conftest import mlp_sequential
+from helpers import L
+from helpers import assert_exact
+from helpers import mlp_sequential
 
 import regularize
 from regularize.errors import ModelLoadError

@@ -117,9 +117,10 @@ for key, (src, dst) in pairs.items():
     r = {
         "layers": [[l.name, type(l).__name__] for l in new.layers],
         "equal": same(predict(old, xs), predict(new, xs)),
-        "weights_equal": sorted(old_w) == sorted(new_w)
+        # By name, and as many: no variable lost, none added, none duplicated.
+        "weights_equal": len(old.weights) == len(new.weights)
+        and sorted(old_w) == sorted(new_w)
         and all(np.array_equal(old_w[k], new_w[k]) for k in old_w),
-        "shared_input": len(old.weights) == len(new.weights),
         "compiled": bool(getattr(new, "_is_compiled", False)),
     }
     if key == "sm":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import L
-from conftest import assert_exact
-from conftest import cnn_functional
-from conftest import inserted
-from conftest import mlp_sequential
-from conftest import recurrent
-from conftest import rnn_dropout
+from helpers import L
+from helpers import assert_exact
+from helpers import cnn_functional
+from helpers import inserted
+from helpers import mlp_sequential
+from helpers import recurrent
+from helpers import rnn_dropout
 
 import regularize
 
@@ -112,9 +112,14 @@ def test_remove_dropout_restores_structure():
     assert_exact(case.model, stripped, case.x)
 
 
+def _outputs(model, x) -> list:
+    return [np.asarray(t) for t in keras.tree.flatten(model(x, training=False))]
+
+
 def test_remove_dropout_strips_every_family_member_and_rnn_settings():
     inp = keras.Input((6, 3))
-    h = L.LSTM(4, dropout=0.2, recurrent_dropout=0.1, return_sequences=True, name="lstm")(inp)
+    h = L.LSTM(4, dropout=0.2, return_sequences=True, name="lstm")(inp)
+    h = L.GRU(4, dropout=0.1, recurrent_dropout=0.2, return_sequences=True, name="gru")(h)
     h = L.SpatialDropout1D(0.1, name="sd")(h)
     h = L.GaussianDropout(0.1, name="gd")(h)
     h = L.Flatten(name="flat")(h)
@@ -123,40 +128,74 @@ def test_remove_dropout_strips_every_family_member_and_rnn_settings():
     h = L.Dropout(0.3, name="plain")(h)
     out = L.Dense(1, name="out")(h)
     model = keras.Model(inp, out)
-    stripped = regularize.remove_dropout(model)
-    names = [layer.name for layer in stripped.layers]
-    assert names[1:] == ["lstm", "flat", "fc", "out"]
-    lstm = stripped.get_layer("lstm")
-    assert (lstm.dropout, lstm.recurrent_dropout) == (0.0, 0.0)
     x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype("float32")
-    np.testing.assert_allclose(
-        np.asarray(model(x, training=False)), np.asarray(stripped(x, training=False)), atol=1e-6
-    )
+    expected = _outputs(model, x)
+    report = regularize.Report()
+    stripped = regularize.remove_dropout(model, report=report)
+    names = [layer.name for layer in stripped.layers]
+    assert names[1:] == ["lstm", "gru", "flat", "fc", "out"]
+    for name in ("lstm", "gru"):
+        layer = stripped.get_layer(name)
+        assert (layer.dropout, layer.recurrent_dropout) == (0.0, 0.0)
+    # No LSTM kernel changed (its recurrent_dropout was 0; GRU's kernels
+    # round alike): bit-exact, and nothing to warn about.
+    assert report.warnings == []
+    for a, b in zip(expected, _outputs(stripped, x), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_remove_recurrent_dropout_from_lstm_warns_of_the_kernel_change(monkeypatch):
+    from regularize import rewrite
+    from regularize import rules
+
+    # The Python warning fires once per process; another test may have had it.
+    monkeypatch.setattr(rewrite, "_warned", set())
+    inp = keras.Input((6, 3))
+    h = L.LSTM(4, recurrent_dropout=0.1, return_sequences=True, name="lstm")(inp)
+    out = L.Dense(1, name="out")(L.Flatten(name="flat")(h))
+    model = keras.Model(inp, out)
+    assert model.get_layer("lstm").cell.implementation == 1  # forced by recurrent dropout
+    x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype("float32")
+    expected = _outputs(model, x)
+    report = regularize.Report()
+    with pytest.warns(regularize.RegularizeWarning, match="back to its fused kernel"):
+        stripped = regularize.remove_dropout(model, report=report)
+    assert report.warnings == [rules.LSTM_KERNEL_BACK]
+    lstm = stripped.get_layer("lstm")
+    assert (lstm.recurrent_dropout, lstm.cell.implementation) == (0.0, 2)
+    # Not bit-exact: the fused kernel rounds differently, by what the warning says.
+    (a,) = expected
+    (b,) = _outputs(stripped, x)
+    assert np.max(np.abs(a - b)) <= 1e-6
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Once stripped, the model stays as it is: a second run is bit-exact, silent.
+    again_report = regularize.Report()
+    again = regularize.remove_dropout(stripped, report=again_report)
+    assert again_report.warnings == []
+    np.testing.assert_array_equal(_outputs(again, x)[0], b)
 
 
 def test_recurrent_rate_sets_both_directions_and_warns(monkeypatch):
     from regularize import rewrite
+    from regularize import rules
 
     # The Python warning fires once per process; another test may have had it.
     monkeypatch.setattr(rewrite, "_warned", set())
     case = recurrent()
+    expected = _outputs(case.model, case.x)
     report = regularize.Report()
-    with pytest.warns(regularize.RegularizeWarning):
+    with pytest.warns(regularize.RegularizeWarning, match="per-gate kernel"):
         new = regularize.add_dropout(case.model, 0.25, recurrent_rate=0.1, report=report)
     bi = new.get_layer("bi")
     for layer in (bi.forward_layer, bi.backward_layer):
         assert (layer.dropout, layer.recurrent_dropout) == (0.25, 0.1)
     assert new.get_layer("gru").recurrent_dropout == 0.1
-    assert any("cuDNN" in w for w in report.warnings)
-    assert any("LSTM" in w for w in report.warnings)
+    assert report.warnings == [rules.CUDNN, rules.LSTM_KERNEL]
     # LSTM switches kernel (implementation=1) with recurrent dropout: equal to
-    # float rounding only; the warning says so.
-    for a, b in zip(
-        keras.tree.flatten(case.model(case.x, training=False)),
-        keras.tree.flatten(new(case.x, training=False)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # float rounding only, by what the warning says (about 1e-7).
+    for a, b in zip(expected, _outputs(new, case.x), strict=True):
+        assert np.max(np.abs(a - b)) <= 1e-6
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_recurrent_rate_on_gru_only_is_bit_exact():

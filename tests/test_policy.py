@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import keras
 import pytest
-from conftest import L
-from conftest import mlp_sequential
+from helpers import L
+from helpers import mlp_sequential
 
 import regularize
 from regularize.errors import PolicyError

@@ -9,12 +9,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import L
-from conftest import assert_exact
-from conftest import inserted
-from conftest import rnn_dropout
+from helpers import L
+from helpers import assert_exact
+from helpers import inserted
+from helpers import rnn_dropout
 
 import regularize
+from regularize import mc
 from regularize.policy import Policy
 
 
@@ -382,7 +383,6 @@ def test_existing_dropout_is_kept_unless_the_policy_says_otherwise(existing, exp
 
 
 def test_mc_policy_inserts_dropout_active_at_inference(resnet, tmp_path):
-    mc = pytest.importorskip("regularize.mc")
     new = regularize.add_dropout(resnet, policy=Policy(preset="head", mc=True))
     layers = {type(layer).__name__ for layer in new.layers}
     assert "MCSpatialDropout2D" in layers and "MCDropout" in layers

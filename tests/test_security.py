@@ -35,6 +35,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from helpers import error_line
 
 L = keras.layers
 HERE = Path(__file__).resolve().parent
@@ -214,19 +215,18 @@ class World:
         return not intact
 
 
-def _error_line(run: Run) -> str:
-    lines = run.stderr.strip().splitlines()
-    assert "Traceback" not in run.output, run.output[-3000:]
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}: {run.stderr[-3000:]!r}"
-    assert lines[0].startswith("Error: "), lines[0][:2000]
-    return lines[0]
+def _failure_line(run: Run) -> str:
+    """The one line of a failed command: click's `Error: `, then the message."""
+    line = error_line(run)
+    assert line.startswith("Error: "), line[:2000]
+    return line
 
 
 def _refused(world: World, run_action, code: int, *fragments, any_of=()) -> str:
     """The run is refused: exit `code`, one line holding every fragment, nothing written."""
     run = world.observe(run_action)
     assert run.returncode == code, (run.returncode, run.stderr[-2000:])
-    line = _error_line(run)
+    line = _failure_line(run)
     assert len(line) < 2000, line[:300]
     for fragment in fragments:
         assert fragment in line, (fragment, line)
@@ -494,7 +494,7 @@ def test_savedmodel_resource_initializer_does_not_run(world):
         assert run.stdout.splitlines()[-1] == f"wrote {output.name}"
     else:
         assert run.returncode == 1, run.stderr[-3000:]
-        line = _error_line(run)
+        line = _failure_line(run)
         assert "--unsafe" in line
         # The reason must be the graph code, not the legitimate TFOpLambda layers.
         assert "TFOpLambda" not in line, line
@@ -745,7 +745,7 @@ def test_long_output_names(world, source, name, length):
         assert output.is_file()
     else:
         assert run.returncode in (1, 2)
-        _error_line(run)
+        _failure_line(run)
         assert not output.exists()
     assert {p.name for p in work.iterdir()} <= {model.name, output.name}
 
@@ -849,7 +849,7 @@ def test_sweep_names_the_file_that_is_not_an_image(world, case, content):
     out = work / "sweep_out"  # may be created; no model in it (asserted below)
     run = world.observe(lambda: cli(*args, cwd=work), allowed=(str(out.relative_to(world.root)),))
     assert run.returncode in (1, 2), run.stderr[-3000:]
-    line = _error_line(run)
+    line = _failure_line(run)
     assert "bad.png" in line, line
     assert "internal error" not in line and "Graph execution error" not in line, line
     assert not out.exists() or not any(out.iterdir()), "the failed sweep left files"

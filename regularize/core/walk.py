@@ -542,6 +542,8 @@ class _GraphWalk:
             run.result.warn(rules.CUDNN)
             if rules.has_lstm_cell(config):
                 run.result.warn(rules.LSTM_KERNEL)
+        elif old[1] > 0 and new_values[1] == 0 and rules.returns_to_fused_lstm(config, settings):
+            run.result.warn(rules.LSTM_KERNEL_BACK)
         for s in settings:
             s["dropout"], s["recurrent_dropout"] = new_values
         self._apply(node, Rebuild(op, config, new_values))
