@@ -340,10 +340,14 @@ def test_plan_is_the_build_and_rates_follow_the_schedule(view, drop_path, existi
     assert len(_drop_sites(planned.sites)) == len(merges)
     rates = [s.rate for s in sites if s.action in (INSERT, UPDATE)]
     assert rates == sorted(rates) and all(0 < r <= drop_path for r in rates)
-    # Never two drop paths on one branch: each insert follows a layer that is no dropout.
+    # Never two drop paths on one branch: each insert follows a layer that is no dropout,
+    # or (existing = "remove") a dropout layer that the same walk removes.
+    removed = {id(a.layer) for a in planned.actions if isinstance(a, core.Remove)}
     for action in planned.actions:
         if isinstance(action, core.Insert) and action.noise_shape is not None:
-            assert action.anchor.kind not in ("dropout", "droppath")
+            assert action.anchor.kind != "droppath"
+            if action.anchor.kind == "dropout":
+                assert existing == "remove" and id(action.anchor) in removed
 
 
 # -- Keras 3: tiny residual models ----------------------------------------
