@@ -363,6 +363,10 @@ class GraphDropPaths:
             # The walk removes it (existing = "remove"); the drop path goes in its place.
             if rate == 0:
                 return site(KIND, None, SKIP, f"rate is 0, {why}")
+            if anchor_facts.is_own_drop_path:
+                # The tool's drop path sits before the removed layer: it stays the
+                # branch's one drop path (a new one after it would stack a second).
+                return site(KIND, anchor_facts.rate, KEEP, "drop path inserted earlier")
             run.drop.claimed.discard(id(layer))
             site_args, action = self._insert(parent, anchor, anchor_facts, rate, shape, why)
             self._queue(node, site_args, action)
