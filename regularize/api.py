@@ -6,6 +6,7 @@ import os
 
 import keras
 
+from regularize import hub
 from regularize import rewrite
 from regularize.errors import PolicyError
 from regularize.policy import Policy
@@ -53,7 +54,7 @@ def add_dropout(
         >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
     """
     policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
-    return rewrite.rewrite(model, policy, report=report)
+    return _engine(model).rewrite(model, policy, report=report)
 
 
 def resolve_policy(
@@ -82,7 +83,7 @@ def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras
     layers (a dropout layer that is itself a model output stays, to keep the
     output name), and zeroes `dropout` / `recurrent_dropout` of RNN layers.
     """
-    return rewrite.rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
+    return _engine(model).rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
 
 
 def plan(
@@ -100,5 +101,10 @@ def plan(
     """
     policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
     report = report if report is not None else Report()
-    rewrite.rewrite(model, policy, build=False, report=report)
+    _engine(model).rewrite(model, policy, build=False, report=report)
     return report.sites
+
+
+def _engine(model: keras.Model):
+    """The module that rewrites `model`: `hub` for keras-hub models (their class stays)."""
+    return hub if hub.is_hub_model(model) else rewrite
