@@ -99,7 +99,9 @@ def _rewrite_task(task, policy, mode, build, report):
             backbone, policy, mode, build, report, prefix=f"{task.name}/"
         )
     config = task.get_config()
-    changes = _decide(task, config, policy, mode, report, prefix="")
+    changes, sites = _decide(task, config, policy, mode, report, prefix="")
+    for site in sites:
+        report.add(site)
     if not build:
         return None
     config.update(changes)
@@ -107,6 +109,12 @@ def _rewrite_task(task, policy, mode, build, report):
     config["preprocessor"] = task.preprocessor
     new = _from_config(task, config)
     _copy_state(task, new)
+    if not _same_outputs(task, new):
+        raise UnsupportedModelError(
+            f"Cannot rewrite {task.name!r} ({type(task).__name__}): the rebuilt task does not "
+            "compute bit-identical outputs at inference. Expected the same outputs with "
+            f"`training=False`. Received: changed arguments {sorted(changes)}"
+        )
     _compile_like(task, new)
     return new
 
@@ -115,14 +123,85 @@ def _rewrite_backbone(backbone, policy, mode, build, report, *, prefix):
     config = backbone.get_config()
     if not dropout_arguments(config):
         return _rewrite_graph(backbone, policy, mode, build, report, prefix=prefix)
-    changes = _decide(backbone, config, policy, mode, report, prefix=prefix)
+    changes, sites = _decide(backbone, config, policy, mode, report, prefix=prefix)
+    # A plan builds too (from the config: fast): whether inference stays
+    # bit-identical is only known by running the rebuilt model.
+    new, sites = _rebuild_exact(backbone, config, changes, sites)
+    for site in sites:
+        report.add(site)
     if not build:
         return None
-    config.update(changes)
-    new = _from_config(backbone, config)
-    _copy_state(backbone, new)
     _compile_like(backbone, new)
     return new
+
+
+# Why a dropout argument that was 0 may have to stay 0.
+NOT_EXACT = (
+    "dropout > 0 switches a layer to another kernel (Keras' MultiHeadAttention leaves its "
+    "fused dot-product attention), so inference would not stay bit-identical"
+)
+
+
+def _rebuild_exact(model, config, changes, sites):
+    """The rebuilt model and its sites; arguments that break exact inference stay as they were.
+
+    Turning a dropout argument on (from 0) can change a layer's inference
+    code path, not only add an identity: Keras' `MultiHeadAttention` uses
+    `ops.dot_product_attention` only while its dropout is 0. Such arguments
+    are left at 0 (the site is skipped with `NOT_EXACT`).
+    """
+    new = _rebuilt(model, config, changes)
+    if _same_outputs(model, new):
+        return new, sites
+    old = dropout_arguments(config)
+    started = {key for key in changes if not old[key]}
+    kept = {key: value for key, value in changes.items() if key not in started}
+    new = _rebuilt(model, config, kept)
+    if not started or not _same_outputs(model, new):
+        raise UnsupportedModelError(
+            f"Cannot rewrite {model.name!r} ({type(model).__name__}): the model rebuilt with "
+            "the new dropout arguments does not compute bit-identical outputs at inference. "
+            f"Expected the same outputs with `training=False`. Received: changed arguments "
+            f"{sorted(changes)}"
+        )
+    sites = [
+        dataclasses.replace(site, action=SKIP, rate=None, reason=NOT_EXACT)
+        if site.kind in started and site.action == UPDATE
+        else site
+        for site in sites
+    ]
+    return new, sites
+
+
+def _rebuilt(model, config, changes):
+    config = dict(config, **changes)
+    new = _from_config(model, config)
+    _copy_state(model, new)
+    return new
+
+
+def _probe(model: keras.Model):
+    """A small input batch matching `model.inputs`: ones for integer inputs (ids, masks)."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for tensor in model.inputs:
+        shape = [2 if i == 0 else 32 for i in range(len(tensor.shape))]
+        shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
+        if "int" in str(tensor.dtype) or "bool" in str(tensor.dtype):
+            arrays.append(np.ones(shape, tensor.dtype))
+        else:
+            arrays.append(rng.uniform(0, 1, size=shape).astype(tensor.dtype))
+    return keras.tree.pack_sequence_as(model._inputs_struct, arrays)
+
+
+def _same_outputs(old: keras.Model, new: keras.Model) -> bool:
+    x = _probe(old)
+    before = keras.tree.flatten(old(x, training=False))
+    after = keras.tree.flatten(new(x, training=False))
+    return len(before) == len(after) and all(
+        np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+        for a, b in zip(before, after, strict=True)
+    )
 
 
 def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
@@ -144,9 +223,10 @@ def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
     return new
 
 
-def _decide(model, config, policy, mode, report, *, prefix) -> dict[str, float]:
-    """The new value of each dropout argument of `model`; one `Site` each."""
+def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[Site]]:
+    """The new value of each dropout argument of `model`, and one `Site` each."""
     changes = {}
+    sites = []
     name = f"{prefix}{model.name}"
     cls = type(model).__name__
     for key, old in dropout_arguments(config).items():
@@ -154,17 +234,17 @@ def _decide(model, config, policy, mode, report, *, prefix) -> dict[str, float]:
         existing = f"{key}={old:g}"
         if new is None:
             action = KEEP if reason.startswith("the model's own") else SKIP
-            report.add(Site(name, cls, key, None, action, reason, existing=existing))
+            sites.append(Site(name, cls, key, None, action, reason, existing=existing))
             continue
         changes[key] = new
-        report.add(
+        sites.append(
             Site(name, cls, key, new, UPDATE, f"{key}: {old:g} -> {new:g} ({reason})", existing)
         )
     if changes and policy.schedule is not None and mode == Mode.ADD:
         graph_rewrite._warn(
             report, f"{name}: a constructor argument has one rate, not a schedule: `rate` used"
         )
-    return changes
+    return changes, sites
 
 
 def _target(key: str, old: float, policy: Policy, mode: str) -> tuple[float | None, str]:

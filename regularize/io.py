@@ -267,12 +267,8 @@ def _failing_layer(config: dict) -> tuple[str, str] | None:
             {key: config[key] for key in _DESERIALIZED_KEYS if key in config}
         )
     except Exception as err:  # any failure to rebuild is the answer
-        return str(config.get("class_name")), f"{type(err).__name__}: {_first_line(err)}"
+        return str(config.get("class_name")), _deserialization_failure(err)[1]
     return None
-
-
-# Keras names the innermost class that failed last in a nested message.
-_NOT_DESERIALIZED = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'> could not be deserialized")
 
 
 def _failing_load(model: keras.Model, file: Path) -> tuple[str, str] | None:
@@ -283,14 +279,28 @@ def _failing_load(model: keras.Model, file: Path) -> tuple[str, str] | None:
     try:
         keras.saving.load_model(file, compile=False, safe_mode=not unsafe)
     except Exception as err:  # any failure to load is the answer
-        text = str(err)
-        names = _NOT_DESERIALIZED.findall(text)
-        if not names:
-            return _unknown_class(text) or "?", f"{type(err).__name__}: {_first_line(err)}"
-        # The innermost cause comes last, after Keras' advice and the config.
-        cause = text.rsplit("Exception encountered:", 1)[-1]
-        return names[-1], " ".join(cause.split())[:300]
+        name, why = _deserialization_failure(err)
+        return name or "?", why
     return None
+
+
+# Keras names the innermost class that failed last in a nested message.
+_FAILED_CLASS = (
+    re.compile(r"<class '(?:[\w.]+\.)?(\w+)'> could not be deserialized"),
+    re.compile(r"Error when deserializing class '(\w+)'"),
+)
+
+
+def _deserialization_failure(err: Exception) -> tuple[str | None, str]:
+    """(the innermost class Keras names, the cause) of a deserialization error."""
+    text = str(err)
+    names = [name for pattern in _FAILED_CLASS for name in pattern.findall(text)]
+    name = names[-1] if names else _unknown_class(text)
+    if "Exception encountered:" not in text:
+        return name, f"{type(err).__name__}: {_first_line(err)}"
+    # The cause comes last, after Keras' advice and the whole config.
+    cause = " ".join(text.rsplit("Exception encountered:", 1)[-1].split())
+    return name, cause[:300]
 
 
 def _remove_stale_temps(path: Path) -> None:
