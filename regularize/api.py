@@ -28,6 +28,10 @@ def add_dropout(
     the weights; rebuilt RNN layers excepted), so inference with
     `training=False` is bit-identical. The input model is not changed.
 
+    A keras-hub `Backbone` or `Task` keeps its class (and a task its
+    preprocessor): its constructor's dropout arguments are set and the model
+    is rebuilt with its weights copied (see `regularize.hub`).
+
     Args:
         model: A Functional or built Sequential model.
         rate: Dropout rate, a float in [0, 1). 0 inserts nothing and removes

@@ -154,19 +154,29 @@ def _rebuild_exact(model, config, changes, sites):
     if _same_outputs(model, new):
         return new, sites
     old = dropout_arguments(config)
-    started = {key for key in changes if not old[key]}
+    started = [key for key in changes if not old[key]]
     kept = {key: value for key, value in changes.items() if key not in started}
     new = _rebuilt(model, config, kept)
-    if not started or not _same_outputs(model, new):
+    if not _same_outputs(model, new):
         raise UnsupportedModelError(
             f"Cannot rewrite {model.name!r} ({type(model).__name__}): the model rebuilt with "
             "the new dropout arguments does not compute bit-identical outputs at inference. "
             f"Expected the same outputs with `training=False`. Received: changed arguments "
             f"{sorted(changes)}"
         )
+    # One argument at a time: those that keep inference exact are set (`new`
+    # is always the last model built with exactly `kept`).
+    refused = set()
+    for key in started:
+        trial = _rebuilt(model, config, {**kept, key: changes[key]})
+        if _same_outputs(model, trial):
+            kept[key] = changes[key]
+            new = trial
+        else:
+            refused.add(key)
     sites = [
         dataclasses.replace(site, action=SKIP, rate=None, reason=NOT_EXACT)
-        if site.kind in started and site.action == UPDATE
+        if site.kind in refused and site.action == UPDATE
         else site
         for site in sites
     ]
@@ -185,7 +195,9 @@ def _probe(model: keras.Model):
     rng = np.random.default_rng(0)
     arrays = []
     for tensor in model.inputs:
-        shape = [2 if i == 0 else 32 for i in range(len(tensor.shape))]
+        # Unknown sizes: a batch of 2, 8 steps of a sequence, 32 pixels of an image.
+        size = 8 if len(tensor.shape) == 2 else 32
+        shape = [2 if i == 0 else size for i in range(len(tensor.shape))]
         shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
         if "int" in str(tensor.dtype) or "bool" in str(tensor.dtype):
             arrays.append(np.ones(shape, tensor.dtype))
@@ -237,9 +249,8 @@ def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[
             sites.append(Site(name, cls, key, None, action, reason, existing=existing))
             continue
         changes[key] = new
-        sites.append(
-            Site(name, cls, key, new, UPDATE, f"{key}: {old:g} -> {new:g} ({reason})", existing)
-        )
+        reason = f"{key}: {old:g} -> {new:g} ({reason})"
+        sites.append(Site(name, cls, key, new, UPDATE, reason, existing=existing))
     if changes and policy.schedule is not None and mode == Mode.ADD:
         graph_rewrite._warn(
             report, f"{name}: a constructor argument has one rate, not a schedule: `rate` used"
@@ -288,13 +299,13 @@ def _from_config(model, config):
 def _copy_state(old: keras.Model, new: keras.Model) -> None:
     """Copies weights (checked bit-equal) and per-layer `trainable` flags."""
     old_vars, new_vars = old.weights, new.weights
-    if len(old_vars) != len(new_vars) or any(
-        a.shape != b.shape or a.name != b.name for a, b in zip(old_vars, new_vars, strict=True)
-    ):
+    mismatch = _first_mismatch(old_vars, new_vars)
+    if mismatch:
         raise UnsupportedModelError(
-            f"Cannot rebuild {old.name!r} ({type(old).__name__}): the rebuilt model's weights "
-            f"do not match the original's. Expected {len(old_vars)} weights of the same names "
-            f"and shapes. Received: {len(new_vars)} weights"
+            f"Cannot rebuild {old.name!r} ({type(old).__name__}) from its config: the rebuilt "
+            "model's weights do not match the original's (its `get_config()` leaves out a "
+            f"constructor argument?). Expected {len(old_vars)} weights of the same names and "
+            f"shapes. Received: {mismatch}"
         )
     for a, b in zip(old_vars, new_vars, strict=True):
         if a is not b:
@@ -313,6 +324,19 @@ def _copy_state(old: keras.Model, new: keras.Model) -> None:
                 b.trainable = a.trainable
     else:
         new.trainable = old.trainable
+
+
+def _first_mismatch(old_vars, new_vars) -> str:
+    """'' if the two weight lists match by name and shape; else what differs first."""
+    for a, b in zip(old_vars, new_vars, strict=False):
+        if a.name != b.name or tuple(a.shape) != tuple(b.shape):
+            return (
+                f"weight {b.path!r} of shape {tuple(b.shape)} where the original has "
+                f"{a.path!r} of shape {tuple(a.shape)}"
+            )
+    if len(old_vars) != len(new_vars):
+        return f"{len(new_vars)} weights"
+    return ""
 
 
 def _compile_like(old: keras.Model, new: keras.Model) -> None:

@@ -144,7 +144,10 @@ def test_vit_fit_step_and_remove_dropout(vit, tmp_path):
     new.compile(optimizer="sgd", loss="mse")
     history = new.fit(x, np.zeros_like(before), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    assert not np.array_equal(new.weights[0].numpy(), vit.weights[0].numpy())
+    assert any(
+        not np.array_equal(a.numpy(), b.numpy())
+        for a, b in zip(new.weights, vit.weights, strict=True)
+    )
     stripped = regularize.remove_dropout(new)
     assert type(stripped) is type(vit)
     assert stripped.get_config()["dropout_rate"] == 0.0
@@ -196,7 +199,7 @@ def test_bert_keeps_its_own_dropout_unless_retargeted(bert, tmp_path):
     _assert_same(before, reloaded(x, training=False))
     new.compile(optimizer="sgd", loss="mse")
     loss = new.train_on_batch(x, keras.tree.map_structure(np.zeros_like, before))
-    assert np.isfinite(loss)
+    assert np.all(np.isfinite(loss))
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +274,8 @@ def test_resnet_task_head_preset_leaves_the_backbone(resnet_task):
 def efficientnet():
     keras.utils.set_random_seed(3)
     return keras_hub.models.EfficientNetBackbone(
-        stackwise_width_coefficients=None,
-        stackwise_depth_coefficients=None,
+        stackwise_width_coefficients=[1.0, 1.0],
+        stackwise_depth_coefficients=[1.0, 1.0],
         stackwise_kernel_sizes=[3, 3],
         stackwise_num_repeats=[1, 2],
         stackwise_input_filters=[8, 8],
@@ -285,7 +288,6 @@ def efficientnet():
         stackwise_nores_option=[False, False],
         dropout=0.0,
         input_shape=(32, 32, 3),
-        num_features=32,
     )
 
 
@@ -295,7 +297,7 @@ def test_efficientnet_rebuilt_through_its_dropout_argument(efficientnet, tmp_pat
     report = Report()
     new = regularize.add_dropout(efficientnet, rate=0.3, report=report)
     assert type(new) is type(efficientnet)
-    assert _updates(report) == {("efficientnet_backbone", "dropout"): 0.3}
+    assert _updates(report) == {("efficient_net_backbone", "dropout"): 0.3}
     dropouts = [x for x in new._flatten_layers() if isinstance(x, keras.layers.Dropout)]
     assert dropouts, "the skip-connection dropout is made by the constructor"
     assert not [x for x in efficientnet._flatten_layers() if isinstance(x, keras.layers.Dropout)]
@@ -303,6 +305,36 @@ def test_efficientnet_rebuilt_through_its_dropout_argument(efficientnet, tmp_pat
     reloaded = _reload(new, tmp_path, "efficientnet")
     assert type(reloaded).__name__ == "EfficientNetBackbone"
     _assert_same(before, reloaded(x, training=False))
+
+
+def test_a_config_that_does_not_round_trip_is_refused():
+    # keras-hub 0.32's EfficientNetBackbone.get_config() leaves out `num_features`:
+    # rebuilt from it, the top convolution has 1280 filters instead of 32.
+    keras.utils.set_random_seed(3)
+    model = keras_hub.models.EfficientNetBackbone(
+        stackwise_width_coefficients=[1.0],
+        stackwise_depth_coefficients=[1.0],
+        stackwise_kernel_sizes=[3],
+        stackwise_num_repeats=[1],
+        stackwise_input_filters=[8],
+        stackwise_output_filters=[8],
+        stackwise_expansion_ratios=[1],
+        stackwise_squeeze_and_excite_ratios=[0.0],
+        stackwise_strides=[1],
+        stackwise_block_types=["fused"],
+        stackwise_force_input_filters=[0],
+        stackwise_nores_option=[False],
+        dropout=0.0,
+        input_shape=(32, 32, 3),
+        num_features=32,
+    )
+    with pytest.raises(
+        regularize.UnsupportedModelError,
+        match=r"Cannot rebuild 'efficient_net_backbone' .*Received: weight 'top_conv/kernel' "
+        r"of shape \(1, 1, 8, 1280\) where the original has 'top_conv/kernel' of shape "
+        r"\(1, 1, 8, 32\)",
+    ):
+        regularize.add_dropout(model, rate=0.3)
 
 
 @pytest.fixture(scope="module")
