@@ -83,6 +83,12 @@ def rewrite(
         The new model, or None if not `build`.
     """
     report = report if report is not None else Report()
+    if policy.rules and mode == Mode.ADD:
+        graph_rewrite._warn(
+            report,
+            f"rules match layers of a graph: the constructor dropout arguments of "
+            f"{model.name!r} ({type(model).__name__}) follow `rate` / `attention_rate`",
+        )
     if _is_task(model):
         return _rewrite_task(model, policy, mode, build, report)
     return _rewrite_backbone(model, policy, mode, build, report, prefix="")
@@ -93,7 +99,8 @@ def _rewrite_task(task, policy, mode, build, report):
     if policy.preset == "head" and mode == Mode.ADD:
         # The head of a task is the task's own layers: the backbone stays.
         new_backbone = backbone
-        _skip_all(backbone, backbone.get_config(), "preset 'head': the backbone stays", report)
+        reason = "preset 'head': the backbone stays"
+        _skip_all(backbone, backbone.get_config(), reason, report, prefix=f"{task.name}/")
     else:
         new_backbone = _rewrite_backbone(
             backbone, policy, mode, build, report, prefix=f"{task.name}/"
@@ -277,11 +284,11 @@ def _target(key: str, old: float, policy: Policy, mode: str) -> tuple[float | No
     return float(rate), "attention_rate" if attention else "rate"
 
 
-def _skip_all(model, config, reason, report) -> None:
+def _skip_all(model, config, reason, report, *, prefix) -> None:
     for key, old in dropout_arguments(config).items():
-        report.add(
-            Site(model.name, type(model).__name__, key, None, SKIP, reason, f"{key}={old:g}")
-        )
+        existing = f"{key}={old:g}"
+        name = f"{prefix}{model.name}"
+        report.add(Site(name, type(model).__name__, key, None, SKIP, reason, existing=existing))
 
 
 def _from_config(model, config):

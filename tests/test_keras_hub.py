@@ -78,6 +78,7 @@ def vit():
         mlp_dim=32,
         dropout_rate=0.0,
         attention_dropout=0.0,
+        name="vit",
     )
 
 
@@ -92,7 +93,7 @@ def test_vit_backbone_keeps_its_class_and_reloads_without_keras_hub(vit, tmp_pat
 
     assert type(new) is type(vit)
     assert new.get_config()["dropout_rate"] == 0.3
-    assert _updates(report) == {("vi_t_backbone", "dropout_rate"): 0.3}
+    assert _updates(report) == {("vit", "dropout_rate"): 0.3}
     # Keras' MultiHeadAttention leaves its fused kernel once its dropout is > 0:
     # inference would change, so the attention dropout stays at 0 and says why.
     assert new.get_config()["attention_dropout"] == 0.0
@@ -158,8 +159,8 @@ def test_vit_fit_step_and_remove_dropout(vit, tmp_path):
 def test_plan_reports_constructor_arguments_and_builds_nothing(vit):
     sites = regularize.plan(vit, rate=0.25)
     assert [(s.layer, s.layer_class, s.kind, s.rate, s.action) for s in sites] == [
-        ("vi_t_backbone", "ViTBackbone", "dropout_rate", 0.25, UPDATE),
-        ("vi_t_backbone", "ViTBackbone", "attention_dropout", None, SKIP),
+        ("vit", "ViTBackbone", "dropout_rate", 0.25, UPDATE),
+        ("vit", "ViTBackbone", "attention_dropout", None, SKIP),
     ]
     assert sites[0].existing == "dropout_rate=0"
     assert "0 -> 0.25" in sites[0].reason
@@ -175,6 +176,7 @@ def bert():
         hidden_dim=16,
         intermediate_dim=32,
         max_sequence_length=16,
+        name="bert",
     )
 
 
@@ -190,7 +192,7 @@ def test_bert_keeps_its_own_dropout_unless_retargeted(bert, tmp_path):
     report = Report()
     new = regularize.add_dropout(bert, policy=Policy(rate=0.3, existing="retarget"), report=report)
     assert type(new) is type(bert)
-    assert _updates(report) == {("bert_backbone", "dropout"): 0.3}
+    assert _updates(report) == {("bert", "dropout"): 0.3}
     assert new.get_config()["dropout"] == 0.3
     assert bert.get_config()["dropout"] == 0.1
     _assert_same(before, new(x, training=False))
@@ -213,11 +215,12 @@ def resnet_task():
         stackwise_num_strides=[1, 2],
         block_type="basic_block",
         image_shape=(32, 32, 3),
+        name="resnet",
     )
     converter = keras_hub.layers.ResNetImageConverter(image_size=(32, 32), scale=1 / 255.0)
     preprocessor = keras_hub.models.ResNetImageClassifierPreprocessor(image_converter=converter)
     return keras_hub.models.ResNetImageClassifier(
-        backbone=backbone, num_classes=3, preprocessor=preprocessor
+        backbone=backbone, num_classes=3, preprocessor=preprocessor, name="resnet_task"
     )
 
 
@@ -239,12 +242,12 @@ def test_resnet_task_keeps_class_preprocessor_and_head(resnet_task, tmp_path):
         s.layer: s.kind for s in report.sites if s.action == "insert" and s.kind != "dropout"
     }
     assert inserted == {
-        "res_net_image_classifier/res_net_backbone/conv1_relu": "SpatialDropout2D",
-        "res_net_image_classifier/res_net_backbone/stack0_block0_1_relu": "SpatialDropout2D",
-        "res_net_image_classifier/res_net_backbone/stack0_block0_out": "SpatialDropout2D",
-        "res_net_image_classifier/res_net_backbone/stack1_block0_1_relu": "SpatialDropout2D",
+        "resnet_task/resnet/conv1_relu": "SpatialDropout2D",
+        "resnet_task/resnet/stack0_block0_1_relu": "SpatialDropout2D",
+        "resnet_task/resnet/stack0_block0_out": "SpatialDropout2D",
+        "resnet_task/resnet/stack1_block0_1_relu": "SpatialDropout2D",
     }
-    assert _updates(report) == {("res_net_image_classifier", "dropout"): 0.3}
+    assert _updates(report) == {("resnet_task", "dropout"): 0.3}
     assert any("not kept" in w for w in report.warnings)
     names = [layer.name for layer in new.backbone.layers]
     assert "conv1_relu__dropout" in names
@@ -260,12 +263,19 @@ def test_resnet_task_keeps_class_preprocessor_and_head(resnet_task, tmp_path):
     history = new.fit(x, np.array([0, 1]), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
 
+    trained = new.predict(x, verbose=0)
+    stripped = regularize.remove_dropout(new)
+    assert type(stripped) is type(resnet_task)
+    assert stripped.get_config()["dropout"] == 0.0
+    assert not [la for la in stripped.backbone.layers if isinstance(la, keras.layers.Dropout)]
+    np.testing.assert_array_equal(trained, stripped.predict(x, verbose=0))
+
 
 def test_resnet_task_head_preset_leaves_the_backbone(resnet_task):
     report = Report()
     new = regularize.add_dropout(resnet_task, policy=Policy(rate=0.4, preset="head"), report=report)
     assert new.backbone is resnet_task.backbone
-    assert _updates(report) == {("res_net_image_classifier", "dropout"): 0.4}
+    assert _updates(report) == {("resnet_task", "dropout"): 0.4}
     x = _images()
     np.testing.assert_array_equal(resnet_task.predict(x, verbose=0), new.predict(x, verbose=0))
 
@@ -288,6 +298,7 @@ def efficientnet():
         stackwise_nores_option=[False, False],
         dropout=0.0,
         input_shape=(32, 32, 3),
+        name="efficientnet",
     )
 
 
@@ -297,7 +308,7 @@ def test_efficientnet_rebuilt_through_its_dropout_argument(efficientnet, tmp_pat
     report = Report()
     new = regularize.add_dropout(efficientnet, rate=0.3, report=report)
     assert type(new) is type(efficientnet)
-    assert _updates(report) == {("efficient_net_backbone", "dropout"): 0.3}
+    assert _updates(report) == {("efficientnet", "dropout"): 0.3}
     dropouts = [x for x in new._flatten_layers() if isinstance(x, keras.layers.Dropout)]
     assert dropouts, "the skip-connection dropout is made by the constructor"
     assert not [x for x in efficientnet._flatten_layers() if isinstance(x, keras.layers.Dropout)]
@@ -327,10 +338,11 @@ def test_a_config_that_does_not_round_trip_is_refused():
         dropout=0.0,
         input_shape=(32, 32, 3),
         num_features=32,
+        name="tiny_efficientnet",
     )
     with pytest.raises(
         regularize.UnsupportedModelError,
-        match=r"Cannot rebuild 'efficient_net_backbone' .*Received: weight 'top_conv/kernel' "
+        match=r"Cannot rebuild 'tiny_efficientnet' .*Received: weight 'top_conv/kernel' "
         r"of shape \(1, 1, 8, 1280\) where the original has 'top_conv/kernel' of shape "
         r"\(1, 1, 8, 32\)",
     ):
@@ -348,6 +360,7 @@ def llama():
         hidden_dim=16,
         intermediate_dim=32,
         dropout=0.0,
+        name="llama",
     )
 
 
@@ -357,7 +370,7 @@ def test_llama_decoder_backbone(llama, tmp_path):
     report = Report()
     new = regularize.add_dropout(llama, rate=0.1, report=report)
     assert type(new) is type(llama)
-    assert _updates(report) == {("llama_backbone", "dropout"): 0.1}
+    assert _updates(report) == {("llama", "dropout"): 0.1}
     _assert_same(before, new(x, training=False))
     reloaded = _reload(new, tmp_path, "llama")
     assert type(reloaded).__name__ == "LlamaBackbone"
@@ -384,3 +397,22 @@ def test_hub_models_are_detected_by_class_not_by_import():
     ) == {"dropout": 0.1, "attention_dropout": 0.0}
     plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     assert not hub.is_hub_model(plain)
+
+
+def test_cli_inspect_and_add_dropout_keep_the_class(vit, tmp_path):
+    from click.testing import CliRunner
+
+    from regularize.cli import cli
+
+    source = io.save_model(vit, tmp_path / "vit.keras")
+    result = CliRunner().invoke(cli, ["inspect", str(source)])
+    assert result.exit_code == 0, result.output
+    assert "dropout_rate" in result.stdout and "ViTBackbone" in result.stdout
+    out = tmp_path / "vit_dropout.keras"
+    result = CliRunner().invoke(cli, ["add-dropout", str(source), "-o", str(out), "--rate", "0.2"])
+    assert result.exit_code == 0, result.output
+    reloaded = keras.saving.load_model(out)
+    assert type(reloaded).__name__ == "ViTBackbone"
+    assert reloaded.get_config()["dropout_rate"] == 0.2
+    x = _images()
+    _assert_same(_outputs(vit, x), reloaded(x, training=False))
