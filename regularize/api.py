@@ -101,7 +101,10 @@ def plan(
     """The sites `add_dropout` would touch or skip, without building anything.
 
     Takes the same arguments as `add_dropout`; `report` also receives the
-    warnings (e.g. a rule that matches nothing).
+    warnings (e.g. a rule that matches nothing). A keras-hub model whose
+    constructor has dropout arguments is the exception: it is rebuilt once
+    from its config, since only running it tells whether an argument keeps
+    inference exact (see `regularize.hub`).
     """
     policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
     report = report if report is not None else Report()
