@@ -416,3 +416,30 @@ def test_cli_inspect_and_add_dropout_keep_the_class(vit, tmp_path):
     assert reloaded.get_config()["dropout_rate"] == 0.2
     x = _images()
     _assert_same(_outputs(vit, x), reloaded(x, training=False))
+
+
+def test_bert_dropout_from_0_would_switch_the_attention_kernel():
+    # BERT's one `dropout` also drives its attention layers' dropout: from 0,
+    # Keras' MultiHeadAttention would leave its fused kernel. Identical tokens
+    # would hide that on a probe batch; the layers themselves tell.
+    keras.utils.set_random_seed(5)
+    model = keras_hub.models.BertBackbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+        dropout=0.0,
+        name="bert0",
+    )
+    report = Report()
+    new = regularize.add_dropout(model, rate=0.3, report=report)
+    assert [(s.layer, s.kind, s.action, s.reason) for s in report.sites] == [
+        ("bert0", "dropout", SKIP, hub.NOT_EXACT)
+    ]
+    assert new.get_config()["dropout"] == 0.0
+    assert [(s.kind, s.action) for s in regularize.plan(model, rate=0.3)] == [("dropout", SKIP)]
+    x = dict(_tokens(), segment_ids=np.zeros((2, 8), "int32"))
+    x["token_ids"] = np.random.default_rng(3).integers(0, 50, size=(2, 8)).astype("int32")
+    _assert_same(_outputs(model, x), new(x, training=False))
