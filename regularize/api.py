@@ -8,6 +8,7 @@ import warnings
 
 import keras
 
+from regularize import hub
 from regularize import rewrite
 from regularize.errors import PolicyError
 from regularize.errors import RegularizeWarning
@@ -31,6 +32,10 @@ def add_dropout(
     The new model reuses the input model's layers and variables (no copy of
     the weights; rebuilt RNN layers excepted), so inference with
     `training=False` is bit-identical. The input model is not changed.
+
+    A keras-hub `Backbone` or `Task` keeps its class (and a task its
+    preprocessor): its constructor's dropout arguments are set and the model
+    is rebuilt with its weights copied (see `regularize.hub`).
 
     Args:
         model: A Functional or built Sequential model.
@@ -65,7 +70,7 @@ def add_dropout(
     """
     policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
     report = report if report is not None else Report()
-    new = rewrite.rewrite(model, policy, report=report)
+    new = _engine(model).rewrite(model, policy, report=report)
     if policy.asks_for_dropout() and report.with_dropout() == 0:
         warnings.warn(
             "The policy put dropout nowhere: the new model has the same graph as the "
@@ -113,7 +118,7 @@ def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras
     layers (a dropout layer that is itself a model output stays, to keep the
     output name), and zeroes `dropout` / `recurrent_dropout` of RNN layers.
     """
-    return rewrite.rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
+    return _engine(model).rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
 
 
 def plan(
@@ -128,9 +133,17 @@ def plan(
     """The sites `add_dropout` would touch or skip, without building anything.
 
     Takes the same arguments as `add_dropout`; `report` also receives the
-    warnings (e.g. a rule that matches nothing).
+    warnings (e.g. a rule that matches nothing). A keras-hub model whose
+    constructor has dropout arguments is the exception: it is rebuilt once
+    from its config, since only running it tells whether an argument keeps
+    inference exact (see `regularize.hub`).
     """
     policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
     report = report if report is not None else Report()
-    rewrite.rewrite(model, policy, build=False, report=report)
+    _engine(model).rewrite(model, policy, build=False, report=report)
     return report.sites
+
+
+def _engine(model: keras.Model):
+    """The module that rewrites `model`: `hub` for keras-hub models (their class stays)."""
+    return hub if hub.is_hub_model(model) else rewrite

@@ -50,17 +50,31 @@ def temp_pattern(path: Path) -> re.Pattern:
     return re.compile(re.escape(f".{cut}.") + r"(\d+)\.[^.]+" + re.escape(suffix))
 
 
-def write_file(path: Path, write: Callable[[str], None]) -> None:
+def write_file(
+    path: Path,
+    write: Callable[[str], None],
+    *,
+    check: Callable[[str], None] | None = None,
+) -> None:
     """Calls `write(tmp)` on a temporary file beside `path`, then renames it over `path`.
 
     The file gets the mode a plain `open()` would give it. On any failure or
     interruption the temporary file is removed and `path` is as it was.
+
+    Args:
+        path: Where the file goes.
+        write: Writes the content to the temporary path it is given.
+        check: Called with the temporary path once it is written, before the
+            rename: whatever it raises stops the publication (a file that
+            would not load again is never published).
     """
     prefix, suffix = _temp_parts(path)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        if check is not None:
+            check(tmp)
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:

@@ -142,17 +142,27 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
     process killed outright (SIGKILL, power loss) cannot remove its
     temporary file; the next save to the same `path` removes it.
 
+    Before the rename, the written file is checked to load again with the
+    classes `model` is made of (see `check_reloads`): a file Keras could not
+    read back is never published.
+
     Raises:
         ModelSaveError: Wrong suffix, missing folder, existing file without
-            `overwrite`, or the write failed.
+            `overwrite`, the write failed, or the file would not load again.
     """
     path = Path(path)
     check_output_path(path, overwrite=overwrite)
     _remove_stale_temps(path)
     try:
         with recursion_limit(DEEP):
-            atomic.write_file(path, lambda tmp: _write(model, tmp))
+            atomic.write_file(
+                path,
+                lambda tmp: _write(model, tmp),
+                check=lambda tmp: check_reloads(model, tmp, shown=path),
+            )
     except BaseException as err:
+        if isinstance(err, ModelSaveError):
+            raise
         if isinstance(err, Exception):
             raise ModelSaveError(f"Cannot write model to {str(path)!r}: {_os_error(err)}") from err
         raise
@@ -171,6 +181,126 @@ def _write(model: keras.Model, tmp: str) -> None:
 
     with open(tmp, "wb") as stream, h5py.File(stream, "w") as f:
         legacy_h5_format.save_model_to_hdf5(model, f)
+
+
+def check_reloads(model: keras.Model, file: str | os.PathLike, *, shown=None) -> None:
+    """Raises `ModelSaveError` if the model file at `file` would not load again.
+
+    The classes `model` is made of are in scope, as the custom objects its
+    input needed would be. A `.keras` file of core Keras classes only has
+    each layer rebuilt from its saved config, without weights or wiring
+    (cheap: a quarter of a second for ResNet50); a file with other classes
+    (keras-hub models, custom layers) and every `.h5` file is loaded whole.
+
+    Args:
+        model: The model that was written.
+        file: The written file.
+        shown: The path to name in the message (the final output, not the
+            temporary file); `file` if None.
+    """
+    file = Path(file)
+    shown = Path(shown) if shown is not None else file
+    config = _saved_model_config(file)
+    with keras.saving.custom_object_scope(_classes_of(model)):
+        if config is not None and _is_core(config):
+            failure = _failing_layer(config)
+        else:
+            failure = _failing_load(model, file)
+    if failure is not None:
+        name, why = failure
+        raise ModelSaveError(
+            f"Cannot write model to {str(shown)!r}: the written file would not load again: "
+            f"class {name!r} cannot be rebuilt from its saved config ({why.rstrip('.')}); "
+            "nothing was written. "
+            f"Expected a model whose saved config Keras can rebuild. "
+            f"Received: model {model.name!r} of class {type(model).__name__!r}"
+        )
+
+
+def _saved_model_config(file: Path) -> dict | None:
+    """The model config in a `.keras` file (None for `.h5`: it is loaded whole)."""
+    if file.suffix != ".keras":
+        return None
+    with zipfile.ZipFile(file) as archive:
+        return json.loads(archive.read("config.json"))
+
+
+def _classes_of(model: keras.Model) -> dict:
+    """Every class `model` is made of, by registered and by plain name."""
+    classes = {}
+    for layer in model._flatten_layers(include_self=True):
+        cls = type(layer)
+        classes[cls.__name__] = cls
+        classes[keras.saving.get_registered_name(cls)] = cls
+    return classes
+
+
+def _is_core(config) -> bool:
+    """Whether every object in a serialized config is a core Keras one."""
+    if isinstance(config, dict):
+        module = config.get("module")
+        if isinstance(module, str) and module != "keras" and not module.startswith("keras."):
+            return False
+        return all(_is_core(value) for value in config.values())
+    if isinstance(config, list):
+        return all(_is_core(value) for value in config)
+    return True
+
+
+_GRAPH_CLASSES = ("Functional", "Sequential", "Model")
+_DESERIALIZED_KEYS = ("module", "class_name", "config", "registered_name")
+
+
+def _failing_layer(config: dict) -> tuple[str, str] | None:
+    """(class name, error) of the first layer that its config does not rebuild."""
+    inner = config.get("config") or {}
+    if config.get("class_name") in _GRAPH_CLASSES and isinstance(inner.get("layers"), list):
+        for layer in inner["layers"]:
+            failure = _failing_layer(layer)
+            if failure is not None:
+                return failure
+        return None
+    if config.get("class_name") == "Lambda":
+        return None  # its function is Keras' own business (and `safe_mode`'s)
+    try:
+        keras.saving.deserialize_keras_object(
+            {key: config[key] for key in _DESERIALIZED_KEYS if key in config}
+        )
+    except Exception as err:  # any failure to rebuild is the answer
+        return str(config.get("class_name")), _deserialization_failure(err)[1]
+    return None
+
+
+def _failing_load(model: keras.Model, file: Path) -> tuple[str, str] | None:
+    """(class name, error) if `file` does not load whole; None if it does."""
+    # A Python-function `Lambda` needs `safe_mode=False` to load; it is the
+    # model's own function, already in this process.
+    unsafe = any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers())
+    try:
+        keras.saving.load_model(file, compile=False, safe_mode=not unsafe)
+    except Exception as err:  # any failure to load is the answer
+        name, why = _deserialization_failure(err)
+        return name or "?", why
+    return None
+
+
+# Keras names the innermost class that failed last in a nested message.
+_FAILED_CLASS = (
+    re.compile(r"<class '(?:[\w.]+\.)?(\w+)'> could not be deserialized"),
+    re.compile(r"Error when deserializing class '(\w+)'"),
+)
+
+
+def _deserialization_failure(err: Exception) -> tuple[str | None, str]:
+    """(the innermost class Keras names, the cause) of a deserialization error."""
+    text = str(err)
+    names = [name for pattern in _FAILED_CLASS for name in pattern.findall(text)]
+    name = names[-1] if names else _unknown_class(text)
+    if "Exception encountered:" not in text:
+        return name, f"{type(err).__name__}: {_first_line(err)}"
+    # The cause comes last, after Keras' advice and the whole config.
+    cause = " ".join(text.rsplit("Exception encountered:", 1)[-1].split())
+    return name, cause[:300]
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -1,0 +1,399 @@
+"""keras-hub models: a task keeps its class, constructor dropout arguments are used.
+
+A keras-hub `Backbone` or `Task` is a Functional model whose `get_config()`
+holds its constructor's arguments, not its layer graph: a graph rewrite
+would turn it into a plain `Functional` (losing the class, the task API and
+the preprocessor), and some keras-hub layers cannot be rebuilt from a
+Functional config at all. So, the keras-hub-native way:
+
+- dropout arguments the constructor already has (`dropout`, `dropout_rate`,
+  `attention_dropout`, ... found by name in `get_config()`, no list of
+  classes) are set, the model is rebuilt from the edited config and the
+  weights are copied over (and checked bit-equal);
+- a backbone without such arguments (e.g. ResNet) gets dropout in its layer
+  graph; it then becomes a plain Functional model, which the report says;
+- a task is rebuilt around its (new) backbone with the same preprocessor.
+
+keras-hub itself is never imported here: the model's own class is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from regularize import rewrite as graph_rewrite
+from regularize import training
+from regularize.core import Mode
+from regularize.errors import UnsupportedModelError
+from regularize.policy import Policy
+from regularize.report import KEEP
+from regularize.report import SKIP
+from regularize.report import UPDATE
+from regularize.report import Report
+from regularize.report import Site
+
+_PACKAGE = "keras_hub"
+# Names that mark a constructor argument as attention dropout (`attention_rate`).
+_ATTENTION_WORDS = ("attention", "attn")
+
+
+def is_hub_model(model: object) -> bool:
+    """Whether `model` is a keras-hub `Backbone` or `Task` (checked without importing keras-hub)."""
+    return isinstance(model, keras.Model) and (_is_task(model) or _is_backbone(model))
+
+
+def dropout_arguments(config: dict) -> dict[str, float]:
+    """The constructor's dropout arguments in a `get_config()` dict: name → rate.
+
+    A key counts when its name holds "dropout" and its value is a number
+    (not a flag such as `use_dropout`).
+    """
+    return {
+        key: float(value)
+        for key, value in config.items()
+        if "dropout" in key.lower()
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    }
+
+
+def rewrite(
+    model: keras.Model,
+    policy: Policy,
+    *,
+    mode: str = Mode.ADD,
+    build: bool = True,
+    report: Report | None = None,
+) -> keras.Model | None:
+    """Rewrites a keras-hub backbone or task; a task keeps its class.
+
+    Args:
+        model: A keras-hub `Backbone` or `Task`; it is not changed.
+        policy: `rate` drives the general dropout arguments,
+            `attention_rate` (None: unchanged) the attention ones.
+        mode: "add" or "strip" (every dropout argument to 0).
+        build: False only plans: the report is filled, nothing is built.
+        report: Receives one `Site` per dropout argument, and the graph
+            sites of a backbone that has no dropout argument.
+
+    Returns:
+        The new model, or None if not `build`.
+    """
+    report = report if report is not None else Report()
+    if policy.rules and mode == Mode.ADD:
+        graph_rewrite._warn(
+            report,
+            f"rules match layers of a graph: the constructor dropout arguments of "
+            f"{model.name!r} ({type(model).__name__}) follow `rate` / `attention_rate`",
+        )
+    if _is_task(model):
+        return _rewrite_task(model, policy, mode, build, report)
+    return _rewrite_backbone(model, policy, mode, build, report, prefix="")
+
+
+def _rewrite_task(task, policy, mode, build, report):
+    backbone = task.backbone
+    if policy.preset == "head" and mode == Mode.ADD:
+        # The head of a task is the task's own layers: the backbone stays.
+        new_backbone = backbone
+        reason = "preset 'head': the backbone stays"
+        _skip_all(backbone, backbone.get_config(), reason, report, prefix=f"{task.name}/")
+    else:
+        new_backbone = _rewrite_backbone(
+            backbone, policy, mode, build, report, prefix=f"{task.name}/"
+        )
+    config = task.get_config()
+    changes, sites = _decide(task, config, policy, mode, report, prefix="")
+    for site in sites:
+        report.add(site)
+    if not build:
+        return None
+    config.update(changes)
+    config["backbone"] = new_backbone
+    config["preprocessor"] = task.preprocessor
+    new = _from_config(task, config)
+    _copy_state(task, new)
+    if not _is_exact(task, new):
+        raise UnsupportedModelError(
+            f"Cannot rewrite {task.name!r} ({type(task).__name__}): the rebuilt task does not "
+            "compute bit-identical outputs at inference. Expected the same outputs with "
+            f"`training=False`. Received: changed arguments {sorted(changes)}"
+        )
+    _compile_like(task, new)
+    return new
+
+
+def _rewrite_backbone(backbone, policy, mode, build, report, *, prefix):
+    config = backbone.get_config()
+    if not dropout_arguments(config):
+        return _rewrite_graph(backbone, policy, mode, build, report, prefix=prefix)
+    changes, sites = _decide(backbone, config, policy, mode, report, prefix=prefix)
+    # A plan builds too (from the config: fast): whether inference stays
+    # bit-identical is only known by running the rebuilt model.
+    new, sites = _rebuild_exact(backbone, config, changes, sites)
+    for site in sites:
+        report.add(site)
+    if not build:
+        return None
+    _compile_like(backbone, new)
+    return new
+
+
+# Why a dropout argument that was 0 may have to stay 0.
+NOT_EXACT = (
+    "dropout > 0 switches a layer to another kernel (Keras' MultiHeadAttention leaves its "
+    "fused dot-product attention), so inference would not stay bit-identical"
+)
+
+
+def _rebuild_exact(model, config, changes, sites):
+    """The rebuilt model and its sites; arguments that break exact inference stay as they were.
+
+    Turning a dropout argument on (from 0) can change a layer's inference
+    code path, not only add an identity: Keras' `MultiHeadAttention` uses
+    `ops.dot_product_attention` only while its dropout is 0. Such arguments
+    are left at 0 (the site is skipped with `NOT_EXACT`).
+    """
+    new = _rebuilt(model, config, changes)
+    if _is_exact(model, new):
+        return new, sites
+    old = dropout_arguments(config)
+    started = [key for key in changes if not old[key]]
+    kept = {key: value for key, value in changes.items() if key not in started}
+    new = _rebuilt(model, config, kept)
+    if not _is_exact(model, new):
+        raise UnsupportedModelError(
+            f"Cannot rewrite {model.name!r} ({type(model).__name__}): the model rebuilt with "
+            "the new dropout arguments does not compute bit-identical outputs at inference. "
+            f"Expected the same outputs with `training=False`. Received: changed arguments "
+            f"{sorted(changes)}"
+        )
+    # One argument at a time: those that keep inference exact are set (`new`
+    # is always the last model built with exactly `kept`).
+    refused = set()
+    for key in started:
+        trial = _rebuilt(model, config, {**kept, key: changes[key]})
+        if _is_exact(model, trial):
+            kept[key] = changes[key]
+            new = trial
+        else:
+            refused.add(key)
+    sites = [
+        dataclasses.replace(site, action=SKIP, rate=None, reason=NOT_EXACT)
+        if site.kind in refused and site.action == UPDATE
+        else site
+        for site in sites
+    ]
+    return new, sites
+
+
+def _rebuilt(model, config, changes):
+    config = dict(config, **changes)
+    new = _from_config(model, config)
+    _copy_state(model, new)
+    return new
+
+
+# Keras attention layers that leave `ops.dot_product_attention` for explicit
+# einsums (other last bits) as soon as their dropout is above 0.
+_KERNEL_SWITCH = tuple(
+    getattr(keras.layers, name)
+    for name in ("MultiHeadAttention", "GroupedQueryAttention")
+    if hasattr(keras.layers, name)
+)
+
+
+def _is_exact(old: keras.Model, new: keras.Model) -> bool:
+    """Whether `new` computes what `old` does at inference.
+
+    Known kernel switches are found in the layers themselves (a probe input
+    can hide them: identical tokens make every attention weight equal); the
+    probe batch then catches what is not known.
+    """
+    before = [x for x in old._flatten_layers() if isinstance(x, _KERNEL_SWITCH)]
+    after = [x for x in new._flatten_layers() if isinstance(x, _KERNEL_SWITCH)]
+    for a, b in zip(before, after, strict=False):
+        if not _attention_dropout(a) and _attention_dropout(b):
+            return False
+    return _same_outputs(old, new)
+
+
+def _attention_dropout(layer) -> float:
+    return float(getattr(layer, "dropout", 0.0) or 0.0)
+
+
+def _probe(model: keras.Model):
+    """A small input batch matching `model.inputs`: masks of ones, ids of 0 and 1, floats."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for tensor in model.inputs:
+        # Unknown sizes: a batch of 2, 8 steps of a sequence, 32 pixels of an image.
+        size = 8 if len(tensor.shape) == 2 else 32
+        shape = [2 if i == 0 else size for i in range(len(tensor.shape))]
+        shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
+        name = str(getattr(tensor, "name", "") or "")
+        if "bool" in str(tensor.dtype) or "mask" in name:
+            arrays.append(np.ones(shape, tensor.dtype))
+        elif "segment" in name:
+            arrays.append(np.zeros(shape, tensor.dtype))
+        elif "int" in str(tensor.dtype):
+            # Token ids 0 and 1 exist in every vocabulary; mixed, rows differ.
+            arrays.append(rng.integers(0, 2, size=shape).astype(tensor.dtype))
+        else:
+            arrays.append(rng.uniform(0, 1, size=shape).astype(tensor.dtype))
+    return keras.tree.pack_sequence_as(model._inputs_struct, arrays)
+
+
+def _same_outputs(old: keras.Model, new: keras.Model) -> bool:
+    x = _probe(old)
+    before = keras.tree.flatten(old(x, training=False))
+    after = keras.tree.flatten(new(x, training=False))
+    return len(before) == len(after) and all(
+        np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+        for a, b in zip(before, after, strict=True)
+    )
+
+
+def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
+    """Dropout in the layer graph: the backbone becomes a plain Functional model."""
+    inner = Report()
+    new = graph_rewrite.rewrite(backbone, policy, mode=mode, build=build, report=inner)
+    # Inside a task the backbone is a nested model: its sites get its path.
+    where = f"{prefix}{backbone.name}/" if prefix else ""
+    for site in inner.sites:
+        report.add(dataclasses.replace(site, layer=f"{where}{site.layer}"))
+    report.warnings.extend(w for w in inner.warnings if w not in report.warnings)
+    if inner.changed():
+        graph_rewrite._warn(
+            report,
+            f"{prefix}{backbone.name} ({type(backbone).__name__}) has no constructor argument "
+            "for dropout after its activations: the dropout goes into its layer graph, so it "
+            f"becomes a plain Functional model (the {type(backbone).__name__} class is not kept)",
+        )
+    return new
+
+
+def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[Site]]:
+    """The new value of each dropout argument of `model`, and one `Site` each."""
+    changes = {}
+    sites = []
+    name = f"{prefix}{model.name}"
+    cls = type(model).__name__
+    for key, old in dropout_arguments(config).items():
+        new, reason = _target(key, old, policy, mode)
+        existing = f"{key}={old:g}"
+        if new is None:
+            action = KEEP if reason.startswith("the model's own") else SKIP
+            sites.append(Site(name, cls, key, None, action, reason, existing=existing))
+            continue
+        changes[key] = new
+        reason = f"{key}: {old:g} -> {new:g} ({reason})"
+        sites.append(Site(name, cls, key, new, UPDATE, reason, existing=existing))
+    if changes and policy.schedule is not None and mode == Mode.ADD:
+        graph_rewrite._warn(
+            report, f"{name}: a constructor argument has one rate, not a schedule: `rate` used"
+        )
+    return changes, sites
+
+
+def _target(key: str, old: float, policy: Policy, mode: str) -> tuple[float | None, str]:
+    """(new rate or None to leave it, reason) for one dropout argument."""
+    if mode == Mode.STRIP:
+        return (0.0, "removed") if old else (None, "already 0")
+    if policy.mc:
+        return None, "MC dropout cannot be set through a constructor argument"
+    attention = any(word in key.lower() for word in _ATTENTION_WORDS)
+    rate = getattr(policy, "attention_rate", None) if attention else policy.rate
+    if rate is None:
+        return None, "`attention_rate` not set"
+    if old and policy.existing == "keep":
+        return None, f"the model's own dropout ({key}={old:g}); existing = keep"
+    if old and policy.existing == "remove":
+        return 0.0, "existing = remove"
+    if rate == old:
+        return None, "already at the rate"
+    return float(rate), "attention_rate" if attention else "rate"
+
+
+def _skip_all(model, config, reason, report, *, prefix) -> None:
+    for key, old in dropout_arguments(config).items():
+        existing = f"{key}={old:g}"
+        name = f"{prefix}{model.name}"
+        report.add(Site(name, type(model).__name__, key, None, SKIP, reason, existing=existing))
+
+
+def _from_config(model, config):
+    try:
+        return type(model).from_config(config)
+    except Exception as err:  # keras-hub raises many types; one line here
+        raise UnsupportedModelError(
+            f"Cannot rebuild {model.name!r} ({type(model).__name__}) from its edited config: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Expected "
+            "a keras-hub model whose constructor takes its `get_config()` back. "
+            f"Received: model of class {type(model).__module__}.{type(model).__name__}"
+        ) from err
+
+
+def _copy_state(old: keras.Model, new: keras.Model) -> None:
+    """Copies weights (checked bit-equal) and per-layer `trainable` flags."""
+    old_vars, new_vars = old.weights, new.weights
+    mismatch = _first_mismatch(old_vars, new_vars)
+    if mismatch:
+        raise UnsupportedModelError(
+            f"Cannot rebuild {old.name!r} ({type(old).__name__}) from its config: the rebuilt "
+            "model's weights do not match the original's (its `get_config()` leaves out a "
+            f"constructor argument?). Expected {len(old_vars)} weights of the same names and "
+            f"shapes. Received: {mismatch}"
+        )
+    for a, b in zip(old_vars, new_vars, strict=True):
+        if a is not b:
+            b.assign(a)
+    for a, b in zip(old_vars, new_vars, strict=True):
+        if not np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)):
+            raise UnsupportedModelError(
+                f"Cannot rebuild {old.name!r}: weight {a.path!r} did not copy bit-exactly. "
+                f"Expected equal values. Received: dtype {a.dtype} -> {b.dtype}"
+            )
+    old_layers = list(old._flatten_layers(include_self=True))
+    new_layers = list(new._flatten_layers(include_self=True))
+    if [type(x) for x in old_layers] == [type(x) for x in new_layers]:
+        for a, b in zip(old_layers, new_layers, strict=True):
+            if b.trainable != a.trainable:
+                b.trainable = a.trainable
+    else:
+        new.trainable = old.trainable
+
+
+def _first_mismatch(old_vars, new_vars) -> str:
+    """'' if the two weight lists match by name and shape; else what differs first."""
+    for a, b in zip(old_vars, new_vars, strict=False):
+        if a.name != b.name or tuple(a.shape) != tuple(b.shape):
+            return (
+                f"weight {b.path!r} of shape {tuple(b.shape)} where the original has "
+                f"{a.path!r} of shape {tuple(a.shape)}"
+            )
+    if len(old_vars) != len(new_vars):
+        return f"{len(new_vars)} weights"
+    return ""
+
+
+def _compile_like(old: keras.Model, new: keras.Model) -> None:
+    if getattr(old, "compiled", False):
+        training.compile_from_config(new, old.get_compile_config())
+
+
+def _is_task(model: object) -> bool:
+    return _has_hub_base(model, "Task") and hasattr(model, "backbone")
+
+
+def _is_backbone(model: object) -> bool:
+    return _has_hub_base(model, "Backbone")
+
+
+def _has_hub_base(model: object, name: str) -> bool:
+    return any(
+        cls.__name__ == name and cls.__module__.startswith(_PACKAGE) for cls in type(model).__mro__
+    )
