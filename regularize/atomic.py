@@ -83,18 +83,27 @@ def write_file(
         raise
 
 
-def write_folder(path: Path, write: Callable[[str], None]) -> None:
+def write_folder(
+    path: Path,
+    write: Callable[[str], None],
+    *,
+    check: Callable[[str], None] | None = None,
+) -> None:
     """Calls `write(tmp)` on a temporary folder beside `path`, then moves it to `path`.
 
     A folder cannot replace another in one step: an existing `path` (a
     folder, or a link, which is moved as a link) is moved aside first and
-    removed once the new one is in place, or moved back on failure.
+    removed once the new one is in place, or moved back on failure. `check`
+    is called with the temporary folder before anything moves, as in
+    `write_file`.
     """
     prefix, suffix = _temp_parts(path)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
     old = None
     try:
         write(str(tmp))
+        if check is not None:
+            check(str(tmp))
         os.chmod(tmp, 0o777 & ~umask())
         if os.path.lexists(path):
             old = path.with_name(f"{prefix}old")

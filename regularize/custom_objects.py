@@ -29,6 +29,16 @@ def load(spec: str | os.PathLike | None) -> dict:
     if not spec:
         return {}
     text = str(spec)
+    # Nothing is written beside the user's module (no `__pycache__`): the
+    # tool writes only its output.
+    no_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        return _load(text)
+    finally:
+        sys.dont_write_bytecode = no_bytecode
+
+
+def _load(text: str) -> dict:
     try:
         if text.endswith(".py") or os.sep in text:
             file = Path(text)

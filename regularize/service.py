@@ -27,6 +27,7 @@ from pathlib import Path
 
 from regularize import applications
 from regularize.errors import ModelLoadError
+from regularize.errors import ModelSaveError
 from regularize.paths import check_output_path
 from regularize.policy import Policy
 
@@ -269,7 +270,12 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
         try:
             staged = stage / output.name
             request.update(output=staged, dry_run=False)
-            report = legacy.to_report(legacy.run(request, debug=kw["debug"]))
+            try:
+                report = legacy.to_report(legacy.run(request, debug=kw["debug"]))
+            except ModelSaveError as err:
+                # The engine wrote to the staging path; the user named `output`.
+                text = str(err).replace(repr(str(staged)), repr(str(output)))
+                raise ModelSaveError(text.replace(str(staged), str(output))) from err
             if not keep(report):
                 return report, False
             _publish(staged, output)

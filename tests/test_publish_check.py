@@ -131,3 +131,77 @@ def test_write_file_check_stops_the_rename(tmp_path):
     assert os.listdir(tmp_path) == []
     atomic.write_file(target, lambda tmp: open(tmp, "w").close(), check=lambda tmp: None)
     assert os.listdir(tmp_path) == ["out.bin"]
+
+
+# -- the Keras 2 engine: the same rule, checked in its child ---------------------------
+
+KERAS2_FRAGILE = """
+import tf_keras
+
+
+class Fragile(tf_keras.layers.Layer):
+    def __init__(self, generation=0, **kwargs):
+        super().__init__(**kwargs)
+        if generation >= 2:
+            raise ValueError(f"Fragile cannot be rebuilt twice. Received: generation={generation}")
+        self.generation = generation
+
+    def call(self, x):
+        return x * 2.0
+
+    def get_config(self):
+        return {**super().get_config(), "generation": self.generation + 1}
+"""
+
+BUILD_KERAS2_SAVEDMODEL = """
+import os, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+sys.path.insert(0, sys.argv[1])
+import tf_keras
+from fragile_layers import Fragile
+
+inputs = tf_keras.Input((4,), name="x")
+hidden = tf_keras.layers.Dense(8, activation="relu", name="d1")(inputs)
+model = tf_keras.Model(inputs, Fragile(name="fragile")(hidden), name="fragile_model")
+model.save(sys.argv[2], save_format="tf")
+"""
+
+
+@pytest.mark.slow
+def test_the_keras2_engine_publishes_no_file_that_does_not_reload(tmp_path):
+    """A SavedModel whose custom layer loads once but not twice: the rewrite's output is
+    refused in one line, and neither it nor a temporary folder is left."""
+    import subprocess
+    import sys
+
+    (tmp_path / "fragile_layers.py").write_text(KERAS2_FRAGILE)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    build = subprocess.run(
+        [sys.executable, "-c", BUILD_KERAS2_SAVEDMODEL, str(tmp_path), str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run = subprocess.run(
+        [sys.executable, "-m", "regularize", "add-dropout", "model", "-o", "out"]
+        + ["--custom-objects", "fragile_layers.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"Error: Cannot write model to {str(tmp_path / 'out')!r}: ")
+    assert (
+        ": the written file would not load again: class 'Fragile' cannot be rebuilt from its "
+        "saved config (Fragile cannot be rebuilt twice. Received: generation=2); nothing was "
+        "written."
+    ) in lines[0]
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no `out`, no temporary

@@ -296,12 +296,52 @@ def save(model, output: Path, *, overwrite: bool) -> None:
             "Pass `overwrite=True` to replace it."
         )
     h5 = output.suffix in (".h5", ".hdf5")
+
+    def check(tmp: str) -> None:
+        _check_reloads(model, Path(tmp), output)
+
     try:
         if h5:
-            atomic.write_file(output, lambda tmp: model.save(tmp, save_format="h5"))
+            atomic.write_file(output, lambda tmp: model.save(tmp, save_format="h5"), check=check)
         else:
-            atomic.write_folder(output, lambda tmp: model.save(tmp, save_format="tf"))
+            save = lambda tmp: model.save(tmp, save_format="tf")  # noqa: E731
+            atomic.write_folder(output, save, check=check)
     except ModelSaveError:
         raise
     except Exception as err:
         raise ModelSaveError(f"Cannot write model to {str(output)!r}: {_first_line(err)}") from err
+
+
+def _check_reloads(model, file: Path, shown: Path) -> None:
+    """Raises `ModelSaveError` if the file just written at `file` would not load again.
+
+    Loaded the way this engine reads its inputs (a SavedModel rebuilt from
+    its config and variables), with the classes `model` is made of in scope:
+    a file that only loads with code this process happens to have is never
+    published.
+    """
+    classes = {type(layer).__name__: type(layer) for layer in all_layers(model)}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(tf_keras.utils.custom_object_scope(classes))
+            if _mentions(file, TFMOT_CLASSES):
+                for scope in _tfmot_scopes():
+                    stack.enter_context(scope)
+            if file.is_dir():
+                _load_savedmodel(file)
+            else:
+                tf_keras.models.load_model(str(file), compile=False)
+    except Exception as err:  # tf_keras raises many types; one line here
+        text = str(err)
+        # tf_keras: "Error when deserializing class 'X' using config=...
+        # Exception encountered: <the cause>".
+        name = re.search(r"deserializing class '([\w.]+)'", text)
+        cause = re.search(r"Exception encountered: (.+)", text)
+        why = cause.group(1) if cause else _first_line(err)
+        what = f"class {name.group(1)!r} cannot be rebuilt from its saved config" if name else ""
+        raise ModelSaveError(
+            f"Cannot write model to {str(shown)!r}: the written file would not load again: "
+            f"{what or 'loading it failed'} ({why.strip().rstrip('.')[:300]}); nothing was "
+            "written. Expected a model Keras 2 can rebuild from its saved config. "
+            f"Received: model {model.name!r}"
+        ) from err
