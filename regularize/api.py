@@ -18,14 +18,18 @@ def add_dropout(
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
+    attention_rate: float | None = None,
     policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> keras.Model:
     """Returns a new model with dropout after activations and in RNN layers.
 
-    The new model reuses the input model's layers and variables (no copy of
-    the weights; rebuilt RNN layers excepted), so inference with
-    `training=False` is bit-identical. The input model is not changed.
+    Layers that apply dropout from their own config (MultiHeadAttention,
+    keras-hub transformer blocks, any layer with `dropout`-like keys) are
+    rebuilt with the new rates instead. The new model reuses the input model's
+    layers and variables (no copy of the weights; rebuilt layers excepted), so
+    inference with `training=False` is bit-identical. The input model is not
+    changed.
 
     Args:
         model: A Functional or built Sequential model.
@@ -33,9 +37,14 @@ def add_dropout(
             dropout this tool inserted earlier.
         recurrent_rate: `recurrent_dropout` for LSTM/GRU/SimpleRNN/ConvLSTM
             layers; None leaves it unchanged.
+        attention_rate: Dropout on attention probabilities (the `dropout` of
+            MultiHeadAttention / GroupedQueryAttention, any `attention_dropout`
+            key); None leaves it unchanged. It disables fused attention
+            kernels on GPU.
         policy: A `Policy`, or the path of a TOML policy file. A `Policy`
-            overrides `rate` and `recurrent_rate`; a file wins for the
-            settings it states and `rate` / `recurrent_rate` fill in the rest.
+            overrides the rate arguments; a file wins for the settings it
+            states and `rate` / `recurrent_rate` / `attention_rate` fill in the
+            rest.
         report: If given, receives one `Site` record per candidate.
 
     Returns:
@@ -52,7 +61,9 @@ def add_dropout(
         >>> new = regularize.add_dropout(base, rate=0.2)
         >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
     """
-    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
+    policy = resolve_policy(
+        policy, rate=rate, recurrent_rate=recurrent_rate, attention_rate=attention_rate
+    )
     return rewrite.rewrite(model, policy, report=report)
 
 
@@ -61,14 +72,16 @@ def resolve_policy(
     *,
     rate: float | None = 0.3,
     recurrent_rate: float | None = None,
+    attention_rate: float | None = None,
 ) -> Policy:
     """A `Policy` from a `Policy`, a TOML file path, or None (rate settings)."""
     if isinstance(policy, Policy):
         return policy
+    rates = {"rate": rate, "recurrent_rate": recurrent_rate, "attention_rate": attention_rate}
     if policy is None:
-        return Policy(rate=rate, recurrent_rate=recurrent_rate)
+        return Policy(**rates)
     if isinstance(policy, (str, os.PathLike)):
-        return Policy.from_file(policy, rate=rate, recurrent_rate=recurrent_rate)
+        return Policy.from_file(policy, **rates)
     raise PolicyError(
         "Invalid `policy`. Expected a `regularize.Policy` or the path of a TOML "
         f"policy file. Received: policy of type {type(policy).__name__!r}"
@@ -80,7 +93,9 @@ def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras
 
     Removes Dropout, SpatialDropout1D/2D/3D, GaussianDropout and AlphaDropout
     layers (a dropout layer that is itself a model output stays, to keep the
-    output name), and zeroes `dropout` / `recurrent_dropout` of RNN layers.
+    output name), and zeroes `dropout` / `recurrent_dropout` of RNN layers and
+    the dropout keys of layers that own their dropout (MultiHeadAttention,
+    transformer blocks).
     """
     return rewrite.rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
 
@@ -90,6 +105,7 @@ def plan(
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
+    attention_rate: float | None = None,
     policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> list[Site]:
@@ -98,7 +114,9 @@ def plan(
     Takes the same arguments as `add_dropout`; `report` also receives the
     warnings (e.g. a rule that matches nothing).
     """
-    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate)
+    policy = resolve_policy(
+        policy, rate=rate, recurrent_rate=recurrent_rate, attention_rate=attention_rate
+    )
     report = report if report is not None else Report()
     rewrite.rewrite(model, policy, build=False, report=report)
     return report.sites

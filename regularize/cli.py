@@ -285,14 +285,21 @@ _policy_options = _options(
         default=None,
         help="recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
     ),
+    click.option(
+        "--attention-rate",
+        type=RATE,
+        default=None,
+        help="Dropout on attention probabilities (MultiHeadAttention, attention_dropout "
+        "keys; disables fused attention on GPU). Default: unchanged.",
+    ),
 )
 
 
-def _policy(policy_file, preset, rate, recurrent_rate, mc=False):
+def _policy(policy_file, preset, rate, recurrent_rate, attention_rate=None, mc=False):
     """The policy of a command line, checked before the slow TensorFlow import."""
     from regularize.policy import Policy
 
-    defaults = {"rate": rate, "recurrent_rate": recurrent_rate}
+    defaults = {"rate": rate, "recurrent_rate": recurrent_rate, "attention_rate": attention_rate}
     if preset:
         defaults["preset"] = preset
     if mc:
@@ -316,7 +323,9 @@ def _policy(policy_file, preset, rate, recurrent_rate, mc=False):
     "output needs `import regularize`.",
 )
 @_allow_empty_option
-def add_dropout_command(policy_file, preset, rate, recurrent_rate, mc, allow_empty, **common):
+def add_dropout_command(
+    policy_file, preset, rate, recurrent_rate, attention_rate, mc, allow_empty, **common
+):
     """Insert dropout after activations and set RNN dropout.
 
     Writes a new model ready for fine-tuning: same weights, same names,
@@ -324,7 +333,7 @@ def add_dropout_command(policy_file, preset, rate, recurrent_rate, mc, allow_emp
     policy puts dropout nowhere, exits 3 and writes nothing (unless
     --allow-empty).
     """
-    policy = _policy(policy_file, preset, rate, recurrent_rate, mc)
+    policy = _policy(policy_file, preset, rate, recurrent_rate, attention_rate, mc)
 
     def transform(api, model, report):
         return api.add_dropout(model, policy=policy, report=report)
@@ -351,14 +360,16 @@ def remove_dropout_command(**common):
 @_policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
 @_allow_empty_option
-def inspect_command(policy_file, preset, rate, recurrent_rate, as_json, allow_empty, **common):
+def inspect_command(
+    policy_file, preset, rate, recurrent_rate, attention_rate, as_json, allow_empty, **common
+):
     """Show every candidate site and what the policy would do there.
 
     Writes nothing: layer path, class, output shape, depth (0 at the inputs,
     1 at the outputs), dropout already there, and the action with its reason.
     Exits 3 if the policy would put dropout nowhere (unless --allow-empty).
     """
-    policy = _policy(policy_file, preset, rate, recurrent_rate)
+    policy = _policy(policy_file, preset, rate, recurrent_rate, attention_rate)
     empty = _EmptyCheck(policy, allow_empty)
 
     def transform(api, model, report):
@@ -599,9 +610,9 @@ class _EmptyCheck:
 
 def _asks_for_dropout(policy) -> bool:
     """Whether `policy` sets a rate above 0 anywhere (not so for `--rate 0`)."""
-    rates = [policy.rate, policy.recurrent_rate, *(policy.schedule or ())]
+    rates = [policy.rate, policy.recurrent_rate, policy.attention_rate, *(policy.schedule or ())]
     for rule in policy.rules:
-        rates += [rule.rate, rule.recurrent_rate]
+        rates += [rule.rate, rule.recurrent_rate, rule.attention_rate]
     return any(rate for rate in rates if rate is not None)
 
 

@@ -19,6 +19,7 @@ from regularize.core.actions import Insert
 from regularize.core.actions import Rebuild
 from regularize.core.actions import Remove
 from regularize.core.actions import Retarget
+from regularize.core.owned import Key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,17 @@ class LayerFacts:
         is_normalization: A normalization layer, or a nested model holding one.
         rate: A dropout layer's rate, else None.
         data_format: The `data_format` it declares, else None.
+        owned: The dropout settings in its own config (`core.owned.find_keys`);
+            such a layer is rebuilt with new values, not followed by dropout.
+        rebuild_refusal: Why the layer cannot be rebuilt from its config
+            (quantized or LoRA-enabled sublayers, whose state the config does
+            not hold), else None.
+        inner_activation: The `activation` of a layer that is not one of the
+            Keras API's own (a composite block): it applies it inside, not to
+            its output, so it is no activation site.
+        starts_tokens: An Embedding or attention layer (or a block holding
+            one): the rank-3 tensors after it are token states, not channel
+            maps.
     """
 
     name: str
@@ -61,6 +73,10 @@ class LayerFacts:
     is_normalization: bool = False
     rate: float | None = None
     data_format: str | None = None
+    owned: tuple[Key, ...] = ()
+    rebuild_refusal: str | None = None
+    inner_activation: str | None = None
+    starts_tokens: bool = False
 
     @property
     def label(self) -> str:
@@ -108,6 +124,12 @@ class GraphView(Protocol):
     def config(self, op) -> dict:
         """A fresh serialized config of `op` (the walk may change it)."""
 
+    def layer_config(self, config: dict) -> dict:
+        """The `get_config()` inside the serialized config `config` (edited in place)."""
+
+    def probe(self, config: dict) -> dict:
+        """The `get_config()` of a new layer made from `config`; raises if none can be made."""
+
     def layer_names(self) -> set[str]:
         """Names of the layers of this graph."""
 
@@ -140,7 +162,8 @@ class GraphBuilder(Protocol):
         """Passes the input of the dropout layer at `node` through."""
 
     def rebuild(self, node, action: Rebuild) -> None:
-        """Calls the rebuilt recurrent layer at `node` (rebuilt at its first call)."""
+        """Calls the rebuilt layer at `node` (an RNN or a layer that owns its
+        dropout; rebuilt at its first call)."""
 
     def finish(self, *, changed: bool, top: bool) -> Any:
         """The new model (or the old one where nothing changed and it is nested)."""
