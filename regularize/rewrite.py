@@ -254,6 +254,10 @@ def _is_api_layer(op) -> bool:
 
 
 def _owned_keys(op) -> tuple:
+    if _is_api_layer(op) and not isinstance(op, _ATTENTION_CLASSES):
+        # Keras' other layers have no dropout keys (RNN and dropout layers
+        # are handled apart): no `get_config()` per layer of a large model.
+        return ()
     try:
         config = op.get_config()
     except Exception:  # a custom layer without a config: nothing to rebuild from

@@ -146,3 +146,22 @@ def mismatches(config: object, keys: Sequence[Key], values: Sequence[float]) -> 
         if isinstance(got, bool) or not isinstance(got, numbers.Real) or float(got) != value:
             wrong.append(f"{key.name}={got!r} (expected {value:g})")
     return wrong
+
+
+def check_rebuild(view, config: dict, keys: Sequence[Key], values: Sequence[float]) -> str | None:
+    """Why the layer of `config` cannot be rebuilt with `values`, else None.
+
+    Writes `values` into `config` (a `GraphView.config` result), then has
+    `view` make a layer from it and compares that layer's own config.
+    """
+    set_values(view.layer_config(config), keys, values)
+    try:
+        rebuilt = view.probe(config)
+    except Exception as err:  # any error of the layer's own __init__
+        text = str(err).strip().splitlines()
+        why = text[0][:160] if text else type(err).__name__
+        return f"cannot be rebuilt with {describe(keys, values)} ({why})"
+    wrong = mismatches(rebuilt, keys, values)
+    if wrong:
+        return f"rebuilt from its config, it does not carry the new value: {', '.join(wrong)}"
+    return None

@@ -662,7 +662,7 @@ class _GraphWalk:
             refusal = f"wrapped in {facts.wrapper}: left as it is"
         config = self.view.config(op)
         if refusal is None:
-            refusal = self._check_rebuild(config, keys, values)
+            refusal = owned.check_rebuild(self.view, config, keys, values)
         if refusal is not None:
             site(None, SKIP, refusal, existing)
             return self._call(node, op)
@@ -675,17 +675,3 @@ class _GraphWalk:
         if run.mode == Mode.ADD and any(attention):
             run.result.warn(owned.ATTENTION_WARNING)
         self._apply(node, Rebuild(op, config, values))
-
-    def _check_rebuild(self, config: dict, keys, values) -> str | None:
-        """Why the layer cannot be rebuilt with `values` (edits `config`), else None."""
-        owned.set_values(self.view.layer_config(config), keys, values)
-        try:
-            rebuilt = self.view.probe(config)
-        except Exception as err:  # any error of the layer's own __init__
-            text = str(err).strip().splitlines()
-            why = text[0][:160] if text else type(err).__name__
-            return f"cannot be rebuilt with {owned.describe(keys, values)} ({why})"
-        wrong = owned.mismatches(rebuilt, keys, values)
-        if wrong:
-            return f"rebuilt from its config, it does not carry the new value: {', '.join(wrong)}"
-        return None

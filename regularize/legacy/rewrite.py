@@ -124,6 +124,8 @@ def owned_keys(layer) -> tuple:
     inner = unwrap(layer)
     if is_graph_model(inner) or is_dropout(inner) or is_recurrent(inner):
         return ()
+    if is_api_layer(inner) and not isinstance(inner, ATTENTION_CLASSES):
+        return ()  # tf_keras' other layers have no dropout keys
     try:
         config = inner.get_config()
     except Exception:  # a custom layer without a config: nothing to rebuild from
