@@ -9,7 +9,6 @@ core: it only compares them and hands them back.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
 from collections.abc import Hashable
 from collections.abc import Sequence
 from typing import Any
@@ -104,8 +103,9 @@ class GraphView(Protocol):
     def output_keys(self, node) -> Sequence[Hashable]:
         """Keys of the tensors `node` makes (flat)."""
 
-    def graph_outputs(self) -> Collection[Hashable]:
-        """Keys of the graph's output tensors."""
+    def graph_outputs(self) -> Sequence[Hashable]:
+        """Keys of the graph's output tensors, in the order of a call's outputs
+        (`output_keys` of a node that calls this graph as a nested model)."""
 
     def out_shape(self, node) -> tuple | None:
         """Shape of the first output of `node`, None if it has none."""
