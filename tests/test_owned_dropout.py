@@ -98,6 +98,20 @@ def test_keys_are_found_by_name_with_their_roles():
     assert key.role == owned.Role.ATTENTION
 
 
+def test_attention_rate_in_policy_files_rules_and_round_trips(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'attention_rate = 0.1\n[[rule]]\nclass = "MultiHeadAttention"\nattention_rate = 0.2\n'
+    )
+    policy = regularize.Policy.from_file(path, rate=0.3, attention_rate=0.05)
+    assert (policy.rate, policy.attention_rate) == (0.3, 0.1)
+    assert policy.rules[0].attention_rate == 0.2
+    assert regularize.Policy.from_dict(policy.to_dict()) == policy
+    assert "attention_rate" not in regularize.Policy().to_dict()  # off by default
+    with pytest.raises(regularize.PolicyError, match=r"Received: attention_rate=1\.5"):
+        regularize.Policy(attention_rate=1.5)
+
+
 # -- Keras' attention layers ----------------------------------------------
 
 
