@@ -302,3 +302,17 @@ def test_quantized_attention_is_not_rebuilt():
     assert new.get_layer("mha") is model.get_layer("mha")
     x = _x(2, 6, 8, seed=8)
     np.testing.assert_array_equal(model(x, training=False), new(x, training=False))
+
+
+def test_attention_with_lora_sublayers_is_not_rebuilt():
+    seq = keras.Input((6, 8))
+    att = L.MultiHeadAttention(2, 4, name="mha")(seq, seq)
+    model = keras.Model(seq, L.Dense(2, name="out")(att))
+    model.get_layer("mha")._query_dense.enable_lora(2)
+    report = Report()
+    regularize.plan(model, 0.2, attention_rate=0.1, report=report)
+    site = _sites(report)["mha"]
+    assert (site.action, site.reason) == (
+        "skip",
+        "holds LoRA-enabled layers: rebuilt from its config they would lose LoRA",
+    )
