@@ -3,8 +3,10 @@
 The walk visits each call node in the order the Keras API replays its graph
 (Functional `_run_through_graph`, iteratively, so a 2,000-layer chain is
 fine) and decides it: a nested model is walked in turn, an existing dropout
-layer is kept, re-targeted or removed, an RNN gets its dropout settings, and
-an activation (or a block output) may get a new dropout layer. Every
+layer is kept, re-targeted or removed, an RNN or a layer that owns its
+dropout (`core.owned`: MultiHeadAttention, transformer blocks) gets new
+dropout settings, and an activation (or a block output) may get a new
+dropout layer. Every
 decision is a `Site` record; every change is an action that a builder, when
 there is one, applies at once (it needs the new tensors of the nodes before).
 Without a builder the walk only plans: `inspect` and `--dry-run` take the
