@@ -24,14 +24,18 @@ def add_dropout(
     *,
     recurrent_rate: float | None = None,
     drop_path: float | None = None,
+    attention_rate: float | None = None,
     policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> keras.Model:
     """Returns a new model with dropout after activations and in RNN layers.
 
-    The new model reuses the input model's layers and variables (no copy of
-    the weights; rebuilt RNN layers excepted), so inference with
-    `training=False` is bit-identical. The input model is not changed.
+    Layers that apply dropout from their own config (MultiHeadAttention,
+    keras-hub transformer blocks, any layer with `dropout`-like keys) are
+    rebuilt with the new rates instead. The new model reuses the input model's
+    layers and variables (no copy of the weights; rebuilt layers excepted), so
+    inference with `training=False` is bit-identical. The input model is not
+    changed.
 
     A keras-hub `Backbone` or `Task` keeps its class (and a task its
     preprocessor): its constructor's dropout arguments are set and the model
@@ -43,14 +47,18 @@ def add_dropout(
             dropout this tool inserted earlier.
         recurrent_rate: `recurrent_dropout` for LSTM/GRU/SimpleRNN/ConvLSTM
             layers; None leaves it unchanged.
+        attention_rate: Dropout on attention probabilities (the `dropout` of
+            MultiHeadAttention / GroupedQueryAttention, any `attention_dropout`
+            key); None leaves it unchanged. It disables fused attention
+            kernels on GPU.
         drop_path: Stochastic depth, a float in [0, 1): a per-sample
             `Dropout(noise_shape=(None, 1, ..., 1))` on the residual branch of
             every residual `Add`, the rate growing linearly with depth up to
             `drop_path` at the last merge. None (the default): off.
         policy: A `Policy`, or the path of a TOML policy file. A `Policy`
-            overrides `rate` and `recurrent_rate` (and `drop_path` where it
-            sets one); a file wins for the settings it states and `rate` /
-            `recurrent_rate` / `drop_path` fill in the rest.
+            overrides the rate arguments (`drop_path` fills in one that sets
+            none); a file wins for the settings it states and the rate
+            arguments fill in the rest.
         report: If given, receives one `Site` record per candidate.
 
     Returns:
@@ -68,7 +76,13 @@ def add_dropout(
         >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
         >>> deep = regularize.add_dropout(base, rate=0.0, drop_path=0.1)
     """
-    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
+    policy = resolve_policy(
+        policy,
+        rate=rate,
+        recurrent_rate=recurrent_rate,
+        attention_rate=attention_rate,
+        drop_path=drop_path,
+    )
     report = report if report is not None else Report()
     new = _engine(model).rewrite(model, policy, report=report)
     if policy.asks_for_dropout() and report.with_dropout() == 0:
@@ -88,6 +102,7 @@ def resolve_policy(
     rate: float | None = 0.3,
     recurrent_rate: float | None = None,
     drop_path: float | None = None,
+    attention_rate: float | None = None,
 ) -> Policy:
     """A `Policy` from a `Policy`, a TOML file path, or None (rate settings).
 
@@ -99,12 +114,12 @@ def resolve_policy(
         if drop_path is None or policy.drop_path is not None:
             return policy
         return dataclasses.replace(policy, drop_path=drop_path)
+    rates = {"rate": rate, "recurrent_rate": recurrent_rate, "attention_rate": attention_rate}
+    rates["drop_path"] = drop_path
     if policy is None:
-        return Policy(rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
+        return Policy(**rates)
     if isinstance(policy, (str, os.PathLike)):
-        return Policy.from_file(
-            policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path
-        )
+        return Policy.from_file(policy, **rates)
     raise PolicyError(
         "Invalid `policy`. Expected a `regularize.Policy` or the path of a TOML "
         f"policy file. Received: policy of type {type(policy).__name__!r}"
@@ -116,7 +131,9 @@ def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras
 
     Removes Dropout, SpatialDropout1D/2D/3D, GaussianDropout and AlphaDropout
     layers (a dropout layer that is itself a model output stays, to keep the
-    output name), and zeroes `dropout` / `recurrent_dropout` of RNN layers.
+    output name), and zeroes `dropout` / `recurrent_dropout` of RNN layers and
+    the dropout keys of layers that own their dropout (MultiHeadAttention,
+    transformer blocks).
     """
     return _engine(model).rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
 
@@ -127,6 +144,7 @@ def plan(
     *,
     recurrent_rate: float | None = None,
     drop_path: float | None = None,
+    attention_rate: float | None = None,
     policy: Policy | str | os.PathLike | None = None,
     report: Report | None = None,
 ) -> list[Site]:
@@ -138,7 +156,13 @@ def plan(
     from its config, since only running it tells whether an argument keeps
     inference exact (see `regularize.hub`).
     """
-    policy = resolve_policy(policy, rate=rate, recurrent_rate=recurrent_rate, drop_path=drop_path)
+    policy = resolve_policy(
+        policy,
+        rate=rate,
+        recurrent_rate=recurrent_rate,
+        attention_rate=attention_rate,
+        drop_path=drop_path,
+    )
     report = report if report is not None else Report()
     _engine(model).rewrite(model, policy, build=False, report=report)
     return report.sites

@@ -9,6 +9,7 @@ A policy file (TOML):
     preset = "all"            # "all", "head" or "blocks"
     rate = 0.2
     recurrent_rate = 0.1      # RNN recurrent_dropout; absent: left as it is
+    attention_rate = 0.1      # dropout on attention probabilities; absent: left as it is
     existing = "keep"         # dropout already in the model: keep, retarget, remove
     mc = false                # dropout stays active at inference (MC dropout)
     drop_path = 0.1           # stochastic depth before residual merges; absent: off
@@ -23,6 +24,7 @@ A policy file (TOML):
     depth = [0.5, 1.0]        # fraction of the graph, inputs 0 .. outputs 1
     trainable = true
     rate = 0.4
+    attention_rate = 0.1
     kind = "spatial"          # auto, dropout, spatial, gaussian, alpha
     skip = false
 """
@@ -47,11 +49,14 @@ PRESETS = ("all", "head", "blocks")
 KINDS = ("auto", "dropout", "spatial", "gaussian", "alpha")
 EXISTING = ("keep", "retarget", "remove")
 RECURRENT = "recurrent"
+# A layer that applies dropout inside, from its own config keys (core.owned).
+OWNED = "owned"
 _KIND_CLASS = {"dropout": "Dropout", "gaussian": "GaussianDropout", "alpha": "AlphaDropout"}
 _POLICY_KEYS = (
     "preset",
     "rate",
     "recurrent_rate",
+    "attention_rate",
     "schedule",
     "rule",
     "existing",
@@ -59,7 +64,17 @@ _POLICY_KEYS = (
     "drop_path",
     "skip_inference_only",
 )
-_RULE_KEYS = ("match", "class", "depth", "trainable", "rate", "recurrent_rate", "kind", "skip")
+_RULE_KEYS = (
+    "match",
+    "class",
+    "depth",
+    "trainable",
+    "rate",
+    "recurrent_rate",
+    "attention_rate",
+    "kind",
+    "skip",
+)
 
 
 def validate_rate(name: str, value: object, *, allow_none: bool = False) -> float | None:
@@ -93,7 +108,8 @@ class Candidate:
         depth: Position in the graph, 0 at the inputs, 1 at the outputs.
         trainable: The anchor layer's `trainable` flag.
         auto_kind: The dropout class the rank calls for ("Dropout",
-            "SpatialDropout1D/2D/3D"), or "recurrent" for an RNN layer.
+            "SpatialDropout1D/2D/3D"), "recurrent" for an RNN layer, or
+            "owned" for a layer with dropout settings of its own.
         in_head: No normalization layer lies between the site and any output
             (in a model without normalization: the output is at most rank 2).
         block_output: The site follows a residual `Add` or a `Concatenate`.
@@ -116,9 +132,11 @@ class Decision:
     Attributes:
         rate: Dropout rate (RNN input dropout); 0 means nothing goes there.
         kind: Keras class to insert ("Dropout", "SpatialDropout2D",
-            "GaussianDropout", "AlphaDropout") or "recurrent".
+            "GaussianDropout", "AlphaDropout"), "recurrent" or "owned".
         reason: Why, in a few words.
         recurrent_rate: RNN `recurrent_dropout`; None leaves it unchanged.
+        attention_rate: Dropout on attention probabilities; None leaves it
+            unchanged.
         rule: Index of the last rule that matched, or None.
         skipped: The preset or a rule leaves the site out (rate is then 0).
     """
@@ -129,6 +147,7 @@ class Decision:
     recurrent_rate: float | None = None
     rule: int | None = None
     skipped: bool = False
+    attention_rate: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +165,7 @@ class Rule:
     trainable: bool | None = None
     rate: float | None = None
     recurrent_rate: float | None = None
+    attention_rate: float | None = None
     kind: str | None = None
     skip: bool | None = None
 
@@ -174,6 +194,7 @@ class Rule:
             "trainable": self.trainable,
             "rate": self.rate,
             "recurrent_rate": self.recurrent_rate,
+            "attention_rate": self.attention_rate,
             "kind": self.kind,
             "skip": self.skip,
         }
@@ -188,6 +209,10 @@ class Policy:
         rate: Dropout rate after activations and RNN input dropout.
         recurrent_rate: `recurrent_dropout` for RNN layers; None leaves it as
             it is (recurrent dropout disables the cuDNN kernel on GPU).
+        attention_rate: Dropout on attention probabilities (the `dropout` of
+            MultiHeadAttention / GroupedQueryAttention, any `attention_dropout`
+            key); None leaves it as it is (it disables fused attention kernels
+            on GPU).
         preset: "all" (every eligible activation), "head" (only after the
             last normalization layer, the classifier head of a pretrained
             CNN), or "blocks" (after the activation ending a residual or
@@ -211,6 +236,7 @@ class Policy:
 
     rate: float = 0.3
     recurrent_rate: float | None = None
+    attention_rate: float | None = None
     preset: str = "all"
     schedule: tuple[float, float] | None = None
     rules: tuple[Rule, ...] = ()
@@ -225,6 +251,7 @@ class Policy:
         _set = object.__setattr__
         _set(self, "rate", _rate("rate", self.rate, where))
         _set(self, "recurrent_rate", _rate("recurrent_rate", self.recurrent_rate, where, True))
+        _set(self, "attention_rate", _rate("attention_rate", self.attention_rate, where, True))
         _set(self, "preset", _choice("preset", self.preset, PRESETS, where))
         _set(self, "existing", _choice("existing", self.existing, EXISTING, where))
         _set(self, "mc", _flag("mc", self.mc, where))
@@ -283,6 +310,8 @@ class Policy:
         data["skip_inference_only"] = self.skip_inference_only
         if self.recurrent_rate is not None:
             data["recurrent_rate"] = self.recurrent_rate
+        if self.attention_rate is not None:
+            data["attention_rate"] = self.attention_rate
         if self.schedule is not None:
             data["schedule"] = {"start": self.schedule[0], "end": self.schedule[1]}
         if self.rules:
@@ -293,11 +322,12 @@ class Policy:
 
     def decide(self, c: Candidate) -> Decision:
         """What goes at the site `c`: the preset, then the schedule, then the rules."""
-        recurrent = c.auto_kind == RECURRENT
+        owns = c.auto_kind in (RECURRENT, OWNED)
         skip = self._preset_skip(c)
         rate = self._base_rate(c.depth)
         kind = "auto"
         rec_rate = self.recurrent_rate
+        att_rate = self.attention_rate
         last = None
         for i, rule in enumerate(self.rules):
             if not rule.matches(c):
@@ -309,15 +339,20 @@ class Policy:
                 kind = rule.kind
             if rule.recurrent_rate is not None:
                 rec_rate = rule.recurrent_rate
+            if rule.attention_rate is not None:
+                att_rate = rule.attention_rate
             if rule.skip is not None:
                 skip = "skipped by " + rule.describe(i) if rule.skip else None
             elif rule.rate is not None or rule.kind is not None:
                 skip = None
+            elif rule.attention_rate is not None and c.auto_kind == OWNED:
+                skip = None  # attention_rate sets nothing at another site
         by_rule = f", {self.rules[last].describe(last)}" if last is not None else ""
         if skip:
             return Decision(0.0, c.auto_kind, skip, None, last, skipped=True)
-        if recurrent:
-            return Decision(rate, RECURRENT, f"recurrent{by_rule}", rec_rate, last)
+        if owns:
+            reason = f"{c.auto_kind}{by_rule}"
+            return Decision(rate, c.auto_kind, reason, rec_rate, last, attention_rate=att_rate)
         cls = self._kind_class(kind, c)
         if rate == 0:
             return Decision(0.0, cls, f"rate is 0{by_rule}", None, last)
@@ -330,13 +365,15 @@ class Policy:
         `rate=0` (removing the dropout this tool inserted) does not: a rewrite
         that then puts dropout nowhere is what was asked for.
         """
-        rates = [self.rate, self.recurrent_rate, self.drop_path, *(self.schedule or ())]
+        rates = [self.rate, self.recurrent_rate, self.attention_rate, self.drop_path]
+        rates += self.schedule or ()
         for rule in self.rules:
-            rates += [rule.rate, rule.recurrent_rate]
+            rates += [rule.rate, rule.recurrent_rate, rule.attention_rate]
         return any(rate for rate in rates if rate is not None)
 
     def _preset_skip(self, c: Candidate) -> str | None:
-        if c.activation is None and c.auto_kind != RECURRENT and self.preset != "blocks":
+        owns = c.auto_kind in (RECURRENT, OWNED)
+        if c.activation is None and not owns and self.preset != "blocks":
             return f"preset {self.preset}: not after an activation"
         if self.preset == "head" and not c.in_head:
             return "preset head: before the last normalization layer"
@@ -523,7 +560,7 @@ def _rule(value, index: int, where: str) -> Rule:
     for key in ("trainable", "skip"):
         if key in value:
             out[key] = _flag(key, value[key], f" in {label}")
-    for key in ("rate", "recurrent_rate"):
+    for key in ("rate", "recurrent_rate", "attention_rate"):
         if key in value:
             out[key] = _rate(key, value[key], f" in {label}")
     if "kind" in value:

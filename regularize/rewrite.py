@@ -15,6 +15,7 @@ input model's variables and nothing of the input model is changed.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -29,6 +30,7 @@ from regularize import core
 from regularize import graph
 from regularize import training
 from regularize.core import droppath
+from regularize.core import owned
 from regularize.core import refusals
 from regularize.core import replay
 from regularize.errors import RegularizeWarning
@@ -160,8 +162,8 @@ class _View:
     def output_keys(self, node) -> list[int]:
         return [id(t) for t in node.outputs]
 
-    def graph_outputs(self) -> set[int]:
-        return {id(t) for t in self.fn.outputs}
+    def graph_outputs(self) -> list[int]:
+        return [id(t) for t in self.fn.outputs]  # in the order of a call's outputs
 
     def out_shape(self, node) -> tuple | None:
         return tuple(node.outputs[0].shape) if node.outputs else None
@@ -179,10 +181,18 @@ class _View:
 
     def facts(self, op) -> core.LayerFacts:
         dropout = graph.is_dropout(op)
+        nested = graph.is_graph_model(op)
+        activation = graph.activation_of(op)
+        api = _is_api_layer(op)
+        keys = () if dropout or nested or graph.is_recurrent(op) else _owned_keys(op)
         return core.LayerFacts(
             name=op.name,
             class_name=type(op).__name__,
-            activation=graph.activation_of(op),
+            activation=activation if api else None,
+            inner_activation=None if api else activation,
+            owned=keys,
+            rebuild_refusal=_rebuild_refusal(op) if keys else None,
+            starts_tokens=_starts_tokens(op),
             trainable=bool(getattr(op, "trainable", True)),
             is_graph_model=graph.is_graph_model(op),
             is_dropout=dropout,
@@ -202,6 +212,17 @@ class _View:
     def config(self, op) -> dict:
         return keras.saving.serialize_keras_object(op)
 
+    def layer_config(self, config: dict) -> dict:
+        return config["config"]
+
+    def probe(self, config: dict) -> dict:
+        try:
+            return keras.saving.deserialize_keras_object(copy.deepcopy(config)).get_config()
+        except Exception as err:
+            # Keras wraps the layer's own error in "could not be deserialized
+            # properly ... Exception encountered: <the error>" (twice, even).
+            raise ValueError(str(err).rsplit(_ENCOUNTERED, 1)[-1].strip()) from err
+
     def layer_names(self) -> set[str]:
         return {op.name for op in self.fn.operations}
 
@@ -218,7 +239,76 @@ class _View:
         return _count_nodes(self.model)
 
 
+# Keras' own attention layers apply their `dropout` to the attention
+# probabilities (GroupQueryAttention's class is GroupedQueryAttention).
+_ATTENTION_CLASSES = tuple(
+    getattr(keras.layers, name)
+    for name in ("MultiHeadAttention", "GroupQueryAttention", "Attention", "AdditiveAttention")
+    if hasattr(keras.layers, name)
+)
+_TOKEN_CLASSES = (keras.layers.Embedding, *_ATTENTION_CLASSES)
+_ENCOUNTERED = "Exception encountered:"
+
+
+def _is_api_layer(op) -> bool:
+    """Whether `op` is one of Keras' own layers (Dense, Conv2D, ...), not a custom block.
+
+    Only there is a fused `activation` known to be applied to the layer's
+    output; a keras-hub TransformerEncoder's `activation` is its inner
+    feed-forward layer's.
+    """
+    return type(op).__module__.startswith("keras.")
+
+
+def _owned_keys(op) -> tuple:
+    if _is_api_layer(op) and not isinstance(op, _ATTENTION_CLASSES):
+        # Keras' other layers have no dropout keys (RNN and dropout layers
+        # are handled apart): no `get_config()` per layer of a large model.
+        return ()
+    try:
+        config = op.get_config()
+    except Exception:  # a custom layer without a config: nothing to rebuild from
+        return ()
+    return owned.find_keys(config, attention_layer=isinstance(op, _ATTENTION_CLASSES))
+
+
+def _rebuild_refusal(op) -> str | None:
+    """Why `op` would lose state if rebuilt from its config: quantized or LoRA sublayers."""
+    for layer in getattr(op, "_flatten_layers", lambda: [op])():
+        mode = getattr(layer.dtype_policy, "quantization_mode", None)
+        if mode:
+            return f"holds {mode}-quantized layers: rebuilt from its config they would be float"
+        if getattr(layer, "lora_enabled", False):
+            return "holds LoRA-enabled layers: rebuilt from its config they would lose LoRA"
+    return None
+
+
+def _starts_tokens(op) -> bool:
+    """An Embedding or attention layer, or a block (or nested model) holding one."""
+    if isinstance(op, _TOKEN_CLASSES):
+        return True
+    if _is_api_layer(op) and not graph.is_graph_model(op):
+        return False  # Dense, Conv2D, ...: no need to look inside
+    flatten = getattr(op, "_flatten_layers", None)
+    return flatten is not None and any(isinstance(x, _TOKEN_CLASSES) for x in flatten())
+
+
 # -- building -------------------------------------------------------------
+
+
+def _float_policy(anchor) -> keras.DTypePolicy:
+    """The anchor's dtype policy, or the float one under a quantized policy.
+
+    `model.quantize("int8")` gives each quantized layer a policy such as
+    `int8_from_float32` (or `int8_from_mixed_bfloat16`): a layer that takes it
+    calls its `_int8_call`, which Dropout does not have. Its output is in the
+    source policy's compute dtype, so the source policy keeps inference exact.
+    """
+    policy = anchor.dtype_policy
+    if getattr(policy, "quantization_mode", None) is None:
+        return policy
+    source = policy.get_config().get("source_name") or policy.compute_dtype
+    return keras.DTypePolicy(source)
 
 
 class _Replay(replay.GraphReplay):
@@ -263,7 +353,7 @@ def _make(action: core.Insert | core.Retarget, name: str) -> keras.Layer:
     # An operation (`x + y`) has no dtype policy; the new layer then takes the default.
     common = {"rate": action.rate, "name": name}
     if getattr(action.anchor, "dtype_policy", None) is not None:
-        common["dtype"] = action.anchor.dtype_policy
+        common["dtype"] = _float_policy(action.anchor)
     classes = keras.layers
     if action.mc:
         from regularize import mc as mc_layers

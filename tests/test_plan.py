@@ -275,7 +275,8 @@ def test_sequential_inside_functional_and_back():
     seq = keras.Sequential([keras.Input((6,)), fn_base, L.Dense(2, name="o2")])
     new_seq = regularize.add_dropout(seq, 0.3)
     assert isinstance(new_seq, keras.Sequential)
-    assert set(inserted(new_seq)) == {"fn_base/f0__dropout"}
+    # fn_base's output feeds o2: a site like any other (issue 11), not "model output".
+    assert set(inserted(new_seq)) == {"fn_base/f0__dropout", "fn_base/f1__dropout"}
     x = np.random.default_rng(0).normal(size=(2, 6)).astype("float32")
     assert_exact(outer, new, x)
     assert_exact(seq, new_seq, x)

@@ -125,11 +125,16 @@ def _error(tmp_path, text):
         (
             "rates = 0.2",
             "Unknown policy key 'rates' in F. Expected one of preset, rate, recurrent_rate, "
-            "schedule, rule, existing, mc, drop_path, skip_inference_only. Received: rates=0.2",
+            "attention_rate, schedule, rule, existing, mc, drop_path, skip_inference_only. "
+            "Received: rates=0.2",
         ),
         ("rate = 1.0", "Invalid `rate` in F. Expected a float in [0, 1). Received: rate=1.0"),
         ("rate = -0.1", "Invalid `rate` in F. Expected a float in [0, 1). Received: rate=-0.1"),
         ('rate = "0.3"', "Invalid `rate` in F. Expected a float in [0, 1). Received: rate='0.3'"),
+        (
+            "attention_rate = 1",
+            "Invalid `attention_rate` in F. Expected a float in [0, 1). Received: attention_rate=1",
+        ),
         (
             "recurrent_rate = 1.5",
             "Invalid `recurrent_rate` in F. Expected a float in [0, 1). "
@@ -162,7 +167,7 @@ def _error(tmp_path, text):
         (
             '[[rule]]\nmatch = "a*"\nrte = 0.2',
             "Unknown key 'rte' in rule 1 in F. Expected one of match, class, depth, trainable, "
-            "rate, recurrent_rate, kind, skip. Received: rte=0.2",
+            "rate, recurrent_rate, attention_rate, kind, skip. Received: rte=0.2",
         ),
         (
             '[[rule]]\nmatch = "a*"\n[[rule]]\nmatch = "b*"\nrate = 2',

@@ -591,7 +591,9 @@ def assert_placement(model, blocks: bool) -> None:
     With the "blocks" preset a residual Add or a Concatenate is a site too.
     """
     for prefix, fn in _graphs(model):
-        outputs = {id(t) for t in fn.outputs}
+        # Only the whole model's outputs: a nested model's output that its
+        # caller reads further is a site like any other (issue 11).
+        outputs = {id(t) for t in fn.outputs} if not prefix else set()
         readers = graph.consumers(fn)
         for node in graph.iter_nodes(fn):
             op = node.operation

@@ -100,9 +100,7 @@ def cli():
     "output needs `import regularize`.",
 )
 @_allow_empty_option
-def add_dropout_command(
-    policy_file, preset, rate, recurrent_rate, drop_path, mc, allow_empty, **common
-):
+def add_dropout_command(policy_file, preset, mc, allow_empty, **common):
     """Insert dropout after activations and set RNN dropout.
 
     Writes a new model ready for fine-tuning: same weights, same names,
@@ -110,7 +108,7 @@ def add_dropout_command(
     policy puts dropout nowhere, exits 3 and writes nothing (unless
     --allow-empty).
     """
-    policy = _policy(policy_file, preset, rate, recurrent_rate, mc, drop_path)
+    policy = _policy(policy_file, preset, common, mc=mc)
     _process(Mode.ADD, policy=policy, allow_empty=allow_empty, **common)
 
 
@@ -127,16 +125,14 @@ def remove_dropout_command(**common):
 @_policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
 @_allow_empty_option
-def inspect_command(
-    policy_file, preset, rate, recurrent_rate, drop_path, as_json, allow_empty, **common
-):
+def inspect_command(policy_file, preset, as_json, allow_empty, **common):
     """Show every candidate site and what the policy would do there.
 
     Writes nothing: layer path, class, output shape, depth (0 at the inputs,
     1 at the outputs), dropout already there, and the action with its reason.
     Exits 3 if the policy would put dropout nowhere (unless --allow-empty).
     """
-    policy = _policy(policy_file, preset, rate, recurrent_rate, drop_path=drop_path)
+    policy = _policy(policy_file, preset, common)
     with _interrupts():
         with _progress(common["quiet"] or common["debug"]) as step:
             outcome = _service(Mode.PLAN, step, policy=policy, allow_empty=allow_empty, **common)

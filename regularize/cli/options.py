@@ -163,6 +163,13 @@ _policy_options = _options(
         help="recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
     ),
     click.option(
+        "--attention-rate",
+        type=RATE,
+        default=None,
+        help="Dropout on attention probabilities (MultiHeadAttention, attention_dropout "
+        "keys; disables fused attention on GPU). Default: unchanged.",
+    ),
+    click.option(
         "--drop-path",
         type=RATE,
         default=None,
@@ -172,11 +179,18 @@ _policy_options = _options(
 )
 
 
-def _policy(policy_file, preset, rate, recurrent_rate, mc=False, drop_path=None):
-    """The policy of a command line, checked before the slow TensorFlow import."""
+# The options of `_policy_options` that set a rate, in `Policy`'s names.
+RATE_OPTIONS = ("rate", "recurrent_rate", "attention_rate", "drop_path")
+
+
+def _policy(policy_file, preset, options: dict, *, mc=False):
+    """The policy of a command line, checked before the slow TensorFlow import.
+
+    Takes the rate options out of `options` (a command's keyword arguments).
+    """
     from regularize.policy import Policy
 
-    defaults = {"rate": rate, "recurrent_rate": recurrent_rate, "drop_path": drop_path}
+    defaults = {name: options.pop(name) for name in RATE_OPTIONS}
     if preset:
         defaults["preset"] = preset
     if mc:

@@ -71,16 +71,19 @@ class Remove:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Rebuild:
-    """The recurrent layer `layer` is rebuilt from `config` (its dropout settings changed).
+    """The layer `layer` is rebuilt from `config` (its dropout settings changed).
 
-    Rebuilt, not patched in place: LSTMCell picks its kernel (implementation
-    1 or 2) in `__init__` from `recurrent_dropout`. The builder carries the
-    weights over exactly.
+    An RNN layer (`values`: its dropout and recurrent_dropout), or a layer
+    that applies dropout from its own config keys (`values`: one per key of
+    `LayerFacts.owned`). Rebuilt, not patched in place: LSTMCell picks its
+    kernel (implementation 1 or 2) in `__init__` from `recurrent_dropout`, and
+    MultiHeadAttention and keras-hub blocks pass their rates to the sublayers
+    they make there. The builder carries the weights over exactly.
     """
 
     layer: object
     config: dict
-    values: tuple[float, float]
+    values: tuple[float, ...]
 
 
 Action = Insert | Retarget | Remove | Rebuild

@@ -9,7 +9,6 @@ core: it only compares them and hands them back.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
 from collections.abc import Hashable
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from regularize.core.actions import Insert
 from regularize.core.actions import Rebuild
 from regularize.core.actions import Remove
 from regularize.core.actions import Retarget
+from regularize.core.owned import Key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,17 @@ class LayerFacts:
         rate: A dropout layer's rate, else None.
         noise_shape: A dropout layer's `noise_shape`, else None.
         data_format: The `data_format` it declares, else None.
+        owned: The dropout settings in its own config (`core.owned.find_keys`);
+            such a layer is rebuilt with new values, not followed by dropout.
+        rebuild_refusal: Why the layer cannot be rebuilt from its config
+            (quantized or LoRA-enabled sublayers, whose state the config does
+            not hold), else None.
+        inner_activation: The `activation` of a layer that is not one of the
+            Keras API's own (a composite block): it applies it inside, not to
+            its output, so it is no activation site.
+        starts_tokens: An Embedding or attention layer (or a block holding
+            one): the rank-3 tensors after it are token states, not channel
+            maps.
     """
 
     name: str
@@ -68,6 +79,10 @@ class LayerFacts:
     rate: float | None = None
     noise_shape: tuple | None = None
     data_format: str | None = None
+    owned: tuple[Key, ...] = ()
+    rebuild_refusal: str | None = None
+    inner_activation: str | None = None
+    starts_tokens: bool = False
 
     @property
     def label(self) -> str:
@@ -95,8 +110,9 @@ class GraphView(Protocol):
     def output_keys(self, node) -> Sequence[Hashable]:
         """Keys of the tensors `node` makes (flat)."""
 
-    def graph_outputs(self) -> Collection[Hashable]:
-        """Keys of the graph's output tensors."""
+    def graph_outputs(self) -> Sequence[Hashable]:
+        """Keys of the graph's output tensors, in the order of a call's outputs
+        (`output_keys` of a node that calls this graph as a nested model)."""
 
     def out_shape(self, node) -> tuple | None:
         """Shape of the first output of `node`, None if it has none."""
@@ -114,6 +130,12 @@ class GraphView(Protocol):
 
     def config(self, op) -> dict:
         """A fresh serialized config of `op` (the walk may change it)."""
+
+    def layer_config(self, config: dict) -> dict:
+        """The `get_config()` inside the serialized config `config` (edited in place)."""
+
+    def probe(self, config: dict) -> dict:
+        """The `get_config()` of a new layer made from `config`; raises if none can be made."""
 
     def layer_names(self) -> set[str]:
         """Names of the layers of this graph."""
@@ -147,7 +169,8 @@ class GraphBuilder(Protocol):
         """Passes the input of the dropout layer at `node` through."""
 
     def rebuild(self, node, action: Rebuild) -> None:
-        """Calls the rebuilt recurrent layer at `node` (rebuilt at its first call)."""
+        """Calls the rebuilt layer at `node` (an RNN or a layer that owns its
+        dropout; rebuilt at its first call)."""
 
     def finish(self, *, changed: bool, top: bool) -> Any:
         """The new model (or the old one where nothing changed and it is nested)."""

@@ -132,10 +132,20 @@ class GraphReplay:
 
 
 def copy_weights(old, new) -> None:
-    """Carries the weights over exactly; the configs are equal but for dropout."""
+    """Carries the weights over exactly; the configs are equal but for dropout.
+
+    The `trainable` flags of the sublayers come along too (a transformer block
+    whose attention the user froze): the config holds only the layer's own.
+    """
     values = old.get_weights()
     shapes = [w.shape for w in values]
     new_shapes = [w.shape for w in new.get_weights()]
     if new_shapes != shapes:
         raise weights_differ(old.name, shapes, new_shapes)
     new.set_weights(values)
+    olds, news = list(old._flatten_layers()), list(new._flatten_layers())
+    if len(olds) == len(news):
+        # Outer layers first: setting a layer's flag sets its sublayers' too.
+        for before, after in zip(olds, news, strict=True):
+            if after.trainable != before.trainable:
+                after.trainable = before.trainable

@@ -3,8 +3,10 @@
 The walk visits each call node in the order the Keras API replays its graph
 (Functional `_run_through_graph`, iteratively, so a 2,000-layer chain is
 fine) and decides it: a nested model is walked in turn, an existing dropout
-layer is kept, re-targeted or removed, an RNN gets its dropout settings, and
-an activation (or a block output) may get a new dropout layer. Every
+layer is kept, re-targeted or removed, an RNN or a layer that owns its
+dropout (`core.owned`: MultiHeadAttention, transformer blocks) gets new
+dropout settings, and an activation (or a block output) may get a new
+dropout layer. Every
 decision is a `Site` record; every change is an action that a builder, when
 there is one, applies at once (it needs the new tensors of the nodes before).
 Without a builder the walk only plans: `inspect` and `--dry-run` take the
@@ -18,6 +20,7 @@ import enum
 
 from regularize import rules
 from regularize.core import droppath
+from regularize.core import owned
 from regularize.core.actions import Action
 from regularize.core.actions import Insert
 from regularize.core.actions import Rebuild
@@ -28,6 +31,7 @@ from regularize.core.graph import GraphView
 from regularize.core.graph import LayerFacts
 from regularize.core.guards import gc_paused
 from regularize.core.guards import recursion_limit
+from regularize.policy import OWNED
 from regularize.policy import RECURRENT
 from regularize.policy import Candidate
 from regularize.policy import Decision
@@ -160,13 +164,26 @@ def _levels(view: GraphView, nodes, weight) -> dict[int, int]:
     return end
 
 
-def _walk_graph(view: GraphView, run: _Run, prefix: str, inert, top=False, offset=0, tail=False):
+def _walk_graph(
+    view: GraphView,
+    run: _Run,
+    prefix: str,
+    inert,
+    top=False,
+    offset=0,
+    tail=False,
+    outside=None,
+    tokens=False,
+):
     """Walks one (possibly nested) graph; returns (its new model or None, changed).
 
     `offset` is the level at which the graph's inputs sit in the whole model
     and `tail` whether a normalization layer follows its outputs there.
+    `outside` maps each output key of a nested graph to (the layers of its
+    caller that read it, whether it is an output of the whole model), and
+    `tokens` says whether its inputs are token states.
     """
-    graph = _GraphWalk(view, run, prefix, inert, offset, tail)
+    graph = _GraphWalk(view, run, prefix, inert, offset, tail, outside, tokens)
     graph.run()
     if graph.builder is None:
         return None, graph.changed
@@ -176,7 +193,17 @@ def _walk_graph(view: GraphView, run: _Run, prefix: str, inert, top=False, offse
 class _GraphWalk:
     """One pass over one graph: decides each node and has the builder replay it."""
 
-    def __init__(self, view: GraphView, run: _Run, prefix: str, inert, offset: int, tail: bool):
+    def __init__(
+        self,
+        view: GraphView,
+        run: _Run,
+        prefix: str,
+        inert,
+        offset: int,
+        tail: bool,
+        outside: dict | None = None,
+        tokens: bool = False,
+    ):
         self.view = view
         self.run_ = run
         self.policy = run.policy
@@ -186,6 +213,11 @@ class _GraphWalk:
         self.nodes = list(view.nodes())
         self.ends = _levels(view, self.nodes, run.weight)
         self.outputs = set(view.graph_outputs())
+        # "Model output" is the whole model's: a nested model's output that
+        # its caller reads further is a site like any other.
+        self.final = self.outputs
+        if outside is not None:
+            self.final = {key for key, (_, final) in outside.items() if final}
         self.norm_after = self._normalization_after(tail)
         self.readers: dict = {}  # tensor key -> ops reading it
         self.calls: dict[int, list] = {}  # id(op) -> its nodes
@@ -194,6 +226,10 @@ class _GraphWalk:
             for key in view.input_keys(node):
                 self.readers.setdefault(key, []).append(op)
             self.calls.setdefault(id(op), []).append(node)
+        for key, (readers, _) in (outside or {}).items():
+            self.readers.setdefault(key, []).extend(readers)
+        self.tokens_in = tokens
+        self.tokens = self._token_states()
         self.names = view.layer_names()
         self.builder = run.builder.graph(view) if run.builder is not None else None
         self.changed = False
@@ -215,6 +251,8 @@ class _GraphWalk:
                 self._dropout(node, op, facts)
             elif facts.is_recurrent:
                 self._recurrent(node, op, facts)
+            elif facts.owned or (add and facts.inner_activation):
+                self._owned(node, op, facts)
             else:
                 action = None
                 if add and self._is_site(node, facts, blocks):
@@ -257,6 +295,21 @@ class _GraphWalk:
             for parent in self.view.parents(node):
                 after[id(parent)] = after.get(id(parent), False) or down
         return after
+
+    def _token_states(self) -> dict[int, bool]:
+        """Maps `id(node)` to whether its outputs are token states.
+
+        In a transformer-style graph (an Embedding or attention layer
+        upstream) a rank-3 tensor is (batch, tokens, features): it gets
+        element-wise Dropout, as every transformer implementation does, not
+        SpatialDropout1D, which would drop whole features of every token.
+        """
+        tokens: dict[int, bool] = {}
+        for node in self.nodes:
+            # A parent not walked is an input of the graph.
+            upstream = any(tokens.get(id(p), self.tokens_in) for p in self.view.parents(node))
+            tokens[id(node)] = upstream or self.facts(self.view.operation(node)).starts_tokens
+        return tokens
 
     def _data_format_near(self, node, limit: int = 64) -> str:
         """The `data_format` of the nearest upstream layer that declares one.
@@ -371,10 +424,34 @@ class _GraphWalk:
                 offset = self.offset + self.ends[id(node)] - run.weight(self.view, op)
                 tail = self.norm_after[id(node)]
                 prefix = f"{self.prefix}{facts.name}/"
-                run.models[id(op)] = _walk_graph(sub, run, prefix, inert, offset=offset, tail=tail)
+                parents = self.view.parents(node)
+                tokens = any(self.tokens.get(id(p), self.tokens_in) for p in parents)
+                run.models[id(op)] = _walk_graph(
+                    sub,
+                    run,
+                    prefix,
+                    inert,
+                    offset=offset,
+                    tail=tail,
+                    outside=self._outside(node, sub),
+                    tokens=tokens,
+                )
         new, changed = run.models[id(op)]
         self.changed = self.changed or changed
         self._call(node, new if changed else op)
+
+    def _outside(self, node, sub: GraphView) -> dict | None:
+        """For each output key of the nested graph `sub` called at `node`: the
+        layers here that read it, and whether it is an output of the whole model."""
+        inner = list(sub.graph_outputs())
+        keys = self.view.output_keys(node)
+        if len(inner) != len(keys):
+            return None  # cannot pair them: every output counts as the model's
+        outside: dict = {}
+        for sub_key, key in zip(inner, keys, strict=True):
+            readers, final = outside.get(sub_key, ([], False))
+            outside[sub_key] = (readers + self.readers.get(key, []), final or key in self.final)
+        return outside
 
     # -- activation sites -------------------------------------------------
 
@@ -385,8 +462,11 @@ class _GraphWalk:
             return None
         key = keys[0]
         shape = tuple(self.view.out_shape(node))
-        fmt = self._data_format_near(node)
-        auto_kind = rules.dropout_kind(len(shape), fmt)
+        if self.tokens[id(node)]:
+            fmt, auto_kind = "channels_last", "Dropout"
+        else:
+            fmt = self._data_format_near(node)
+            auto_kind = rules.dropout_kind(len(shape), fmt)
         readers = self.readers.get(key, [])
         dropouts = [
             r
@@ -401,7 +481,7 @@ class _GraphWalk:
 
         if self.inert:
             reason = self.inert
-        elif key in self.outputs:
+        elif key in self.final:
             return skip("model output")
         elif decision.skipped:
             reason = decision.reason
@@ -484,7 +564,7 @@ class _GraphWalk:
             self.policy.existing == "remove" and id(op) not in run.fates
         )
         if strip:
-            if self.view.output_keys(node)[0] in self.outputs:
+            if self.view.output_keys(node)[0] in self.final:
                 self._site(node, facts, facts.class_name, facts.rate, KEEP, "model output")
                 return self._call(node, op)
             why = "strip dropout" if run.mode == Mode.STRIP else "existing = remove"
@@ -547,3 +627,67 @@ class _GraphWalk:
         for s in settings:
             s["dropout"], s["recurrent_dropout"] = new_values
         self._apply(node, Rebuild(op, config, new_values))
+
+    # -- layers that own their dropout ----------------------------------------
+
+    def _owned(self, node, op, facts: LayerFacts) -> None:
+        """Rebuilds a layer with new values for the dropout keys of its config.
+
+        Like an RNN layer: dropout after a MultiHeadAttention or a transformer
+        block would not be the dropout it was trained with, so its own
+        settings (`LayerFacts.owned`) change. A layer that has none but
+        applies an activation inside is reported as skipped.
+        """
+        run = self.run_
+        keys = facts.owned
+
+        def site(rate, action, reason, existing=""):
+            self._site(node, facts, OWNED, rate, action, reason, existing)
+
+        if not keys:
+            why = f"{facts.class_name} applies its activation inside and has no dropout setting"
+            site(None, SKIP, why)
+            return self._call(node, op)
+        existing = owned.describe_existing(keys)
+        if run.mode == Mode.STRIP:
+            settings = dict.fromkeys(owned.Role, 0.0)
+        else:
+            decision = self._decide(node, op, facts, OWNED)
+            skip = self.inert or (decision.reason if decision.skipped else None)
+            if skip:
+                site(None, SKIP, skip, existing)
+                return self._call(node, op)
+            settings = {
+                owned.Role.GENERAL: decision.rate,
+                owned.Role.ATTENTION: decision.attention_rate,
+                owned.Role.RECURRENT: decision.recurrent_rate,
+            }
+        values = owned.new_values(keys, settings)
+        old = tuple(k.value for k in keys)
+        reason = owned.describe(keys, values)
+        top = max(values)
+        if values == old:
+            if top == 0:
+                unset = all(settings[k.role] is None for k in keys)
+                site(None, SKIP, owned.unset_reason(keys) if unset else "rate is 0", existing)
+            else:
+                site(top, KEEP, reason, existing)
+            return self._call(node, op)
+        refusal = facts.rebuild_refusal
+        if refusal is None and facts.wrapper is not None:
+            refusal = f"wrapped in {facts.wrapper}: left as it is"
+        config = self.view.config(op)
+        if refusal is None:
+            refusal = owned.check_rebuild(self.view, config, keys, values)
+        if refusal is not None:
+            site(None, SKIP, refusal, existing)
+            return self._call(node, op)
+        if run.mode == Mode.STRIP:
+            action = REMOVE
+        else:
+            action = INSERT if not any(old) else UPDATE
+        site(top, action, reason, existing)
+        attention = [v for k, v in zip(keys, values, strict=True) if k.role == owned.Role.ATTENTION]
+        if run.mode == Mode.ADD and any(attention):
+            run.result.warn(owned.ATTENTION_WARNING)
+        self._apply(node, Rebuild(op, config, values))

@@ -18,12 +18,15 @@ Runs only in the engine's child process (TF_USE_LEGACY_KERAS=1).
 
 from __future__ import annotations
 
+import copy
+
 import tensorflow as tf
 import tf_keras
 
 from regularize import core
 from regularize import rules
 from regularize.core import droppath
+from regularize.core import owned
 from regularize.core import refusals
 from regularize.core import replay
 from regularize.legacy import TFMOT_CLASSES
@@ -40,6 +43,9 @@ RECURRENT_CLASSES = (L.RNN, L.Bidirectional)
 NORMALIZATION_CLASSES = (L.BatchNormalization, L.LayerNormalization, L.GroupNormalization)
 MERGE_CLASSES = (L.Add, L.Concatenate)
 _ADD_SYMBOLS = ("__operators__.add", "math.add")
+# Attention layers apply their `dropout` to the attention probabilities.
+ATTENTION_CLASSES = (L.MultiHeadAttention, L.Attention, L.AdditiveAttention)
+TOKEN_CLASSES = (L.Embedding, *ATTENTION_CLASSES)
 
 
 # -- facts about layers ---------------------------------------------------
@@ -119,6 +125,38 @@ def activation_of(layer) -> str | None:
 def _noise_shape(layer) -> tuple | None:
     shape = getattr(layer, "noise_shape", None)
     return tuple(shape) if shape is not None else None
+
+
+def is_api_layer(layer) -> bool:
+    """Whether `layer` (or the layer it wraps) is one of tf_keras' own, not a custom block.
+
+    Only there is a fused `activation` known to be applied to the output.
+    """
+    return type(unwrap(layer)).__module__.startswith(("tf_keras.", "keras."))
+
+
+def owned_keys(layer) -> tuple:
+    inner = unwrap(layer)
+    if is_graph_model(inner) or is_dropout(inner) or is_recurrent(inner):
+        return ()
+    if is_api_layer(inner) and not isinstance(inner, ATTENTION_CLASSES):
+        return ()  # tf_keras' other layers have no dropout keys
+    try:
+        config = inner.get_config()
+    except Exception:  # a custom layer without a config: nothing to rebuild from
+        return ()
+    return owned.find_keys(config, attention_layer=isinstance(inner, ATTENTION_CLASSES))
+
+
+def starts_tokens(layer) -> bool:
+    """An Embedding or attention layer, or a block (or nested model) holding one."""
+    inner = unwrap(layer)
+    if isinstance(inner, TOKEN_CLASSES):
+        return True
+    if is_api_layer(inner) and not is_graph_model(inner):
+        return False
+    flatten = getattr(inner, "_flatten_layers", None)
+    return flatten is not None and any(isinstance(x, TOKEN_CLASSES) for x in flatten())
 
 
 def all_layers(model):
@@ -227,8 +265,8 @@ class _View:
     def output_keys(self, node) -> list[str]:
         return node.flat_output_ids
 
-    def graph_outputs(self) -> set[str]:
-        return {str(id(t)) for t in self.model.outputs}
+    def graph_outputs(self) -> list[str]:
+        return [str(id(t)) for t in self.model.outputs]  # in the order of a call's outputs
 
     def out_shape(self, node) -> tuple | None:
         flat = tf.nest.flatten(node.outputs)
@@ -247,13 +285,18 @@ class _View:
     def facts(self, op) -> core.LayerFacts:
         inner = unwrap(op)
         dropout = is_dropout(op)
+        activation = activation_of(op)
+        api = is_api_layer(op)
         return core.LayerFacts(
             name=op.name,
             # The wrapped class, so that a rule `class = "Dense"` matches a
             # pruned or quantized Dense too; the report shows the wrapper.
             class_name=class_name(inner),
             wrapper=class_name(op) if inner is not op else None,
-            activation=activation_of(op),
+            activation=activation if api else None,
+            inner_activation=None if api else activation,
+            owned=owned_keys(op),
+            starts_tokens=starts_tokens(op),
             trainable=bool(op.trainable),
             is_graph_model=is_graph_model(op),
             is_dropout=dropout,
@@ -272,6 +315,12 @@ class _View:
 
     def config(self, op) -> dict:
         return L.serialize(unwrap(op))
+
+    def layer_config(self, config: dict) -> dict:
+        return config["config"]
+
+    def probe(self, config: dict) -> dict:
+        return L.deserialize(copy.deepcopy(config)).get_config()
 
     def layer_names(self) -> set[str]:
         return {layer.name for layer in self.model.layers}
