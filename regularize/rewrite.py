@@ -193,6 +193,7 @@ class _View:
             owned=keys,
             rebuild_refusal=_rebuild_refusal(op) if keys else None,
             starts_tokens=_starts_tokens(op),
+            attention_kernel=_attention_kernel(op) if keys else None,
             trainable=bool(getattr(op, "trainable", True)),
             is_graph_model=graph.is_graph_model(op),
             is_dropout=dropout,
@@ -281,6 +282,26 @@ def _rebuild_refusal(op) -> str | None:
         if getattr(layer, "lora_enabled", False):
             return "holds LoRA-enabled layers: rebuilt from its config they would lose LoRA"
     return None
+
+
+# Keras 3 attention layers with two kernels (see `LayerFacts.attention_kernel`).
+_FUSED_ATTENTION_CLASSES = tuple(
+    getattr(keras.layers, name)
+    for name in ("MultiHeadAttention", "GroupQueryAttention")
+    if hasattr(keras.layers, name)
+)
+
+
+def _attention_kernel(op) -> str | None:
+    """"fused" / "explicit": the kernel of the Keras attention `op` is or holds (None: none)."""
+    kernels = {
+        "explicit" if getattr(layer, "dropout", 0) else "fused"
+        for layer in getattr(op, "_flatten_layers", lambda: [op])()
+        if isinstance(layer, _FUSED_ATTENTION_CLASSES)
+    }
+    if not kernels:
+        return None
+    return "fused" if "fused" in kernels else "explicit"
 
 
 def _starts_tokens(op) -> bool:

@@ -193,12 +193,24 @@ def test_gpt2_backbone_plan_has_no_activation_site_inside_its_blocks():
         intermediate_dim=32,
         max_sequence_length=16,
     )
+    # The graph walk (what a keras-hub block inside a user's own Functional model gets):
+    # the blocks are sites through their own dropout key, never activation sites.
+    from regularize import rewrite
+    from regularize.policy import Policy
+
     report = Report()
-    regularize.plan(backbone, 0.2, report=report)
+    rewrite.rewrite(backbone, Policy(rate=0.2), build=False, report=report)
     sites = [(s.layer, s.layer_class, s.kind, s.action, s.reason) for s in report.sites]
     assert sites == [
         (f"transformer_layer_{i}", "TransformerDecoder", "owned", "update", "dropout 0.1 -> 0.2")
         for i in range(2)
+    ]
+    # The public API gives a keras-hub backbone to `regularize.hub` (its class stays): the
+    # constructor's `dropout=0.1` is the model's own, kept by default.
+    report = Report()
+    regularize.plan(backbone, 0.2, report=report)
+    assert [(s.layer, s.kind, s.action) for s in report.sites] == [
+        ("gpt2_backbone", "dropout", "keep")
     ]
 
 

@@ -50,6 +50,12 @@ class LayerFacts:
         data_format: The `data_format` it declares, else None.
         owned: The dropout settings in its own config (`core.owned.find_keys`);
             such a layer is rebuilt with new values, not followed by dropout.
+        attention_kernel: For a layer that is or holds Keras 3 attention
+            (MultiHeadAttention, GroupQueryAttention): "fused" while its
+            dropout is 0 (Keras then calls `ops.dot_product_attention`),
+            "explicit" above 0 (einsums): moving between them changes
+            inference by float rounding. None otherwise (tf_keras always
+            computes attention the explicit way).
         rebuild_refusal: Why the layer cannot be rebuilt from its config
             (quantized or LoRA-enabled sublayers, whose state the config does
             not hold), else None.
@@ -83,6 +89,7 @@ class LayerFacts:
     rebuild_refusal: str | None = None
     inner_activation: str | None = None
     starts_tokens: bool = False
+    attention_kernel: str | None = None
 
     @property
     def label(self) -> str:

@@ -35,6 +35,30 @@ ATTENTION_WARNING = (
 )
 
 
+# Keras 3's MultiHeadAttention and GroupQueryAttention compute attention with
+# the fused `ops.dot_product_attention` while their dropout is 0 and with
+# explicit einsums above 0; the two round differently (5e-7 apart on a small
+# layer), so a rebuild that crosses 0 cannot keep inference bit-exact.
+KERNEL_SWITCH_SKIP = (
+    "raising its dropout moves Keras' attention from the fused kernel to the explicit one, "
+    "which rounds differently: set attention_rate to accept that"
+)
+KERNEL_SWITCH_WARNING = (
+    "attention layers whose dropout crossed 0 now run Keras' other attention kernel (fused "
+    "below, explicit above): inference differs by float rounding (about 1e-7), as an LSTM's "
+    "does when recurrent_dropout changes its kernel"
+)
+
+
+def switches_kernel(kernel: str | None, old: Sequence[float], new: Sequence[float]) -> bool:
+    """Whether new dropout values move an attention layer to its other kernel."""
+    if kernel == "fused":
+        return any(o == 0 and n > 0 for o, n in zip(old, new, strict=True))
+    if kernel == "explicit":
+        return any(o > 0 and n == 0 for o, n in zip(old, new, strict=True))
+    return False
+
+
 class Role(enum.StrEnum):
     """Which policy setting drives a key."""
 

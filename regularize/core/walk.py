@@ -673,6 +673,11 @@ class _GraphWalk:
             else:
                 site(top, KEEP, reason, existing)
             return self._call(node, op)
+        switch = owned.switches_kernel(facts.attention_kernel, old, values)
+        if switch and run.mode == Mode.ADD and settings[owned.Role.ATTENTION] is None:
+            # Only a user who asked for attention dropout accepts the rounding.
+            site(None, SKIP, owned.KERNEL_SWITCH_SKIP, existing)
+            return self._call(node, op)
         refusal = facts.rebuild_refusal
         if refusal is None and facts.wrapper is not None:
             refusal = f"wrapped in {facts.wrapper}: left as it is"
@@ -690,4 +695,6 @@ class _GraphWalk:
         attention = [v for k, v in zip(keys, values, strict=True) if k.role == owned.Role.ATTENTION]
         if run.mode == Mode.ADD and any(attention):
             run.result.warn(owned.ATTENTION_WARNING)
+        if switch:
+            run.result.warn(owned.KERNEL_SWITCH_WARNING)
         self._apply(node, Rebuild(op, config, values))
