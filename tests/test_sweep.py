@@ -18,6 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 
 # The module, even if the package exports a `sweep` function of the same name.
 sw = importlib.import_module("regularize.sweep")
+training = importlib.import_module("regularize.sweep.training")
 from regularize.cli_sweep import sweep as sweep_command  # noqa: E402
 from regularize.errors import PolicyError  # noqa: E402
 
@@ -66,7 +67,7 @@ def files(tmp_path_factory):
 def first_run(files):
     root, model, npz = files
     out = root / "out"
-    result = sw.sweep(model, npz, [0, 0.5], epochs=2, out=out, seed=3, batch_size=16)
+    result = sw.run_sweep(model, npz, [0, 0.5], epochs=2, out=out, seeds=3, batch_size=16)
     return result, out
 
 
@@ -77,15 +78,15 @@ def test_sweep_writes_every_result(first_run):
     assert names == [
         "curves.png",
         "results.json",
-        "variant-0.5.json",
-        "variant-0.5.keras",
-        "variant-0.json",
-        "variant-0.keras",
+        "variant-0-seed3.json",
+        "variant-0-seed3.keras",
+        "variant-0.5-seed3.json",
+        "variant-0.5-seed3.keras",
     ]
     assert (out / "curves.png").read_bytes()[:8] == PNG
     mask = os.umask(0)
     os.umask(mask)
-    for name in ("curves.png", "results.json", "variant-0.json"):
+    for name in ("curves.png", "results.json", "variant-0-seed3.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name  # not mkstemp's 0600
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(result.to_dict()))
@@ -101,12 +102,12 @@ def test_sweep_writes_every_result(first_run):
     assert dropout.sites[0] == "inserted 2 sites: 1 SpatialDropout2D, 1 Dropout"
     # Each variant file is the variant itself: dropout in the 0.5 one only.
     kinds = {
-        type(layer).__name__ for layer in keras.models.load_model(out / "variant-0.5.keras").layers
+        type(layer).__name__ for layer in keras.models.load_model(out / "variant-0.5-seed3.keras").layers
     }
     assert {"SpatialDropout2D", "Dropout"} <= kinds
     assert not any(
         isinstance(layer, L.Dropout)
-        for layer in keras.models.load_model(out / "variant-0.keras").layers
+        for layer in keras.models.load_model(out / "variant-0-seed3.keras").layers
     )
 
 
@@ -133,28 +134,26 @@ def test_table_marks_the_best_rate(first_run):
 def test_resume_trains_only_unfinished_variants_and_reproduces_them(files, first_run, monkeypatch):
     _, model, npz = files
     result, out = first_run
-    (out / "variant-0.5.json").unlink()
+    (out / "variant-0.5-seed3.json").unlink()
     trained = []
-    real = sw._train_variant
+    real = training.train_variant
 
-    def spy(run, rate, *args):
-        trained.append(rate)
-        return real(run, rate, *args)
+    def spy(run, variant, *args):
+        trained.append(variant.rate)
+        return real(run, variant, *args)
 
-    monkeypatch.setattr(sw, "_train_variant", spy)
-    again = sw.sweep(model, npz, [0, 0.5], epochs=2, out=out, seed=3, batch_size=16)
+    monkeypatch.setattr(training, "train_variant", spy)
+    again = sw.run_sweep(model, npz, [0, 0.5], epochs=2, out=out, seeds=3, batch_size=16)
     assert trained == [0.5]
     assert [v.resumed for v in again.variants] == [True, False]
-    assert any("resumed 1 finished variant" in note for note in again.notes)
+    assert f"resumed 1 finished run from {out} (0)" in again.notes
     # Same start weights, seed and batch order: trained alone, after another
     # sweep in this process, the variant learns exactly what it learned first.
-    np.testing.assert_allclose(
-        again.variants[1].history["loss"], result.variants[1].history["loss"], rtol=1e-5
-    )
-    assert again.variants[1].history["val_accuracy"] == result.variants[1].history["val_accuracy"]
-    assert (out / "variant-0.5.json").is_file()
-    monkeypatch.setattr(sw, "_train_variant", None)  # nothing left to train
-    third = sw.sweep(model, npz, [0.5], epochs=2, out=out, seed=3, batch_size=16)
+    assert again.variants[1].history == result.variants[1].history  # every float, exactly
+    assert again.variants[1].train_accuracy == result.variants[1].train_accuracy
+    assert (out / "variant-0.5-seed3.json").is_file()
+    monkeypatch.setattr(training, "train_variant", None)  # nothing left to train
+    third = sw.run_sweep(model, npz, [0.5], epochs=2, out=out, seeds=3, batch_size=16)
     assert [v.rate for v in third.variants] == [0.0, 0.5]
     assert third.notes[0] == "rate 0 (the baseline) added to the rates"
 
@@ -163,14 +162,14 @@ def test_resume_refuses_a_folder_of_another_sweep(files, first_run):
     _, model, npz = files
     _, out = first_run
     with pytest.raises(sw.SweepError, match=r"Cannot resume: .* \(epochs differ"):
-        sw.sweep(model, npz, [0, 0.5], epochs=3, out=out, seed=3, batch_size=16)
+        sw.run_sweep(model, npz, [0, 0.5], epochs=3, out=out, seeds=3, batch_size=16)
 
 
 def test_input_model_is_unchanged_and_default_compile_is_stated(files, tmp_path, monkeypatch):
     _, _, npz = files
     model = _model(compiled=False, softmax=False)
     before = [np.array(v) for v in model.variables]
-    result = sw.sweep(model, npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16)
+    result = sw.run_sweep(model, npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16)
     for a, b in zip(before, model.variables, strict=True):
         np.testing.assert_array_equal(a, np.array(b))
     assert not model.compiled
@@ -187,8 +186,8 @@ def test_input_model_is_unchanged_and_default_compile_is_stated(files, tmp_path,
         predicted = saved.predict(arrays["x_train"], verbose=0).argmax(axis=-1)
         assert v.train_accuracy == pytest.approx((predicted == arrays["y_train"]).mean())
     # A model built again (Keras names its optimizer "adam_1" now) resumes.
-    monkeypatch.setattr(sw, "_train_variant", None)
-    again = sw.sweep(
+    monkeypatch.setattr(training, "train_variant", None)
+    again = sw.run_sweep(
         _model(False, False), npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16
     )
     assert [v.resumed for v in again.variants] == [True, True]
@@ -209,7 +208,7 @@ def image_folder(tmp_path_factory):
 def test_image_folder_and_save_best(files, image_folder, tmp_path):
     _, model, _ = files
     best = tmp_path / "best.keras"
-    result = sw.sweep(
+    result = sw.run_sweep(
         model,
         image_folder,
         [0.2],
@@ -227,12 +226,12 @@ def test_image_folder_and_save_best(files, image_folder, tmp_path):
     has_dropout = any(isinstance(layer, L.Dropout) for layer in loaded.layers)
     assert has_dropout == (result.best_rate > 0)
     with pytest.raises(Exception, match="already exists"):
-        sw.sweep(model, image_folder, [0.2], epochs=1, out=tmp_path / "o", save_best=best)
+        sw.run_sweep(model, image_folder, [0.2], epochs=1, out=tmp_path / "o", save_best=best)
 
 
 def test_mirrored_strategy_runs_on_this_machine(files, tmp_path):
     _, model, npz = files
-    result = sw.sweep(
+    result = sw.run_sweep(
         model, npz, [0, 0.5], epochs=1, out=tmp_path / "o", strategy="mirrored", batch_size=16
     )
     assert result.settings["strategy"] == "MirroredStrategy"
@@ -396,7 +395,7 @@ def _fake_sweep(monkeypatch, behave):
         seen.update(kwargs)
         return behave(kwargs)
 
-    monkeypatch.setattr(sw, "sweep", fake)
+    monkeypatch.setattr(sw, "run_sweep", fake)
     return seen
 
 
@@ -420,7 +419,7 @@ def test_command_interrupted_says_what_it_keeps(files, tmp_path, monkeypatch):
     def interrupted(kwargs):
         out.mkdir(exist_ok=True)
         if (out / "variant-0.json").exists():
-            (out / "variant-0.5.json").write_text("{}")
+            (out / "variant-0.5-seed3.json").write_text("{}")
         (out / "variant-0.json").write_text("{}")
         raise KeyboardInterrupt
 
@@ -432,7 +431,7 @@ def test_command_interrupted_says_what_it_keeps(files, tmp_path, monkeypatch):
     )
     result = _invoke(model, "--data", npz, "--epochs", "1", "--out", out)
     assert "interrupted: 2 finished variants kept in" in result.stderr
-    monkeypatch.setattr(sw, "sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     result = _invoke(model, "--data", npz, "--epochs", "1", "--out", tmp_path / "new")
     assert (result.exit_code, result.stderr) == (130, "interrupted: nothing written\n")
 
@@ -458,7 +457,7 @@ def test_command_json_resumes_a_finished_sweep(files, first_run, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [v["rate"] for v in data["variants"]] == [0.0, 0.5]
-    assert data["notes"] == [f"resumed 2 finished variants from {out} (rates 0, 0.5)"]
+    assert data["notes"] == [f"resumed 2 finished runs from {out} (0, 0.5)"]
     assert data == json.loads((out / "results.json").read_text())
 
 
