@@ -9,9 +9,9 @@ written here as an image folder with one subfolder per class, the layout `regula
 --data` reads with `keras.utils.image_dataset_from_directory`. Each seed splits the folder
 differently: 20% (about 360 images) to train on, so the CNN overfits, 80% to validate on.
 
-For every seed the model is built and saved, then `regularize.sweep.run_sweep` rewrites it at rates 0
-(the baseline), 0.2, 0.3 and 0.5 (SpatialDropout2D after the conv activations, Dropout after
-the dense one) and fine-tunes each variant from the same weights, seed and batch order. The
+For every seed the model is built and saved, then `regularize.sweep.run_sweep` rewrites it at
+rates 0 (the baseline), 0.2, 0.3 and 0.5 (SpatialDropout2D after the conv activations, Dropout
+after the dense one) and fine-tunes each variant from the same weights, seed and batch order. The
 same sweep from the command line:
 
     regularize sweep digits_cnn.keras --data digits_images/ --rates 0,0.2,0.3,0.5 \\

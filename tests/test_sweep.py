@@ -101,9 +101,8 @@ def test_sweep_writes_every_result(first_run):
     assert baseline.sites == ["skipped 3 sites: 2 rate is 0, 1 model output"]
     assert dropout.sites[0] == "inserted 2 sites: 1 SpatialDropout2D, 1 Dropout"
     # Each variant file is the variant itself: dropout in the 0.5 one only.
-    kinds = {
-        type(layer).__name__ for layer in keras.models.load_model(out / "variant-0.5-seed3.keras").layers
-    }
+    saved = keras.models.load_model(out / "variant-0.5-seed3.keras")
+    kinds = {type(layer).__name__ for layer in saved.layers}
     assert {"SpatialDropout2D", "Dropout"} <= kinds
     assert not any(
         isinstance(layer, L.Dropout)
