@@ -341,9 +341,11 @@ def _variants(rates, policies, drop_path, attention_rate, policy, recurrent):
         ):
             if text is not None:
                 hint = flag
-                values = [r for r in v.parse_rates(text) if r > 0]
-                chosen += v.setting_variants(name, values)
-        hint = "'--policies'" if policies is not None else hint
+                added = v.setting_variants(name, [r for r in v.parse_rates(text) if r > 0])
+                for variant in added:
+                    variant.policy_for(recurrent)
+                chosen += added
+        hint = "'--policies'" if policies is not None else "'--rates'"
         chosen = v.check_variants(chosen, recurrent)
     except PolicyError as err:
         raise click.BadParameter(str(err), param_hint=hint) from err

@@ -215,7 +215,7 @@ def policy_entry(
             f"Expected {BASELINE}, {', '.join(PRESETS)} or a TOML file."
         )
     policy = check_sweep_policy(Policy.from_file(path))
-    return path.stem, policy, rate if rate is not None else policy.rate
+    return path.stem, policy, rate
 
 
 def check_sweep_policy(policy: Policy) -> Policy:
