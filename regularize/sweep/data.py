@@ -317,8 +317,10 @@ class DataSpec:
         return spec
 
     def datasets(self, seed: int):
-        """New train / validation datasets; a new pair with the same seed replays the same
-        batch order (and, for a folder, the same split)."""
+        """New train / validation datasets, shuffled and (for a folder) split by `seed`.
+
+        A new pair with the same seed replays the same batch order and split.
+        """
         import tensorflow as tf
 
         if self.kind == "npz":

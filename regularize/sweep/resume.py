@@ -23,8 +23,10 @@ from regularize.sweep.variants import Variant
 
 
 def output_folder(model, out=None) -> Path:
-    """Where a sweep of `model` writes: `out`, or the default (see `run_sweep`); creates
-    nothing."""
+    """Where a sweep of `model` writes: `out`, or the default (see `run_sweep`).
+
+    Creates nothing.
+    """
     if out is not None:
         return Path(out)
     if isinstance(model, (str, os.PathLike)):
@@ -33,9 +35,11 @@ def output_folder(model, out=None) -> Path:
 
 
 @contextlib.contextmanager
-def output_folder_kept_on_success(out: Path) -> Iterator[Path]:
-    """Creates `out` (and missing parents); if the sweep fails, removes what it created and
-    left empty, so that a failed sweep leaves no empty folder behind.
+def keeping_no_empty_folder(out: Path) -> Iterator[Path]:
+    """Creates `out` and its missing parents, and removes them again if the sweep fails.
+
+    Only folders this call created and that are still empty are removed: a failed sweep
+    leaves no empty folder behind, and never removes a finished run.
 
     Raises:
         SweepError: `out` is a file, or cannot be created.

@@ -135,7 +135,7 @@ def run_sweep(
 
         check_output_path(Path(save_best), overwrite=overwrite)
     out = resume.output_folder(model, out)
-    with resume.output_folder_kept_on_success(out):
+    with resume.keeping_no_empty_folder(out):
         return _run(
             model=model,
             data=data,

@@ -271,8 +271,11 @@ def policy_variants(
 
 
 def setting_variants(name: str, values: Sequence[float], base: Variant | None = None) -> list:
-    """One variant per value of the `Policy` setting `name` (e.g. "drop_path"), added to
-    `base` (default: no dropout from the rate), labelled "drop_path@0.1"."""
+    """One variant per value of the `Policy` setting `name`, labelled e.g. "drop_path@0.1".
+
+    Each is `base` (default: the baseline, no dropout from the rate) with `name=value`
+    forwarded to `Policy(...)`; `Variant.policy_for` says if `Policy` has no such setting.
+    """
     base = base or Variant(BASELINE, 0.0)
     return [
         dataclasses.replace(
