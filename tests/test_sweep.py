@@ -627,7 +627,7 @@ def test_quiet_hides_the_progress_display(files, tmp_path, monkeypatch):
     _, model, npz = files
     progress = importlib.import_module("regularize.sweep.progress")
     monkeypatch.setattr(progress, "is_terminal", lambda: True)
-    args = ("--data", npz, "--rates", "0,0.5", "--epochs", "1", "--batch-size", "16")
+    args = ("--data", npz, "--rates", "0", "--epochs", "1", "--batch-size", "48")
     shown = _invoke(model, *args, "--out", tmp_path / "a")
     assert shown.exit_code == 0, shown.output
     assert "epochs" in shown.stderr and "val acc" in shown.stderr  # the bars' text
@@ -635,7 +635,7 @@ def test_quiet_hides_the_progress_display(files, tmp_path, monkeypatch):
     quiet = _invoke(model, *args, "--out", tmp_path / "b", "-q")
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stderr == ""
-    assert quiet.stdout.splitlines()[1:4] == shown.stdout.splitlines()[1:4]  # same table
+    assert quiet.stdout.splitlines()[1:3] == shown.stdout.splitlines()[1:3]  # same table
 
 
 # -- labels, recurrent rate, policies ---------------------------------------------
@@ -648,18 +648,18 @@ def test_one_hot_labels_use_categorical_cross_entropy(tmp_path):
     eye = np.eye(3, dtype="float32")
     np.savez(npz, x_train=x_train, y_train=eye[y_train], x_val=x_val, y_val=eye[y_val])
     result = sw.run_sweep(
-        _model(compiled=False), npz, [0.3], epochs=1, out=tmp_path / "o", batch_size=16
+        _model(compiled=False), npz, [0], epochs=1, out=tmp_path / "o", batch_size=48
     )
     assert result.settings["data"]["labels"] == "onehot"
     assert result.compile_note == (
         "the model is not compiled: using the default Adam(learning_rate=0.001), "
         "CategoricalCrossentropy(from_logits=False), metrics=['accuracy']"
     )
-    assert [v.label for v in result.variants] == ["0", "0.3"]
-    for v in result.variants:
-        saved = keras.models.load_model(tmp_path / "o" / v.model_file)
-        predicted = saved.predict(x_train, verbose=0).argmax(axis=-1)
-        assert v.train_accuracy == pytest.approx((predicted == y_train).mean())
+    (v,) = result.variants
+    assert v.metric == "accuracy"
+    saved = keras.models.load_model(tmp_path / "o" / v.model_file)
+    predicted = np.asarray(saved(x_train, training=False)).argmax(axis=-1)
+    assert v.train_accuracy == pytest.approx((predicted == y_train).mean())  # class ids compared
 
 
 def _lstm():
@@ -677,6 +677,7 @@ def _lstm():
     return model
 
 
+@pytest.mark.slow  # an LSTM with recurrent dropout traces slowly: ~20 s alone on 2 cores
 def test_recurrent_rate_same_follows_each_variant(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 4, 3)).astype("float32")
@@ -687,13 +688,14 @@ def test_recurrent_rate_same_follows_each_variant(tmp_path):
     _lstm().save(model)
     out = tmp_path / "o"
     result = _invoke(
-        model, "--data", npz, "--rates", "0.2,0.4", "--recurrent-rate", "same", "--epochs", "1",
-        "--batch-size", "16", "--out", out, "--json",
+        model, "--data", npz, "--rates", "0.4", "--recurrent-rate", "same", "--epochs", "1",
+        "--batch-size", "32", "--out", out, "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["settings"]["recurrent_rate"] == "same"
-    for rate in (0.0, 0.2, 0.4):
+    assert [v["label"] for v in data["variants"]] == ["0", "0.4"]
+    for rate in (0.0, 0.4):
         label = sw.format_rate(rate)
         saved = keras.models.load_model(out / f"variant-{label}-seed0.keras")
         for name in ("lstm1", "lstm2"):
