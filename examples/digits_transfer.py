@@ -183,6 +183,43 @@ def compare(result, a: str, b: str) -> dict:
     }
 
 
+def variance_ratios(result, x: np.ndarray) -> dict[str, dict[str, list[float]]]:
+    """Per variant and BatchNormalization layer, per seed: moving variance / input variance.
+
+    The moving variance is what the layer divides by at inference; the input variance is
+    measured here, at inference (no dropout), over `x`. Near 1: the layer's statistics fit
+    its inference-time input. Dropout just before the layer while it trains with batch
+    statistics makes the moving variance the variance *with* dropout, larger: a ratio above 1
+    (the "variance shift" the `head` preset avoids). The mean over channels.
+    """
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for variant in result.variants:
+        model = keras.models.load_model(result.out / variant.model_file)
+        norm = keras.layers.BatchNormalization
+        norms = [layer for layer in model.layers if isinstance(layer, norm)]
+        probe = keras.Model(model.inputs, [layer.input for layer in norms])
+        inputs = probe(x, training=False)
+        for layer, values in zip(norms, inputs, strict=True):
+            values = np.asarray(values).reshape(-1, values.shape[-1])
+            ratio = np.asarray(layer.moving_variance) / (values.var(axis=0) + layer.epsilon)
+            by_layer = ratios.setdefault(variant.label, {})
+            by_layer.setdefault(layer.name, []).append(float(ratio.mean()))
+    return ratios
+
+
+def variance_table(ratios: dict[str, dict[str, list[float]]]) -> str:
+    """Mean over seeds of `variance_ratios`, one row per variant, as Markdown."""
+    names = list(next(iter(ratios.values())))
+    lines = [
+        "| variant | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for label, by_layer in ratios.items():
+        cells = [f"{np.mean(by_layer[name]):.2f}" for name in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(name: str, result, all_vs_head: dict | None) -> str:
     """Mean ± std per variant and the paired differences to `none`, as a Markdown table."""
     summary, diffs = result.summary(), result.differences()
@@ -277,9 +314,14 @@ def main() -> None:
             saved = result.to_dict()
             for key in ("plot", "best_model"):
                 saved.pop(key)
-            report[name] = {**saved, "all_minus_head": versus}
+            ratios = variance_ratios(result, data["x_val"])
+            report[name] = {**saved, "all_minus_head": versus, "bn_variance_ratio": ratios}
             shutil.copyfile(result.plot_path, out / f"{NAME}_{name}.png")
             tables.append(markdown(name, result, versus))
+            tables.append(
+                f"BatchNormalization moving variance / inference input variance ({name}, mean "
+                f"over seeds and channels):\n\n{variance_table(ratios)}"
+            )
     # Varies from run to run; the tests leave it out of the comparison.
     report["cpu_seconds"] = round(cpu_seconds(), 1)
     json_path = out / f"{NAME}.json"
