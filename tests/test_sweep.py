@@ -530,7 +530,7 @@ def test_keras_tuner_chief_and_two_workers_share_the_variants(files, tmp_path):
     trained = []
     for tuner_id in ("tuner0", "tuner1"):
         line = next(x for x in outputs[tuner_id].splitlines() if "KerasTuner worker" in x)
-        rates = line.split("trained rates ")[1].split(";")[0]
+        rates = line.split("KerasTuner worker: trained ")[1].split(";")[0]
         trained += [] if rates == "(none)" else rates.split(", ")
     assert sorted(trained) == ["0", "0.2", "0.5"]  # each variant trained once
     assert "note: KerasTuner chief: the workers trained the variants" in outputs["chief"]
