@@ -109,7 +109,7 @@ def report(
         "train_samples": settings["data"]["train"],
         "val_samples": settings["data"]["val"],
         "epochs": settings["epochs"],
-        "seeds": [r.settings["seed"] for r in results],
+        "seeds": [r.seeds[0] for r in results],
         "compile": first.compile_note,
         "run": run_settings,
         "sites": {str(v.rate): v.sites for v in first.variants},
@@ -118,7 +118,7 @@ def report(
         "best_rate_per_seed": [r.best_rate for r in results],
         "runs": [
             {
-                "seed": r.settings["seed"],
+                "seed": r.seeds[0],
                 "best_rate": r.best_rate,
                 "variants": [v.to_dict() for v in r.variants],
             }
