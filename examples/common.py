@@ -91,7 +91,6 @@ def report(
 ) -> None:
     """Writes <out>/<name>.json and .png, and prints the Markdown tables."""
     from regularize.sweep import plot_curves
-    from regularize.sweep import summarize
 
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
@@ -110,7 +109,7 @@ def report(
         "train_samples": settings["data"]["train"],
         "val_samples": settings["data"]["val"],
         "epochs": settings["epochs"],
-        "seeds": [r.settings["seed"] for r in results],
+        "seeds": [r.seeds[0] for r in results],
         "compile": first.compile_note,
         "run": run_settings,
         "sites": {str(v.rate): v.sites for v in first.variants},
@@ -119,7 +118,7 @@ def report(
         "best_rate_per_seed": [r.best_rate for r in results],
         "runs": [
             {
-                "seed": r.settings["seed"],
+                "seed": r.seeds[0],
                 "best_rate": r.best_rate,
                 "variants": [v.to_dict() for v in r.variants],
             }
@@ -144,6 +143,33 @@ def report(
     print()
     print(per_seed_table(data))
     print(f"\nwrote {json_path} and {png_path}; {data['cpu_seconds']:.0f} s of CPU time")
+
+
+SUMMARY_KEYS = ("train_accuracy", "val_accuracy", "best_val_accuracy", "gap")
+
+
+def summarize(results: list) -> dict[float, dict[str, dict]]:
+    """Mean and standard deviation per rate over several sweeps (one per seed and model).
+
+    Returns:
+        rate -> {"train_accuracy" | "val_accuracy" | "best_val_accuracy" |
+        "gap": {"mean", "std", "values"}}, rates ascending. `std` is the
+        sample standard deviation (n - 1), 0 for a single run.
+    """
+    from regularize.sweep.stats import mean_std
+
+    by_rate: dict[float, list] = {}
+    for result in results:
+        for variant in result.variants:
+            by_rate.setdefault(variant.rate, []).append(variant)
+    summary = {}
+    for rate in sorted(by_rate):
+        summary[rate] = {}
+        for key in SUMMARY_KEYS:
+            values = [float(getattr(v, key)) for v in by_rate[rate]]
+            mean, std = mean_std(values)
+            summary[rate][key] = {"mean": mean, "std": std, "values": values}
+    return summary
 
 
 def markdown_table(summary: dict) -> str:

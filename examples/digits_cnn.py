@@ -9,9 +9,9 @@ written here as an image folder with one subfolder per class, the layout `regula
 --data` reads with `keras.utils.image_dataset_from_directory`. Each seed splits the folder
 differently: 20% (about 360 images) to train on, so the CNN overfits, 80% to validate on.
 
-For every seed the model is built and saved, then `regularize.sweep` rewrites it at rates 0
-(the baseline), 0.2, 0.3 and 0.5 (SpatialDropout2D after the conv activations, Dropout after
-the dense one) and fine-tunes each variant from the same weights, seed and batch order. The
+For every seed the model is built and saved, then `regularize.sweep.run_sweep` rewrites it at
+rates 0 (the baseline), 0.2, 0.3 and 0.5 (SpatialDropout2D after the conv activations, Dropout
+after the dense one) and fine-tunes each variant from the same weights, seed and batch order. The
 same sweep from the command line:
 
     regularize sweep digits_cnn.keras --data digits_images/ --rates 0,0.2,0.3,0.5 \\
@@ -39,7 +39,7 @@ from common import parse_rates
 from common import report
 from sklearn.datasets import load_digits
 
-from regularize.sweep import sweep
+from regularize.sweep import run_sweep
 
 NAME = "digits_cnn"
 
@@ -96,12 +96,12 @@ def main() -> None:
         for seed in args.seeds:
             model_path = work / f"{NAME}-seed{seed}.keras"
             build_model(seed).save(model_path)
-            result = sweep(
+            result = run_sweep(
                 model_path,
                 images,
                 parse_rates(args.rates),
                 epochs=args.epochs,
-                seed=seed,
+                seeds=seed,
                 out=work / f"seed-{seed}",
                 validation_split=0.8,
                 batch_size=32,

@@ -39,7 +39,7 @@ from common import parse_rates
 from common import report
 from sklearn.datasets import load_digits
 
-from regularize.sweep import sweep
+from regularize.sweep import run_sweep
 
 TRAIN, VAL = 300, 600
 # Rules keep their own rate while the sweep sets `rate`: no input dropout on the pixel rows.
@@ -105,14 +105,14 @@ def main() -> None:
             data = write_npz(work / f"digits-seed{seed}.npz", seed)
             model_path = work / f"digits_lstm-seed{seed}.keras"
             build_model(seed).save(model_path)
-            result = sweep(
+            result = run_sweep(
                 model_path,
                 data,
                 parse_rates(args.rates),
                 epochs=args.epochs,
                 policy=policy,
                 recurrent_rate="same" if args.recurrent == "same" else None,
-                seed=seed,
+                seeds=seed,
                 out=work / f"{name}-seed-{seed}",
                 batch_size=32,
             )

@@ -127,3 +127,20 @@ def remove(path: Path) -> None:
             os.unlink(path)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` atomically, with the mode `open()` would give it."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_file(Path(path), write)
+
+
+def write_json(path: Path, data: object) -> None:
+    """Writes `data` as indented JSON, ending in a newline, to `path` atomically."""
+    import json
+
+    write_text(Path(path), json.dumps(data, indent=2) + "\n")

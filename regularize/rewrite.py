@@ -293,7 +293,7 @@ _FUSED_ATTENTION_CLASSES = tuple(
 
 
 def _attention_kernel(op) -> str | None:
-    """"fused" / "explicit": the kernel of the Keras attention `op` is or holds (None: none)."""
+    """ "fused" / "explicit": the kernel of the Keras attention `op` is or holds (None: none)."""
     kernels = {
         "explicit" if getattr(layer, "dropout", 0) else "fused"
         for layer in getattr(op, "_flatten_layers", lambda: [op])()

@@ -106,14 +106,66 @@ def trained(tmp_path_factory):
         cwd=folder,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return new, json.loads(run.stdout.strip().splitlines()[-1])
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    # What the tests below rest on (TensorFlow's part, not this project's): two replicas.
+    assert result["replicas"] == 2 and len(set(result["devices"])) == 2, result
+    return new, result
 
 
-def test_two_replicas_on_two_logical_cpus(trained):
-    _, result = trained
+SWEEP_CHILD = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
+    from regularize.sweep import run_sweep
+
+    path, data, out = sys.argv[1:4]
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    result = run_sweep(
+        path, data, [0, 0.5], epochs=2, strategy=strategy, out=out, batch_size=8,
+        progress=False,
+    )
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, **result.to_dict()}))
+    """
+)
+
+
+def test_sweep_trains_every_variant_on_two_replicas(tmp_path):
+    """`run_sweep` under a two-replica MirroredStrategy: every variant trained and written."""
+    model = tmp_path / "model.keras"
+    regularize.save_model(cnn_functional().model, model)  # not compiled: the default
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 12, 12, 3)).astype("float32")
+    y = rng.integers(0, 2, 24).astype("int32")
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=x[:16], y_train=y[:16], x_val=x[16:], y_val=y[16:])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    run = subprocess.run(
+        [sys.executable, "-c", SWEEP_CHILD, str(model), str(data), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2
-    assert len(result["devices"]) == 2
-    assert result["devices"][0] != result["devices"][1]
+    assert result["settings"]["strategy"] == "MirroredStrategy"
+    assert [(v["label"], v["epochs"]) for v in result["variants"]] == [("0", 2), ("0.5", 2)]
+    assert all(np.isfinite(v["history"]["loss"]).all() for v in result["variants"])
+    assert result["variants"][1]["sites"][0].startswith("inserted 4 sites")
+    assert result["compile"].startswith("the model is not compiled")
+    assert (tmp_path / "out" / "results.json").is_file()
 
 
 def test_model_and_optimizer_built_in_strategy_scope(trained):

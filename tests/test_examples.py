@@ -74,3 +74,45 @@ def test_digits_lstm_twice_gives_the_same_numbers(tmp_path):
     assert [v["rate"] for v in variants] == [0.0, 0.5]
     assert all(len(v["history"]["val_accuracy"]) == 1 for v in variants)
     assert _numbers(a) == _numbers(b)  # exactly: every float of every epoch
+
+
+@pytest.mark.slow
+def test_digits_transfer_twice_gives_the_same_numbers(tmp_path):
+    """The transfer-learning example's tiny mode, twice in two processes: the same numbers."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    runs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        command = [
+            sys.executable, str(EXAMPLES / "digits_transfer.py"), "--tiny",
+            "--out", str(tmp_path / name / "out"),
+        ]  # fmt: skip
+        runs.append(
+            subprocess.Popen(
+                command,
+                cwd=tmp_path / name,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    outputs = []
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output.decode(errors="replace")[-3000:]
+        outputs.append(output.decode())
+    a, b = (
+        json.loads((tmp_path / name / "out" / "digits_transfer.json").read_text())
+        for name in ("first", "second")
+    )
+    for phase in ("frozen", "unfrozen"):
+        assert a[phase]["seeds"] == [0, 1]
+        assert [v["label"] for v in a[phase]["variants"]] == ["none", "none", "all@0.3", "all@0.3"]
+        assert set(a[phase]["vs_baseline"]["all@0.3"]) >= {"val_accuracy", "best_val_accuracy"}
+        assert sorted(p.name for p in (tmp_path / "first" / "out").iterdir()) == [
+            "digits_transfer.json",
+            "digits_transfer_frozen.png",
+            "digits_transfer_unfrozen.png",
+        ]
+    assert _numbers(a) == _numbers(b)  # exactly: every float of every epoch and seed
+    assert "| variant | val acc |" in outputs[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -18,8 +19,10 @@ from click.testing import CliRunner  # noqa: E402
 
 # The module, even if the package exports a `sweep` function of the same name.
 sw = importlib.import_module("regularize.sweep")
+training = importlib.import_module("regularize.sweep.training")
 from regularize.cli.sweep import sweep as sweep_command  # noqa: E402
 from regularize.errors import PolicyError  # noqa: E402
+from regularize.policy import Policy  # noqa: E402
 
 L = keras.layers
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +69,7 @@ def files(tmp_path_factory):
 def first_run(files):
     root, model, npz = files
     out = root / "out"
-    result = sw.sweep(model, npz, [0, 0.5], epochs=2, out=out, seed=3, batch_size=16)
+    result = sw.run_sweep(model, npz, [0, 0.5], epochs=2, out=out, seeds=3, batch_size=16)
     return result, out
 
 
@@ -77,15 +80,15 @@ def test_sweep_writes_every_result(first_run):
     assert names == [
         "curves.png",
         "results.json",
-        "variant-0.5.json",
-        "variant-0.5.keras",
-        "variant-0.json",
-        "variant-0.keras",
+        "variant-0-seed3.json",
+        "variant-0-seed3.keras",
+        "variant-0.5-seed3.json",
+        "variant-0.5-seed3.keras",
     ]
     assert (out / "curves.png").read_bytes()[:8] == PNG
     mask = os.umask(0)
     os.umask(mask)
-    for name in ("curves.png", "results.json", "variant-0.json"):
+    for name in ("curves.png", "results.json", "variant-0-seed3.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name  # not mkstemp's 0600
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(result.to_dict()))
@@ -100,13 +103,12 @@ def test_sweep_writes_every_result(first_run):
     assert baseline.sites == ["skipped 3 sites: 2 rate is 0, 1 model output"]
     assert dropout.sites[0] == "inserted 2 sites: 1 SpatialDropout2D, 1 Dropout"
     # Each variant file is the variant itself: dropout in the 0.5 one only.
-    kinds = {
-        type(layer).__name__ for layer in keras.models.load_model(out / "variant-0.5.keras").layers
-    }
+    with_dropout = keras.models.load_model(out / "variant-0.5-seed3.keras")
+    kinds = {type(layer).__name__ for layer in with_dropout.layers}
     assert {"SpatialDropout2D", "Dropout"} <= kinds
     assert not any(
         isinstance(layer, L.Dropout)
-        for layer in keras.models.load_model(out / "variant-0.keras").layers
+        for layer in keras.models.load_model(out / "variant-0-seed3.keras").layers
     )
 
 
@@ -133,28 +135,26 @@ def test_table_marks_the_best_rate(first_run):
 def test_resume_trains_only_unfinished_variants_and_reproduces_them(files, first_run, monkeypatch):
     _, model, npz = files
     result, out = first_run
-    (out / "variant-0.5.json").unlink()
+    (out / "variant-0.5-seed3.json").unlink()
     trained = []
-    real = sw._train_variant
+    real = training.train_variant
 
-    def spy(run, rate, *args):
-        trained.append(rate)
-        return real(run, rate, *args)
+    def spy(run, variant, *args):
+        trained.append(variant.rate)
+        return real(run, variant, *args)
 
-    monkeypatch.setattr(sw, "_train_variant", spy)
-    again = sw.sweep(model, npz, [0, 0.5], epochs=2, out=out, seed=3, batch_size=16)
+    monkeypatch.setattr(training, "train_variant", spy)
+    again = sw.run_sweep(model, npz, [0, 0.5], epochs=2, out=out, seeds=3, batch_size=16)
     assert trained == [0.5]
     assert [v.resumed for v in again.variants] == [True, False]
-    assert any("resumed 1 finished variant" in note for note in again.notes)
+    assert f"resumed 1 finished run from {out} (0)" in again.notes
     # Same start weights, seed and batch order: trained alone, after another
     # sweep in this process, the variant learns exactly what it learned first.
-    np.testing.assert_allclose(
-        again.variants[1].history["loss"], result.variants[1].history["loss"], rtol=1e-5
-    )
-    assert again.variants[1].history["val_accuracy"] == result.variants[1].history["val_accuracy"]
-    assert (out / "variant-0.5.json").is_file()
-    monkeypatch.setattr(sw, "_train_variant", None)  # nothing left to train
-    third = sw.sweep(model, npz, [0.5], epochs=2, out=out, seed=3, batch_size=16)
+    assert again.variants[1].history == result.variants[1].history  # every float, exactly
+    assert again.variants[1].train_accuracy == result.variants[1].train_accuracy
+    assert (out / "variant-0.5-seed3.json").is_file()
+    monkeypatch.setattr(training, "train_variant", None)  # nothing left to train
+    third = sw.run_sweep(model, npz, [0.5], epochs=2, out=out, seeds=3, batch_size=16)
     assert [v.rate for v in third.variants] == [0.0, 0.5]
     assert third.notes[0] == "rate 0 (the baseline) added to the rates"
 
@@ -163,14 +163,14 @@ def test_resume_refuses_a_folder_of_another_sweep(files, first_run):
     _, model, npz = files
     _, out = first_run
     with pytest.raises(sw.SweepError, match=r"Cannot resume: .* \(epochs differ"):
-        sw.sweep(model, npz, [0, 0.5], epochs=3, out=out, seed=3, batch_size=16)
+        sw.run_sweep(model, npz, [0, 0.5], epochs=3, out=out, seeds=3, batch_size=16)
 
 
 def test_input_model_is_unchanged_and_default_compile_is_stated(files, tmp_path, monkeypatch):
     _, _, npz = files
     model = _model(compiled=False, softmax=False)
     before = [np.array(v) for v in model.variables]
-    result = sw.sweep(model, npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16)
+    result = sw.run_sweep(model, npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16)
     for a, b in zip(before, model.variables, strict=True):
         np.testing.assert_array_equal(a, np.array(b))
     assert not model.compiled
@@ -187,8 +187,8 @@ def test_input_model_is_unchanged_and_default_compile_is_stated(files, tmp_path,
         predicted = saved.predict(arrays["x_train"], verbose=0).argmax(axis=-1)
         assert v.train_accuracy == pytest.approx((predicted == arrays["y_train"]).mean())
     # A model built again (Keras names its optimizer "adam_1" now) resumes.
-    monkeypatch.setattr(sw, "_train_variant", None)
-    again = sw.sweep(
+    monkeypatch.setattr(training, "train_variant", None)
+    again = sw.run_sweep(
         _model(False, False), npz, [0, 0.3], epochs=1, out=tmp_path / "o", batch_size=16
     )
     assert [v.resumed for v in again.variants] == [True, True]
@@ -209,7 +209,7 @@ def image_folder(tmp_path_factory):
 def test_image_folder_and_save_best(files, image_folder, tmp_path):
     _, model, _ = files
     best = tmp_path / "best.keras"
-    result = sw.sweep(
+    result = sw.run_sweep(
         model,
         image_folder,
         [0.2],
@@ -227,12 +227,12 @@ def test_image_folder_and_save_best(files, image_folder, tmp_path):
     has_dropout = any(isinstance(layer, L.Dropout) for layer in loaded.layers)
     assert has_dropout == (result.best_rate > 0)
     with pytest.raises(Exception, match="already exists"):
-        sw.sweep(model, image_folder, [0.2], epochs=1, out=tmp_path / "o", save_best=best)
+        sw.run_sweep(model, image_folder, [0.2], epochs=1, out=tmp_path / "o", save_best=best)
 
 
 def test_mirrored_strategy_runs_on_this_machine(files, tmp_path):
     _, model, npz = files
-    result = sw.sweep(
+    result = sw.run_sweep(
         model, npz, [0, 0.5], epochs=1, out=tmp_path / "o", strategy="mirrored", batch_size=16
     )
     assert result.settings["strategy"] == "MirroredStrategy"
@@ -240,13 +240,44 @@ def test_mirrored_strategy_runs_on_this_machine(files, tmp_path):
 
 
 def test_plot_draws_mean_and_band_of_several_runs(tmp_path):
-    history = {"accuracy": [0.5, 0.7], "val_accuracy": [0.4, 0.5], "loss": [1, 0.5]}
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    plot = importlib.import_module("regularize.sweep.plot")
+    history = {"accuracy": [0.5, 0.7], "val_accuracy": [0.4, 0.5], "loss": [1.0, 0.5]}
     runs = {
-        0.0: [{**history, "val_loss": [1.2, 1.1]}, {**history, "val_loss": [1.3, 1.0]}],
-        0.5: [{**history, "val_loss": [1.0, 0.9]}],
+        0.0: [{**history, "val_loss": [1.2, 1.1]}, {**history, "val_loss": [1.4, 1.0]}],
+        "head@0.5": [{**history, "val_loss": [1.0, 0.9], "accuracy": [0.3, 0.6]}],
     }
+    fig = plot.draw_curves(runs, title="t")
+    try:
+        accuracy, loss = fig.axes
+        assert [line.get_label() for line in accuracy.lines] == [
+            "rate 0 train (fit)",
+            "rate 0 val",
+            "head@0.5 train (fit)",
+            "head@0.5 val",
+        ]
+        assert [list(line.get_ydata()) for line in accuracy.lines] == [
+            [0.5, 0.7], [0.4, 0.5], [0.3, 0.6], [0.4, 0.5]
+        ]  # fmt: skip
+        # The mean of two runs, and a band only for the variant with two runs.
+        assert list(loss.lines[1].get_ydata()) == pytest.approx([1.3, 1.05])
+        bands = [c for c in loss.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 2  # rate 0: train and val; head@0.5 (one run): none
+        assert loss.get_yscale() == "log" and fig._suptitle.get_text() == "t"
+        assert [t.get_text() for t in accuracy.get_legend().get_texts()] == [
+            line.get_label() for line in accuracy.lines
+        ]
+    finally:
+        plt.close(fig)
     path = sw.plot_curves(runs, tmp_path / "p.png", title="t")
     assert path.read_bytes()[:8] == PNG
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[:2] == (462, 1210)  # 11 x 4.2 inches at 110 dpi
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 20  # not blank
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]  # no temporary file left
 
 
 @pytest.mark.parametrize(
@@ -396,7 +427,7 @@ def _fake_sweep(monkeypatch, behave):
         seen.update(kwargs)
         return behave(kwargs)
 
-    monkeypatch.setattr(sw, "sweep", fake)
+    monkeypatch.setattr(sw, "run_sweep", fake)
     return seen
 
 
@@ -420,7 +451,7 @@ def test_command_interrupted_says_what_it_keeps(files, tmp_path, monkeypatch):
     def interrupted(kwargs):
         out.mkdir(exist_ok=True)
         if (out / "variant-0.json").exists():
-            (out / "variant-0.5.json").write_text("{}")
+            (out / "variant-0.5-seed3.json").write_text("{}")
         (out / "variant-0.json").write_text("{}")
         raise KeyboardInterrupt
 
@@ -432,7 +463,7 @@ def test_command_interrupted_says_what_it_keeps(files, tmp_path, monkeypatch):
     )
     result = _invoke(model, "--data", npz, "--epochs", "1", "--out", out)
     assert "interrupted: 2 finished variants kept in" in result.stderr
-    monkeypatch.setattr(sw, "sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     result = _invoke(model, "--data", npz, "--epochs", "1", "--out", tmp_path / "new")
     assert (result.exit_code, result.stderr) == (130, "interrupted: nothing written\n")
 
@@ -458,7 +489,7 @@ def test_command_json_resumes_a_finished_sweep(files, first_run, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [v["rate"] for v in data["variants"]] == [0.0, 0.5]
-    assert data["notes"] == [f"resumed 2 finished variants from {out} (rates 0, 0.5)"]
+    assert data["notes"] == [f"resumed 2 finished runs from {out} (0, 0.5)"]
     assert data == json.loads((out / "results.json").read_text())
 
 
@@ -499,7 +530,7 @@ def test_keras_tuner_chief_and_two_workers_share_the_variants(files, tmp_path):
     trained = []
     for tuner_id in ("tuner0", "tuner1"):
         line = next(x for x in outputs[tuner_id].splitlines() if "KerasTuner worker" in x)
-        rates = line.split("trained rates ")[1].split(";")[0]
+        rates = line.split("KerasTuner worker: trained ")[1].split(";")[0]
         trained += [] if rates == "(none)" else rates.split(", ")
     assert sorted(trained) == ["0", "0.2", "0.5"]  # each variant trained once
     assert "note: KerasTuner chief: the workers trained the variants" in outputs["chief"]
@@ -570,3 +601,267 @@ def test_a_corrupt_image_is_named_when_training_fails(files, image_folder, tmp_p
         f"that file. Received: data='{data}'"
     )
     assert "{{" not in line and "[Op:" not in line
+
+
+# -- a failed sweep leaves nothing; -q hides a progress display that shows (issue 12) ----
+
+
+def test_a_failed_sweep_leaves_no_empty_out_folder(files, tmp_path):
+    _, model, _ = files
+    data = tmp_path / "wrong_shape.npz"
+    x, y = np.zeros((4, 5, 5, 1), "float32"), np.zeros(4, "int32")
+    np.savez(data, x_train=x, y_train=y, x_val=x, y_val=y)
+    out = tmp_path / "new" / "o"
+    with pytest.raises(sw.DataError, match="does not fit the model"):
+        sw.run_sweep(model, data, [0, 0.5], epochs=1, out=out)
+    assert list(tmp_path.iterdir()) == [data]  # neither o nor its new parent
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(sw.DataError):
+        sw.run_sweep(model, data, [0, 0.5], epochs=1, out=kept)
+    assert kept.is_dir()  # not created by the sweep: left alone
+
+
+def test_quiet_hides_the_progress_display(files, tmp_path, monkeypatch):
+    """On a terminal (stderr made to look like one) the display shows; `-q` hides it."""
+    _, model, npz = files
+    progress = importlib.import_module("regularize.sweep.progress")
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    args = ("--data", npz, "--rates", "0", "--epochs", "1", "--batch-size", "48")
+    shown = _invoke(model, *args, "--out", tmp_path / "a")
+    assert shown.exit_code == 0, shown.output
+    assert "epochs" in shown.stderr and "val acc" in shown.stderr  # the bars' text
+    assert "1/1" in shown.stderr
+    quiet = _invoke(model, *args, "--out", tmp_path / "b", "-q")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == ""
+    assert quiet.stdout.splitlines()[1:3] == shown.stdout.splitlines()[1:3]  # same table
+
+
+# -- labels, recurrent rate, policies ---------------------------------------------
+
+
+def test_one_hot_labels_use_categorical_cross_entropy(tmp_path):
+    x_train, y_train = _arrays(48, 1)
+    x_val, y_val = _arrays(24, 2)
+    npz = tmp_path / "onehot.npz"
+    eye = np.eye(3, dtype="float32")
+    np.savez(npz, x_train=x_train, y_train=eye[y_train], x_val=x_val, y_val=eye[y_val])
+    result = sw.run_sweep(
+        _model(compiled=False), npz, [0], epochs=1, out=tmp_path / "o", batch_size=48
+    )
+    assert result.settings["data"]["labels"] == "onehot"
+    assert result.compile_note == (
+        "the model is not compiled: using the default Adam(learning_rate=0.001), "
+        "CategoricalCrossentropy(from_logits=False), metrics=['accuracy']"
+    )
+    (v,) = result.variants
+    assert v.metric == "accuracy"
+    saved = keras.models.load_model(tmp_path / "o" / v.model_file)
+    predicted = np.asarray(saved(x_train, training=False)).argmax(axis=-1)
+    assert v.train_accuracy == pytest.approx((predicted == y_train).mean())  # class ids compared
+
+
+def _lstm():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4, 3)),
+            L.LSTM(6, return_sequences=True, name="lstm1"),
+            L.LSTM(6, name="lstm2"),
+            L.Dense(3, activation="softmax", name="out"),
+        ],
+        name="tiny_lstm",
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
+@pytest.mark.slow  # an LSTM with recurrent dropout traces slowly: ~20 s alone on 2 cores
+def test_recurrent_rate_same_follows_each_variant(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, 40).astype("int32")
+    npz = tmp_path / "seq.npz"
+    np.savez(npz, x_train=x[:32], y_train=y[:32], x_val=x[32:], y_val=y[32:])
+    model = tmp_path / "lstm.keras"
+    _lstm().save(model)
+    out = tmp_path / "o"
+    result = _invoke(
+        model, "--data", npz, "--rates", "0.4", "--recurrent-rate", "same", "--epochs", "1",
+        "--batch-size", "32", "--out", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["settings"]["recurrent_rate"] == "same"
+    assert [v["label"] for v in data["variants"]] == ["0", "0.4"]
+    for rate in (0.0, 0.4):
+        label = sw.format_rate(rate)
+        saved = keras.models.load_model(out / f"variant-{label}-seed0.keras")
+        for name in ("lstm1", "lstm2"):
+            layer = saved.get_layer(name)
+            assert (layer.dropout, layer.recurrent_dropout) == (rate, rate), (label, name)
+
+
+def _policy_sweep(model, npz, out, *extra):
+    return _invoke(
+        model, "--data", npz, "--policies", "none,all@0.5", "--seeds", "0,1", "--epochs", "1",
+        "--batch-size", "16", "--out", out, *extra,
+    )  # fmt: skip
+
+
+def test_policy_sweep_over_seeds_gives_table_json_intervals_and_resumes(
+    files, tmp_path, monkeypatch
+):
+    _, model, npz = files
+    out = tmp_path / "o"
+    result = _policy_sweep(model, npz, out)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = lines[1]
+    assert header.split()[:3] == ["variant", "val", "acc"]
+    assert "best val acc - none [95% CI]" in header
+    rows = {line.split()[0]: line for line in lines[2:4]}
+    assert sorted(rows) == ["all@0.5", "none"]
+    assert "(baseline)" in rows["none"]
+    assert " ± " in rows["all@0.5"]
+    assert lines[4].startswith("mean ± std over 2 seeds (0, 1)")
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [0, 1] and data["baseline"] == "none"
+    runs = [(v["label"], v["seed"]) for v in data["variants"]]
+    assert runs == [("none", 0), ("none", 1), ("all@0.5", 0), ("all@0.5", 1)]
+    by_run = {(v["label"], v["seed"]): v for v in data["variants"]}
+    summary = data["summary"]["all@0.5"]["best_val_accuracy"]
+    values = [by_run["all@0.5", s]["best_val_accuracy"] for s in (0, 1)]
+    assert summary["values"] == values
+    assert summary["mean"] == pytest.approx(np.mean(values))
+    assert summary["std"] == pytest.approx(np.std(values, ddof=1))
+    diff = data["vs_baseline"]["all@0.5"]["best_val_accuracy"]
+    expected = [values[s] - by_run["none", s]["best_val_accuracy"] for s in (0, 1)]
+    assert diff["differences"] == pytest.approx(expected)
+    half = 12.7062 * np.std(expected, ddof=1) / np.sqrt(2)  # t(0.975, 1 df)
+    assert diff["ci95"] == pytest.approx([np.mean(expected) - half, np.mean(expected) + half])
+    assert diff["distinguishable"] == (not diff["ci95"][0] <= 0 <= diff["ci95"][1])
+    verdict = "not distinguishable" if not diff["distinguishable"] else "than the baseline"
+    assert verdict in rows["all@0.5"]
+    assert data["best"] in ("none", "all@0.5")
+    assert rows[data["best"]].split()[1] == "*"
+    names = sorted(p.name for p in out.iterdir())
+    assert "variant-all@0.5-seed1.keras" in names and "variant-none-seed0.json" in names
+    dropout = keras.models.load_model(out / "variant-all@0.5-seed0.keras")
+    assert {layer.rate for layer in dropout.layers if isinstance(layer, L.Dropout)} == {0.5}
+
+    # Resumes: one run lost, one trained again (exactly as before), three read back.
+    (out / "variant-all@0.5-seed1.json").unlink()
+    trained = []
+    real = training.train_variant
+
+    def spy(run, variant, seed, *args):
+        trained.append((variant.label, seed))
+        return real(run, variant, seed, *args)
+
+    monkeypatch.setattr(training, "train_variant", spy)
+    again = _policy_sweep(model, npz, out, "--json")
+    assert again.exit_code == 0, again.output
+    assert trained == [("all@0.5", 1)]
+    resumed = json.loads(again.stdout)
+    for run in (*resumed["variants"], *data["variants"]):
+        run.pop("seconds")  # wall time: the only number that differs
+    assert resumed["variants"] == data["variants"]  # trained again: exactly the same
+    assert resumed["vs_baseline"] == data["vs_baseline"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--policies", "none,heads"],
+            "Invalid value for '--policies': Invalid policy entry 'heads': not a preset and "
+            "not a `.toml` policy file.",
+        ),
+        (
+            ["--policies", "head,missing.toml"],
+            "Invalid value for '--policies': Cannot read policy file: no such file.",
+        ),
+        (
+            ["--policies", "head@1.5"],
+            "Invalid value for '--policies': Invalid `policies`: the rate of 'head@1.5' is not",
+        ),
+        (["--policies", "head,head"], "Invalid `policies`: head given twice."),
+        (["--policies", "head", "--policy", "p.toml"], "--policy and --policies cannot be"),
+        (["--seeds", "0,x"], "Invalid value for '--seeds': Expected distinct ints >= 0"),
+        (
+            ["--policies", "none,head", "--drop-path", "0.1"],
+            "Invalid value for '--drop-path': Invalid variant 'drop_path@0.1': `Policy` has "
+            "no setting 'drop_path'.",
+        ),
+    ],
+)
+def test_a_bad_variant_list_is_a_usage_error_before_any_training(
+    files, tmp_path, monkeypatch, flags, message
+):
+    _, model, npz = files
+    (tmp_path / "p.toml").write_text("rate = 0.2\n")
+    monkeypatch.chdir(tmp_path)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the sweep started")
+
+    monkeypatch.setattr(sw, "run_sweep", no_training)
+    if "--drop-path" in flags and "drop_path" in {f.name for f in dataclasses.fields(Policy)}:
+        pytest.fail("Policy has drop_path now: test --drop-path with a real sweep instead")
+    result = _invoke(model, "--data", npz, "--epochs", "1", "--out", tmp_path / "o", *flags)
+    assert result.exit_code == 2, result.output
+    line = _error_line(result)
+    assert line.startswith("Error: ") and message in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_policy_variants_cross_rates_and_keep_own_rates(tmp_path):
+    variants = importlib.import_module("regularize.sweep.variants")
+    file = tmp_path / "mine.toml"
+    file.write_text('preset = "blocks"\nrate = 0.4\n')
+    entries = variants.parse_policies(f"head,all@0.1,{file}")
+    chosen, notes = variants.policy_variants(entries, [0, 0.2, 0.5])
+    assert [(v.label, v.rate) for v in chosen] == [
+        ("none", 0.0),
+        ("head@0.2", 0.2),
+        ("head@0.5", 0.5),
+        ("all@0.1", 0.1),
+        ("mine@0.2", 0.2),
+        ("mine@0.5", 0.5),
+    ]
+    assert notes == ["the baseline (none: no dropout added) added to the policies"]
+    assert chosen[1].policy_for().preset == "head"
+    assert chosen[4].policy_for().preset == "blocks"
+    own, _ = variants.policy_variants(entries)  # no rates: each entry's own
+    assert [v.label for v in own] == ["none", "head@0.3", "all@0.1", "mine@0.4"]
+    # Extra Policy settings are forwarded as keyword arguments.
+    extra = variants.setting_variants("mc", [True])
+    assert extra[0].settings == (("mc", True),) and extra[0].policy_for().mc is True
+    with pytest.raises(PolicyError, match="`Policy` has no setting 'drop_pathh'"):
+        variants.setting_variants("drop_pathh", [0.1])[0].policy_for()
+    with pytest.raises(PolicyError, match="none is the baseline"):
+        variants.check_variants(chosen[1:])
+
+
+def test_paired_interval_against_hand_computed_numbers():
+    stats = importlib.import_module("regularize.sweep.stats")
+    assert stats.t_quantile_975(1) == 12.7062
+    assert stats.t_quantile_975(4) == 2.7764
+    assert stats.t_quantile_975(30) == 2.0423
+    assert stats.t_quantile_975(60) == pytest.approx(2.0003, abs=1e-4)
+    # Differences 0.01, 0.03, 0.02, 0.04, 0.00: mean 0.02, sd 0.0158114, n 5.
+    d = stats.paired_difference([0.81, 0.83, 0.82, 0.84, 0.80], [0.8] * 5)
+    half = 2.7764 * np.std([0.01, 0.03, 0.02, 0.04, 0.0], ddof=1) / 5**0.5
+    assert d.mean == pytest.approx(0.02)
+    assert (d.low, d.high) == pytest.approx((0.02 - half, 0.02 + half))
+    assert d.low == pytest.approx(0.000368, abs=1e-6)  # just above 0
+    assert d.distinguishable is True
+    crossing = stats.paired_difference([0.81, 0.79, 0.82, 0.80, 0.83], [0.8] * 5)
+    assert crossing.low < 0 < crossing.high and crossing.distinguishable is False
+    same = stats.paired_difference([0.5, 0.6], [0.5, 0.6])
+    assert (same.low, same.high, same.distinguishable) == (0.0, 0.0, False)
+    one = stats.paired_difference([0.5], [0.4])
+    assert (one.low, one.distinguishable) == (None, None)

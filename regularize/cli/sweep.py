@@ -1,4 +1,4 @@
-"""The `regularize sweep` command: fine-tune one variant per dropout rate.
+"""The `regularize sweep` command: fine-tune one variant per dropout rate or policy.
 
 Registered on the main group in `cli.py`. Rates, data and output paths are
 checked before TensorFlow is imported, so bad arguments fail at once.
@@ -46,16 +46,37 @@ def _path(hint: str, *, follow: bool = True):
 )
 @click.option(
     "--rates",
-    default="0,0.2,0.3,0.5",
-    show_default=True,
-    help="Comma-separated dropout rates in [0, 1); 0 is the baseline (added if absent).",
+    default=None,
+    help="Comma-separated dropout rates in [0, 1); 0 is the baseline (added if absent). "
+    "Default: 0,0.2,0.3,0.5; with --policies, each policy's own rate.",
+)
+@click.option(
+    "--policies",
+    metavar="P[@RATE],...",
+    help="Sweep over policies: comma-separated presets (none, all, head, blocks) or TOML "
+    "policy files, each optionally with its own rate after '@'; the others are crossed with "
+    "--rates. 'none' (no dropout added) is the baseline (added if absent).",
+)
+@click.option(
+    "--drop-path",
+    "drop_path",
+    metavar="RATES",
+    help="Also compare drop-path variants: one per comma-separated rate (Policy key "
+    "drop_path), no dropout from --rates.",
+)
+@click.option(
+    "--attention-rate",
+    "attention_rate",
+    metavar="RATES",
+    help="Also compare attention-dropout variants: one per comma-separated rate (Policy key "
+    "attention_rate).",
 )
 @click.option("--epochs", required=True, type=click.IntRange(min=1), help="Epochs per variant.")
 @click.option(
     "--policy",
     type=click.Path(path_type=Path),
     callback=_path("'--policy'"),
-    help="TOML policy file; each variant uses it with its own rate.",
+    help="TOML policy file; each rate's variant uses it with its own rate (not with --policies).",
 )
 @click.option(
     "--recurrent-rate",
@@ -70,6 +91,13 @@ def _path(hint: str, *, follow: bool = True):
     default=0,
     show_default=True,
     help="Seeds new layers, dropout masks, batch order and the folder split.",
+)
+@click.option(
+    "--seeds",
+    metavar="S,S,...",
+    help="Run every variant once per seed (e.g. 0,1,2,3,4): the table gives mean ± std and "
+    "each variant's difference to the baseline, paired by seed, with a 95% interval. "
+    "Replaces --seed.",
 )
 @click.option(
     "--batch-size",
@@ -126,10 +154,14 @@ def sweep(
     model,
     data,
     rates,
+    policies,
+    drop_path,
+    attention_rate,
     epochs,
     policy,
     recurrent_rate,
     seed,
+    seeds,
     batch_size,
     validation_split,
     out,
@@ -143,12 +175,14 @@ def sweep(
     quiet,
     debug,
 ):
-    """Fine-tune one variant of MODEL per dropout rate and compare them.
+    """Fine-tune one variant of MODEL per dropout rate or policy and compare them.
 
     Every variant starts from MODEL's weights and trains with the same seed
-    and batch order; rate 0 is the baseline. Prints a table (train and
-    validation accuracy, generalization gap) with the best rate marked, and
-    writes results.json, curves.png and one model per variant to --out.
+    and batch order; rate 0 (or the policy 'none') is the baseline. Prints a
+    table (train and validation accuracy, generalization gap; with --seeds,
+    mean ± std and the paired difference to the baseline) with the best
+    variant marked, and writes results.json, curves.png and one model per
+    variant and seed to --out.
     """
     # The progress line first (on a terminal), then the TensorFlow-free checks:
     # they fail in a fraction of a second, and the line is erased before the error.
@@ -166,8 +200,7 @@ def sweep(
         from regularize.sweep import check_data
         from regularize.sweep import format_rate
         from regularize.sweep import output_folder
-        from regularize.sweep import parse_rates
-        from regularize.sweep import sweep as run_sweep
+        from regularize.sweep import run_sweep
         from regularize.text import printable
 
         problem = None
@@ -182,22 +215,26 @@ def sweep(
                 f"{problem}. Expected a `.keras` or `.h5` model. Received: {str(model)!r}",
                 param_hint="'MODEL'",
             )
-        try:
-            rate_list = parse_rates(rates)
-        except PolicyError as err:
-            raise click.BadParameter(str(err), param_hint="'--rates'") from err
+        recurrent = _recurrent_rate(recurrent_rate)
+        if policy is not None:
+            from regularize.policy import Policy
+            from regularize.sweep.variants import check_sweep_policy
+
+            if policies is not None:
+                raise click.UsageError(
+                    "--policy and --policies cannot be combined: each entry of --policies is "
+                    "a policy. Expected one of them."
+                )
+            try:
+                policy = check_sweep_policy(Policy.from_file(policy))
+            except PolicyError as err:
+                raise click.BadParameter(str(err), param_hint="'--policy'") from err
+        variants, policy = _variants(rates, policies, drop_path, attention_rate, policy, recurrent)
+        seed_list = _seeds(seed, seeds)
         try:
             check_data(data)
         except DataError as err:
             raise click.BadParameter(str(err), param_hint="'--data'") from err
-        recurrent = _recurrent_rate(recurrent_rate)
-        if policy is not None:
-            from regularize.policy import Policy
-
-            try:
-                policy = Policy.from_file(policy)
-            except PolicyError as err:
-                raise click.BadParameter(str(err), param_hint="'--policy'") from err
         if save_best is not None:
             try:
                 check_output_path(save_best, overwrite=force, source=model)
@@ -216,11 +253,11 @@ def sweep(
                     result = run_sweep(
                         model,
                         data,
-                        rate_list,
+                        variants,
                         epochs=epochs,
                         policy=policy,
                         recurrent_rate=recurrent,
-                        seed=seed,
+                        seeds=seed_list,
                         out=out,
                         batch_size=batch_size,
                         validation_split=validation_split,
@@ -259,8 +296,10 @@ def sweep(
     if result.written:
         click.echo(printable(f"wrote {result.results_path} and {result.plot_path}"))
     if result.best_model is not None:
-        rate = format_rate(result.best_rate)
-        click.echo(printable(f"wrote the best variant (rate {rate}) to {result.best_model}"))
+        best = result.best_label
+        if best == format_rate(result.best_rate):
+            best = f"rate {best}"
+        click.echo(printable(f"wrote the best variant ({best}) to {result.best_model}"))
 
 
 def _recurrent_rate(value: str | None):
@@ -276,3 +315,57 @@ def _recurrent_rate(value: str | None):
             f"Expected a float in [0, 1) or 'same'. Received: {value!r}",
             param_hint="'--recurrent-rate'",
         ) from None
+
+
+def _variants(rates, policies, drop_path, attention_rate, policy, recurrent):
+    """(variants or rates, base policy) as the flags ask, every policy checked first.
+
+    A bad rate, preset, policy file or Policy key is a usage error (exit 2), before the
+    TensorFlow import.
+    """
+    from regularize.errors import PolicyError
+    from regularize.sweep import variants as v
+
+    hint = "'--rates'"
+    try:
+        rate_list = None if rates is None else v.parse_rates(rates)
+        if policies is None:
+            hint = "'--policy'"
+            chosen, _ = v.rate_variants(rate_list or v.DEFAULT_RATES, policy)
+        else:
+            hint = "'--policies'"
+            chosen, _ = v.policy_variants(v.parse_policies(policies), rate_list)
+        # Further Policy keys, forwarded as they are: `Policy` itself says whether it has them.
+        for name, text, flag in (
+            ("drop_path", drop_path, "'--drop-path'"),
+            ("attention_rate", attention_rate, "'--attention-rate'"),
+        ):
+            if text is not None:
+                hint = flag
+                added = v.setting_variants(name, [r for r in v.parse_rates(text) if r > 0])
+                for variant in added:
+                    variant.policy_for(recurrent)
+                chosen += added
+        hint = "'--policies'" if policies is not None else "'--rates'"
+        chosen = v.check_variants(chosen, recurrent)
+    except PolicyError as err:
+        raise click.BadParameter(str(err), param_hint=hint) from err
+    if policies is None and drop_path is None and attention_rate is None:
+        # Rates as rates: the library then says when it adds rate 0.
+        return list(rate_list or v.DEFAULT_RATES), policy
+    return chosen, None
+
+
+def _seeds(seed: int, seeds: str | None) -> list[int]:
+    if seeds is None:
+        return [seed]
+    try:
+        listed = [int(part) for part in seeds.split(",")]
+    except ValueError:
+        listed = []
+    if not listed or min(listed) < 0 or len(set(listed)) != len(listed):
+        raise click.BadParameter(
+            f"Expected distinct ints >= 0, comma-separated. Received: {seeds!r}",
+            param_hint="'--seeds'",
+        )
+    return listed
