@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -22,7 +21,6 @@ sw = importlib.import_module("regularize.sweep")
 training = importlib.import_module("regularize.sweep.training")
 from regularize.cli.sweep import sweep as sweep_command  # noqa: E402
 from regularize.errors import PolicyError  # noqa: E402
-from regularize.policy import Policy  # noqa: E402
 
 L = keras.layers
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -791,11 +789,7 @@ def test_policy_sweep_over_seeds_gives_table_json_intervals_and_resumes(
         (["--policies", "head,head"], "Invalid `policies`: head given twice."),
         (["--policies", "head", "--policy", "p.toml"], "--policy and --policies cannot be"),
         (["--seeds", "0,x"], "Invalid value for '--seeds': Expected distinct ints >= 0"),
-        (
-            ["--policies", "none,head", "--drop-path", "0.1"],
-            "Invalid value for '--drop-path': Invalid variant 'drop_path@0.1': `Policy` has "
-            "no setting 'drop_path'.",
-        ),
+        (["--policies", "none,head", "--drop-path", "1.5"], "Invalid value for '--drop-path'"),
     ],
 )
 def test_a_bad_variant_list_is_a_usage_error_before_any_training(
@@ -809,13 +803,41 @@ def test_a_bad_variant_list_is_a_usage_error_before_any_training(
         raise AssertionError("the sweep started")
 
     monkeypatch.setattr(sw, "run_sweep", no_training)
-    if "--drop-path" in flags and "drop_path" in {f.name for f in dataclasses.fields(Policy)}:
-        pytest.fail("Policy has drop_path now: test --drop-path with a real sweep instead")
     result = _invoke(model, "--data", npz, "--epochs", "1", "--out", tmp_path / "o", *flags)
     assert result.exit_code == 2, result.output
     line = _error_line(result)
     assert line.startswith("Error: ") and message in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_drop_path_variants_are_swept_like_policies(files, tmp_path):
+    """`--drop-path R` adds a variant with stochastic depth only (no dropout from the rate)."""
+    _, _, npz = files
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 1))
+    stem = L.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
+    branch = L.Conv2D(4, 3, padding="same", name="branch")(stem)
+    x = L.Add(name="add")([stem, branch])
+    x = L.Flatten(name="flat")(x)
+    out = L.Dense(3, activation="softmax", name="out")(x)
+    model = keras.Model(inp, out, name="residual")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    path = tmp_path / "residual.keras"
+    model.save(path)
+    result = _invoke(
+        path, "--data", npz, "--policies", "none", "--drop-path", "0.2", "--epochs", "1",
+        "--batch-size", "16", "--out", tmp_path / "o", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [v["label"] for v in data["variants"]] == ["none", "drop_path@0.2"]
+    saved = keras.models.load_model(tmp_path / "o" / "variant-drop_path@0.2-seed0.keras")
+    drops = [layer for layer in saved.layers if isinstance(layer, L.Dropout)]
+    assert [(d.name, d.rate, tuple(d.noise_shape)) for d in drops] == [
+        ("branch__droppath", 0.2, (None, 1, 1, 1))
+    ]
+    baseline = keras.models.load_model(tmp_path / "o" / "variant-none-seed0.keras")
+    assert not any(isinstance(layer, L.Dropout) for layer in baseline.layers)
 
 
 def test_policy_variants_cross_rates_and_keep_own_rates(tmp_path):
