@@ -17,6 +17,7 @@ _EXPORTS = {
     "process": "regularize.service",
     "Outcome": "regularize.service",
     "mc_predict": "regularize.mc",
+    "run_sweep": "regularize.sweep",
     "load_model": "regularize.io",
     "save_model": "regularize.io",
     "Policy": "regularize.policy",

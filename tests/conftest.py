@@ -10,12 +10,6 @@ import pytest  # noqa: E402
 from helpers import cnn_functional  # noqa: E402
 from helpers import copy_model  # noqa: E402
 
-# Tests import from helpers. These names stay importable from here only for
-# test files written before helpers.py on other branches (tests/test_distribute.py);
-# tests/test_helpers.py lists the files that still do, and it must shrink to none.
-from helpers import inserted  # noqa: E402, F401
-from helpers import predict  # noqa: E402, F401
-
 
 @pytest.fixture(scope="session")
 def saved_cnn(tmp_path_factory):

@@ -17,9 +17,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import cnn_functional
-from conftest import inserted
-from conftest import predict
+from helpers import cnn_functional
+from helpers import inserted
+from helpers import predict
 
 import regularize
 
