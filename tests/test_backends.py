@@ -38,12 +38,13 @@ import regularize
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 # Modules that import TensorFlow by design: the Keras 2 engine (run in its own
-# process) and the tf.distribute sweep. Every other module of the package is on
-# the Keras 3 path and must not.
+# process) and the sweep's tf.data input and tf.distribute strategies. Every other
+# module of the package is on the Keras 3 path and must not.
 TENSORFLOW_BY_DESIGN = {
     "regularize.legacy.engine",
     "regularize.legacy.rewrite",
-    "regularize.sweep",
+    "regularize.sweep.data",
+    "regularize.sweep.distributed",
 }
 TF_PACKAGES = ("tensorflow", "tf_keras", "tensorflow_model_optimization")
 # One of each path through the engine: Sequential + compile config, Functional with BN, nested
