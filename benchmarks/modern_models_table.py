@@ -147,8 +147,25 @@ def _outputs(model, x):
 
 
 def _is_drop_path(site) -> bool:
-    text = f"{site.kind} {site.reason}".lower()
-    return "drop_path" in text or "drop path" in text or "stochastic" in text
+    return site.kind == "DropPath"
+
+
+# Kinds of sites that put a dropout layer into the graph (the rest set a layer's or a
+# constructor's own dropout key: `owned`, or a keras-hub argument such as `dropout_rate`).
+_LAYER_KINDS = ("Dropout", "SpatialDropout", "GaussianDropout", "AlphaDropout", "recurrent")
+
+
+def _is_owned(site) -> bool:
+    return not site.kind.startswith(_LAYER_KINDS) and not _is_drop_path(site)
+
+
+def _describe_owned(sites) -> str:
+    """`dropout_rate=0.2` per keras-hub argument; `owned ×N` for layers of the graph."""
+    graph = [s for s in sites if s.kind == "owned"]
+    named = [f"{s.kind}={s.rate:g}" for s in sites if s.kind != "owned"]
+    if graph:
+        named.append(f"{len(graph)} layers")
+    return ", ".join(named) or "0"
 
 
 def row(label, build, options, folder) -> dict:
@@ -168,8 +185,8 @@ def row(label, build, options, folder) -> dict:
     seconds = time.perf_counter() - start
     changed = [s for s in report.sites if s.action in (INSERT, UPDATE)]
     drop_path = [s for s in changed if _is_drop_path(s)]
-    inserted = [s for s in changed if s.action == INSERT and s not in drop_path]
-    updated = [s for s in changed if s.action == UPDATE and s not in drop_path]
+    owned = [s for s in changed if _is_owned(s)]
+    inserted = [s for s in changed if s not in drop_path and s not in owned]
     exact = all(np.array_equal(a, b) for a, b in zip(before, _outputs(new, x), strict=True))
     try:
         path = regularize.save_model(new, Path(folder) / f"{model.name}.keras")
@@ -181,7 +198,7 @@ def row(label, build, options, folder) -> dict:
     return {
         "model": label,
         "inserted": len(inserted),
-        "owned": ", ".join(f"{s.kind}={s.rate:g}" for s in updated) or "0",
+        "owned": _describe_owned(owned),
         "drop_path": len(drop_path),
         "class_kept": "yes" if type(new) is type(model) else f"no ({type(new).__name__})",
         "exact": "yes" if exact else "NO",
