@@ -461,7 +461,7 @@ def test_a_deeply_nested_or_huge_policy_is_one_short_line(model_file, tmp_path):
     assert result.exit_code == 2
     line = error_line(result)
     assert line.endswith("Received: zzz='" + "a" * 80 + "...' (5000000 chars)")
-    assert len(line) < 400
+    assert len(line) - len(str(policy)) < 400  # short, whatever the temporary path
 
 
 # -- names from a model file cannot drive the terminal (issue 10, item 9) ------

@@ -107,7 +107,9 @@ def test_digits_transfer_twice_gives_the_same_numbers(tmp_path):
     )
     for phase in ("frozen", "unfrozen"):
         assert a[phase]["seeds"] == [0, 1]
-        assert [v["label"] for v in a[phase]["variants"]] == ["none", "none", "all@0.3", "all@0.3"]
+        assert [v["label"] for v in a[phase]["variants"]] == [
+            "none", "none", "all@0.3", "all@0.3", "drop_path@0.1", "drop_path@0.1"
+        ]  # fmt: skip
         assert set(a[phase]["vs_baseline"]["all@0.3"]) >= {"val_accuracy", "best_val_accuracy"}
         assert sorted(p.name for p in (tmp_path / "first" / "out").iterdir()) == [
             "digits_transfer.json",

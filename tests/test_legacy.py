@@ -551,7 +551,7 @@ def test_recurrent_dropout_through_config(results, verified):
 def test_unknown_custom_layer_names_class_and_option(results):
     error = results["custom_missing"]
     assert error["type"] == "ModelLoadError"
-    assert "'Scale'" in error["error"] and "--custom-objects" in error["error"]
+    assert "'Scale'" in error["error"] and "`custom_objects`" in error["error"]
     assert "\n" not in error["error"]
 
 
@@ -560,7 +560,7 @@ def test_lambda_layer_needs_unsafe(results):
     error = results["lambda_safe"]
     assert error["type"] == "ModelLoadError"
     assert error["error"].startswith("Refusing to load a model with a Python-lambda `Lambda`")
-    assert "--unsafe" in error["error"]
+    assert "`safe_mode=False`" in error["error"]
     assert _inserted(results["lambda_unsafe"]) == {"fc": ("Dropout", 0.2)}
 
 

@@ -425,19 +425,36 @@ def _activation_name(op: dict) -> str:
     return op["fn"] if op["kind"] == "activation" else op["act"]
 
 
-def expected_sites(spec: dict, rate: float, path: str = "", inert: bool = False) -> dict:
+def expected_sites(
+    spec: dict, rate: float, path: str = "", inert: bool = False, exits: dict | None = None
+) -> dict:
     """{dropout path: allowed classes} for the "all" preset at `rate`.
 
     The rules (README): after every activation, except where the output is
     a model output, feeds a BatchNormalization, is already followed by a
     dropout, or has no reader; nothing inside a nested model that is only
-    ever called with `training=False`; nothing at rate 0.
+    ever called with `training=False`; nothing at rate 0. A nested model's
+    output is a model output only where its caller's is (issue 11): `exits`
+    maps each output tensor of a nested spec to (a model output of the whole
+    model, the kinds of the caller's layers that read it), from its first call.
     """
     ops = spec["ops"]
+    exits = exits or {}
     readers: dict[int, list] = {}
     for op in ops:
         for i in op["src"]:
             readers.setdefault(i, []).append(op)
+
+    def leaves(tensor) -> tuple[bool, list]:
+        """(a model output of the whole model, reader kinds) of a tensor of this spec."""
+        kinds = [r["kind"] for r in readers.get(tensor, [])]
+        if tensor not in spec["outputs"]:
+            return False, kinds
+        if tensor not in exits:  # the top-level model
+            return True, kinds
+        is_output, outer = exits[tensor]
+        return is_output, kinds + outer
+
     found: dict = {}
     for k, op in enumerate(ops):
         base = ops[op["of"]] if op["kind"] == "share" else op
@@ -445,13 +462,15 @@ def expected_sites(spec: dict, rate: float, path: str = "", inert: bool = False)
             calls = [op] + [o for o in ops if o["kind"] == "share" and o["of"] == k]
             sub_inert = inert or all(c.get("training") is False for c in calls)
             prefix = f"{path}{op['name']}/"
-            found.update(expected_sites(op["model"], rate, prefix, sub_inert))
+            sub = op["model"]
+            sub_exits = {t: leaves(o) for t, o in zip(sub["outputs"], op["out"], strict=True)}
+            found.update(expected_sites(sub, rate, prefix, sub_inert, sub_exits))
             continue
         if not _has_activation(base) or inert or rate == 0:
             continue
         (tensor,) = op["out"]
-        kinds = [r["kind"] for r in readers.get(tensor, [])]
-        if tensor in spec["outputs"] or not kinds or "bn" in kinds or "dropout" in kinds:
+        is_output, kinds = leaves(tensor)
+        if is_output or not kinds or "bn" in kinds or "dropout" in kinds:
             continue
         rank = len(spec["shapes"][tensor])
         allowed = {("Dropout", "SpatialDropout1D", "SpatialDropout2D")[rank - 1]}
