@@ -339,7 +339,7 @@ def _from_config(model, config):
 
 def _copy_state(old: keras.Model, new: keras.Model) -> None:
     """Copies weights (checked bit-equal) and per-layer `trainable` flags."""
-    old_vars, new_vars = old.weights, new.weights
+    old_vars, new_vars = _paired(old.weights, new.weights)
     mismatch = _first_mismatch(old_vars, new_vars)
     if mismatch:
         raise UnsupportedModelError(
@@ -365,6 +365,26 @@ def _copy_state(old: keras.Model, new: keras.Model) -> None:
                 b.trainable = a.trainable
     else:
         new.trainable = old.trainable
+
+
+def _paired(old_vars, new_vars) -> tuple[list, list]:
+    """`new_vars` in the order of `old_vars`, matched by layer and weight name.
+
+    A backbone whose graph was rewritten (dropout or drop path inserted) may
+    list its layers in another order than the original; the names are the
+    same. Where names do not pair one to one, the order is kept and the
+    check that follows names the first difference.
+    """
+
+    def key(variable) -> str:
+        return "/".join(variable.path.split("/")[-2:])
+
+    by_key = {key(v): v for v in new_vars}
+    if len(by_key) != len(new_vars) or len({key(v) for v in old_vars}) != len(old_vars):
+        return list(old_vars), list(new_vars)
+    if set(by_key) != {key(v) for v in old_vars}:
+        return list(old_vars), list(new_vars)
+    return list(old_vars), [by_key[key(v)] for v in old_vars]
 
 
 def _first_mismatch(old_vars, new_vars) -> str:

@@ -271,6 +271,28 @@ def test_resnet_task_keeps_class_preprocessor_and_head(resnet_task, tmp_path):
     np.testing.assert_array_equal(trained, stripped.predict(x, verbose=0))
 
 
+def test_resnet_task_with_drop_path_keeps_its_class(resnet_task, tmp_path):
+    """Drop path inside the backbone lists its layers in another order: the task is still
+    rebuilt around it with every weight paired by name."""
+    x = _images()
+    before = resnet_task.predict(x, verbose=0)
+    report = Report()
+    new = regularize.add_dropout(resnet_task, rate=0.0, drop_path=0.2, report=report)
+    assert type(new) is type(resnet_task)
+    assert new.preprocessor is resnet_task.preprocessor
+    drops = [s for s in report.sites if s.kind == "DropPath" and s.action == "insert"]
+    assert [(s.layer, s.rate) for s in drops] == [
+        ("resnet_task/resnet/stack0_block0_2_bn", 0.1),
+        ("resnet_task/resnet/stack1_block0_2_bn", 0.2),
+    ]
+    layers = {la.name: la for la in new.backbone.layers}
+    assert layers["stack1_block0_2_bn__droppath"].noise_shape == (None, 1, 1, 1)
+    np.testing.assert_array_equal(before, new.predict(x, verbose=0))
+    reloaded = _reload(new, tmp_path, "resnet_task_droppath")
+    assert type(reloaded).__name__ == "ResNetImageClassifier"
+    np.testing.assert_array_equal(before, reloaded.predict(x, verbose=0))
+
+
 def test_resnet_task_head_preset_leaves_the_backbone(resnet_task):
     report = Report()
     new = regularize.add_dropout(resnet_task, policy=Policy(rate=0.4, preset="head"), report=report)
