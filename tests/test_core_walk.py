@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import fake_graph
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -40,44 +41,11 @@ class Node:
     training: bool | None = None
 
 
-class FakeView:
-    """`core.GraphView` over a list of nodes; every tensor is (None, 8)."""
-
-    default_data_format = "channels_last"
-
-    def __init__(self, nodes: list[Node], outputs: list[str]):
-        self._nodes = nodes
-        self._outputs = outputs
-
-    def nodes(self):
-        return self._nodes
-
-    def parents(self, node):
-        return node.parents
-
-    def operation(self, node):
-        return node.op
-
-    def input_keys(self, node):
-        return [p.key for p in node.parents]
-
-    def output_keys(self, node):
-        return [node.key]
-
-    def graph_outputs(self):
-        return set(self._outputs)
+class FakeView(fake_graph.FakeView):
+    """Every tensor is (None, 8)."""
 
     def out_shape(self, node):
         return (None, 8)
-
-    def training_flag(self, node):
-        return node.training
-
-    def casts_input(self, node):
-        return False
-
-    def sub_graph(self, op):
-        return op.sub
 
     def facts(self, op):
         kind = op.kind
@@ -94,24 +62,6 @@ class FakeView:
             is_merge=kind == "add",
             rate=op.rate if kind in ("dropout", "own_dropout") else None,
         )
-
-    def config(self, op):
-        return {"config": dict(op.config)}
-
-    def layer_names(self):
-        return {n.op.name for n in self._nodes}
-
-    def class_names(self):
-        return {n.op.kind.title() for n in self._nodes}
-
-    def is_layer_class(self, name):
-        return False
-
-    def contains_normalization(self):
-        return any(n.op.kind == "bn" for n in self._nodes)
-
-    def node_count(self):
-        return len(self._nodes)
 
 
 @st.composite

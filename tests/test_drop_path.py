@@ -19,6 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
+import fake_graph
 import keras
 import numpy as np
 import pytest
@@ -63,44 +64,17 @@ class Node:
     key: str
 
 
-class FakeView:
-    """`core.GraphView` over a list of nodes; every tensor is (None, 4, 4, 8)."""
-
-    default_data_format = "channels_last"
-
-    def __init__(self, nodes, outputs):
-        self._nodes = nodes
-        self._outputs = outputs
-
-    def nodes(self):
-        return self._nodes
+class FakeView(fake_graph.FakeView):
+    """Every tensor is (None, 4, 4, 8); the graph's input nodes are no parents."""
 
     def parents(self, node):
         return [p for p in node.parents if p in self._nodes]
-
-    def operation(self, node):
-        return node.op
-
-    def input_keys(self, node):
-        return [p.key for p in node.parents]
-
-    def output_keys(self, node):
-        return [node.key]
-
-    def graph_outputs(self):
-        return set(self._outputs)
 
     def out_shape(self, node):
         return (None, 4, 4, 8)
 
     def training_flag(self, node):
         return None
-
-    def casts_input(self, node):
-        return False
-
-    def sub_graph(self, op):
-        return op.sub
 
     def facts(self, op):
         dropout = op.kind in ("dropout", "droppath")
@@ -120,21 +94,6 @@ class FakeView:
 
     def config(self, op):
         return {}
-
-    def layer_names(self):
-        return {n.op.name for n in self._nodes}
-
-    def class_names(self):
-        return {n.op.kind.title() for n in self._nodes}
-
-    def is_layer_class(self, name):
-        return False
-
-    def contains_normalization(self):
-        return False
-
-    def node_count(self):
-        return len(self._nodes)
 
 
 class Graph:
