@@ -24,6 +24,7 @@ from regularize import custom_objects
 from regularize import inputs
 from regularize import safety
 from regularize import training
+from regularize import trust
 from regularize.core.guards import recursion_limit
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
@@ -94,6 +95,10 @@ def load_model(
     # two slot variables per weight); compile it here from the saved config
     # instead. Legacy `.h5` files keep Keras' own path.
     lazy = compile and path.suffix == ".keras"
+    # The config is checked as data before Keras deserializes anything:
+    # Keras' own `safe_mode` refuses Python lambdas only, while a registered
+    # object of any installed package (keras-hub's) would be resolved and run.
+    trust.check_file(path, custom_objects=objects, safe_mode=safe_mode)
     try:
         with recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
             model = _load(path, compile=compile and not lazy, safe_mode=safe_mode)

@@ -386,7 +386,9 @@ def _check_input(path: Path) -> None:
         ) from err
 
 
-def check_model_file(path: Path, *, unsafe: bool, custom_objects=None) -> None:
+def check_model_file(
+    path: Path, *, unsafe: bool, custom_objects=None, modules: frozenset[str] | None = None
+) -> None:
     """Raises `ModelLoadError` if loading this Keras 2 model would run code or read files.
 
     Reads the file as data only (h5py, or `keras_metadata.pb` decoded by
@@ -398,7 +400,9 @@ def check_model_file(path: Path, *, unsafe: bool, custom_objects=None) -> None:
     module = _custom_module_name(custom_objects)
     if path.is_dir():
         metadata, _ = safety.savedmodel_root_config(path)
-        safety.check_keras2_config(metadata, received, unsafe=unsafe, custom_module=module)
+        safety.check_keras2_config(
+            metadata, received, unsafe=unsafe, custom_module=module, modules=modules
+        )
         config = metadata.get("config")
         if not unsafe and not (isinstance(config, dict) and metadata.get("class_name")):
             raise ModelLoadError(
@@ -411,7 +415,9 @@ def check_model_file(path: Path, *, unsafe: bool, custom_objects=None) -> None:
         return
     safety.check_h5_storage(path, received)
     config = safety.parse_config(_h5_config_text(path)[1], received)
-    safety.check_keras2_config(config, received, unsafe=unsafe, custom_module=module)
+    safety.check_keras2_config(
+        config, received, unsafe=unsafe, custom_module=module, modules=modules
+    )
 
 
 def _custom_module_name(spec) -> str | None:

@@ -28,11 +28,13 @@ import tf_keras  # noqa: E402
 # files, this scope reaches the `.h5` and SavedModel loaders too.
 from tf_keras.src.saving.legacy import saving_utils  # noqa: E402
 from tf_keras.src.saving.legacy.saved_model import json_utils  # noqa: E402
+from tf_keras.src.saving.legacy.saved_model import utils as saved_model_utils  # noqa: E402
 from tf_keras.src.saving.serialization_lib import SafeModeScope  # noqa: E402
 
 from regularize import atomic  # noqa: E402
 from regularize import rules  # noqa: E402
 from regularize import safety  # noqa: E402
+from regularize.core import checker  # noqa: E402
 from regularize.custom_objects import load as load_custom_objects  # noqa: E402
 from regularize.errors import ModelLoadError  # noqa: E402
 from regularize.errors import ModelSaveError  # noqa: E402
@@ -120,7 +122,9 @@ def load(
         custom_path: The folder of a custom-object module named by the user
             (this process starts without the working folder on its path).
     """
-    check_model_file(path, unsafe=not safe_mode, custom_objects=custom_objects)
+    wrapped = _mentions(path, TFMOT_CLASSES)
+    modules = _tfmot_modules() if wrapped else frozenset()
+    check_model_file(path, unsafe=not safe_mode, custom_objects=custom_objects, modules=modules)
     if custom_path and custom_path not in sys.path:
         sys.path.append(custom_path)  # last: it shadows nothing installed
     objects = load_custom_objects(custom_objects)
@@ -129,9 +133,10 @@ def load(
         with contextlib.ExitStack() as stack:
             stack.enter_context(tf_keras.utils.custom_object_scope(objects))
             stack.enter_context(SafeModeScope(safe_mode))
-            if _mentions(path, TFMOT_CLASSES):
+            if wrapped:
                 for scope in _tfmot_scopes():
                     stack.enter_context(scope)
+            _check_weight_budget(path, received)
             if path.is_dir() and safe_mode:
                 model = _load_savedmodel(path)
             else:
@@ -167,7 +172,11 @@ def _load_savedmodel(path: Path) -> tf_keras.Model:
     """
     metadata = json_utils.decode(safety.savedmodel_root_config(path)[1])
     config = {"class_name": metadata["class_name"], "config": metadata["config"]}
-    model = tf_keras.models.model_from_config(config)
+    # tf_keras' own SavedModel-loading scope: the legacy deserializer, which
+    # resolves names in Keras' registries and never imports a config's
+    # `module` (outside it, TensorFlow's embedded old Keras would be asked).
+    with saved_model_utils.keras_option_scope(save_traces=False, in_tf_saved_model_scope=True):
+        model = tf_keras.models.model_from_config(config)
     shape = metadata.get("build_input_shape")
     if not model.built and shape is not None:
         model.build(shape)
@@ -201,6 +210,67 @@ def _mentions(path: Path, names) -> bool:
             data = f.attrs.get("model_config", "")
         data = data if isinstance(data, bytes) else str(data).encode()
     return any(f'"{name}"'.encode() in data for name in names)
+
+
+def _tfmot_modules() -> frozenset[str]:
+    """The modules tfmot's serializable classes live in, exactly (its configs name them)."""
+    modules = set()
+    for scope in _tfmot_scopes():
+        for obj in getattr(scope, "custom_objects", {}).values():
+            if hasattr(obj, "__module__"):
+                modules.add(obj.__module__)
+    return frozenset(modules)
+
+
+def _check_weight_budget(path: Path, received: str) -> None:
+    """Refuses a config whose weights are far more than the file stores (see the core).
+
+    The model is built from its config inside a `tf.Graph`: tf_keras then
+    creates each variable as a graph node with its shape and allocates
+    nothing until a session would run its initializer, which never happens.
+    """
+    try:
+        if path.is_dir():
+            metadata = json_utils.decode(safety.savedmodel_root_config(path)[1])
+            config = {"class_name": metadata["class_name"], "config": metadata["config"]}
+            stored = sum(f.stat().st_size for f in (path / "variables").glob("variables.data-*"))
+        else:
+            config = json_utils.decode(_h5_text(path))
+            stored = safety.h5_dataset_bytes(path)
+        with (
+            tf.Graph().as_default(),
+            saved_model_utils.keras_option_scope(save_traces=False, in_tf_saved_model_scope=True),
+        ):
+            model = tf_keras.models.model_from_config(config)
+            layers = [
+                checker.LayerWeights(
+                    layer.name,
+                    type(layer).__name__,
+                    sum(_variable_bytes(v) for v in layer.weights),
+                )
+                for layer in all_layers(model)
+                if not isinstance(layer, tf_keras.Model)
+            ]
+    except Exception:  # it does not build so: the real load says why
+        return
+    checker.check_weight_budget(
+        layers, stored=stored, available=checker.available_memory(), received=received
+    )
+
+
+def _h5_text(path: Path) -> str:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        text = f.attrs["model_config"]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def _variable_bytes(variable) -> int:
+    size = 1
+    for dim in variable.shape:
+        size *= int(dim) if dim is not None else 1
+    return size * variable.dtype.size
 
 
 def _tfmot_scopes() -> list:

@@ -1,0 +1,716 @@
+"""The model-file checker: a config read as data, before anything is deserialized.
+
+One checker for both engines. It imports neither Keras nor TensorFlow: each
+engine's adapter describes what its deserializer would resolve a name to (an
+`Allowlist`: `regularize.trust` for Keras 3, `regularize.legacy.trust` in the
+Keras 2 engine's child), and `check_config` walks the config, iteratively,
+the way that deserializer would, refusing with one `ModelLoadError` line:
+
+- a class the config names (`module`, `class_name`, `registered_name`) that
+  does not resolve *exactly* to an allowed class: Keras' own layers and
+  objects, keras-hub's classes, tfmot's wrappers, the user's custom objects.
+  A dotted class name or a private module is refused, never matched by prefix;
+- a serialized function (a `Lambda`'s function, an activation, a registered
+  `package>name` function, any string a deserializer would look up in the
+  registry) that is not a pure tensor function (`keras.ops`,
+  `keras.activations`, ...); Python lambdas (their bytecode would run);
+- a string argument that names a file (`vocabulary`, `merges`, `proto`, ...
+  paths): the layer would read that local file into the model;
+- on the Keras 2 engine, the `TFOpLambda` rules: only pure TensorFlow
+  operations with inert constant arguments, and no constant tensor larger
+  than `MAX_CONSTANT_BYTES` (`tf.fill` with a huge shape).
+
+`unsafe=True` lifts everything but the resource bounds. `check_weight_budget`
+is the other resource bound: weights a model would allocate against what its
+file stores and the machine has.
+
+Example:
+    >>> check_config(config, allowlist, received="Received: path='m.keras'")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from regularize.errors import ModelLoadError
+from regularize.text import printable
+from regularize.text import short_repr
+
+UNSAFE_HINT = "If you trust the file, pass `safe_mode=False`."
+KERAS3 = "keras3"
+KERAS2 = "keras2"
+# One constant tensor a Keras 2 op layer may make while the model loads.
+MAX_CONSTANT_BYTES = 1 << 30
+# A model may allocate this much more than its file stores (optimizer-free
+# builds allocate exactly what is stored; seed states and the like are tiny).
+WEIGHT_SLACK_BYTES = 64 << 20
+
+# Keras 3's own markers for values that are no classes (serialization_lib).
+_KERAS3_VALUES = frozenset(
+    {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__ellipsis__", "__slice__"}
+)
+# tf_keras' JSON encoding of values (json_utils) that resolve no name.
+_KERAS2_VALUES = frozenset(
+    {"__tuple__", "TensorShape", "__ellipsis__", "__bytes__", "TypeSpec", "CompositeTensor"}
+)
+# Packages Keras 3 imports a config's `module` from when the name is not
+# registered (`_retrieve_class_or_fn`).
+_IMPORTED_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_REGISTERED = re.compile(r"[A-Za-z_][\w.]*>[A-Za-z_]\w*")
+# Constructor arguments that Keras and keras-hub layers open as files when
+# they are strings (vocabulary / merges / SentencePiece proto paths, ...).
+# (WhisperTokenizer opens `special_tokens` and `language_tokens` paths too.)
+_FILE_KEYS = frozenset(
+    """
+    vocabulary merges proto spm_proto special_tokens language_tokens path file filename
+    filepath directory
+    """.split()
+)
+_FILE_SUFFIXES = ("_file", "_path", "_dir", "_filename", "_filepath", "_directory")
+# keras-hub preprocessors keep the name of their preset's JSON file
+# (`config_file`), which is only written, inside a preset folder.
+_PRESET_CONFIG = re.compile(r"[\w-]+\.json")
+_FILE_EXEMPT = frozenset({"name", "class_name", "module", "registered_name", "function_type"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowlist:
+    """What one engine's deserializer may resolve, described as names (no Keras here).
+
+    Attributes:
+        engine: `KERAS3` or `KERAS2`: which deserializer's rules apply.
+        registry: Every name in the engine's global registry of serializable
+            objects (`package>Name`) and in the user's custom objects: the
+            deserializer looks a name up there first.
+        registry_ok: The subset that may be loaded (keras-hub classes, tfmot
+            wrappers, pure registered functions, the user's objects).
+        registry_functions: The names in `registry` that are functions.
+        api: Every public API name (`keras.layers.Dense`, `keras.ops.add`).
+        api_ok: The public classes a model may name.
+        functions_ok: The public functions a model may name (pure tensor ones).
+        builtins_ok: Names a `module: "builtins"` function may take (Keras
+            looks them up in its built-in modules: `relu`, `mse`, ...).
+        modules_ok: `(module, class_name)` pairs the deserializer imports for
+            allowed classes that are not public or registered (Keras writes
+            `keras.src.models.functional` for `Functional`).
+        api_modules: The public API modules (`keras.layers`): a name missing
+            there is unknown, not something else.
+        custom_module: The module the user named for custom objects.
+    """
+
+    engine: str
+    registry: frozenset[str] = frozenset()
+    registry_ok: frozenset[str] = frozenset()
+    registry_functions: frozenset[str] = frozenset()
+    api: frozenset[str] = frozenset()
+    api_ok: frozenset[str] = frozenset()
+    functions_ok: frozenset[str] = frozenset()
+    builtins_ok: frozenset[str] = frozenset()
+    modules_ok: frozenset[tuple[str, str]] = frozenset()
+    api_modules: frozenset[str] = frozenset()
+    custom_module: str | None = None
+    keras2_modules: frozenset[str] = frozenset()
+    keras2_module_prefixes: tuple[str, ...] = ()
+
+
+# The modules tf_keras writes in a config's `module` keys: its public
+# namespaces (`keras.layers`, ...), under the name `keras`.
+KERAS2_NAMESPACES = frozenset(
+    """
+    layers initializers regularizers constraints activations losses metrics optimizers
+    optimizers.legacy optimizers.experimental optimizers.schedules mixed_precision models
+    layers.experimental layers.experimental.preprocessing
+    """.split()
+)
+KERAS2_MODULES = frozenset({"keras", "builtins"} | {f"keras.{ns}" for ns in KERAS2_NAMESPACES})
+# tfmot writes its own (private) module paths; the Keras 2 engine's child
+# replaces this prefix by the exact modules of tfmot's classes.
+TFMOT_PREFIX = "tensorflow_model_optimization.python.core."
+
+
+def keras2_allowlist(
+    custom_module: str | None = None, *, modules: frozenset[str] | None = None
+) -> Allowlist:
+    """The Keras 2 engine's allowlist: exact `modules` where known (the child), else the
+    modules tf_keras writes and tfmot's package (the parent, which cannot import tf_keras)."""
+    return Allowlist(
+        engine=KERAS2,
+        custom_module=custom_module,
+        keras2_modules=KERAS2_MODULES | (modules or frozenset()),
+        keras2_module_prefixes=() if modules is not None else (TFMOT_PREFIX,),
+    )
+
+
+def check_config(
+    config,
+    allowlist: Allowlist,
+    *,
+    received: str,
+    unsafe: bool = False,
+    root: str | None = None,
+) -> None:
+    """Raises `ModelLoadError` if deserializing `config` could run, read or import anything.
+
+    Args:
+        config: The parsed JSON config (a `.keras` `config.json`, an `.h5`
+            `model_config`, a SavedModel node's metadata).
+        allowlist: What the engine may resolve (see `Allowlist`).
+        received: The `Received: path=...` tail of messages.
+        unsafe: The user trusts the file: only the resource bounds apply.
+        root: A folder whose files the config may name (a preset folder).
+    """
+    checker = _Checker(allowlist, received, unsafe, root)
+    if checker.keras2:
+        checker.layer_names = layer_names(config)
+    stack = [(config, "the model config", None)]
+    while stack:
+        value, where, key = stack.pop()
+        if isinstance(value, dict):
+            where = checker.dict_(value, where)
+            stack.extend((v, where, k) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, where, None) for v in value)  # words, not paths
+        elif isinstance(value, str):
+            checker.string(value, where, key)
+
+
+class _Checker:
+    def __init__(self, allowlist: Allowlist, received: str, unsafe: bool, root):
+        self.allow = allowlist
+        self.received = received
+        self.unsafe = unsafe
+        self.root = root
+        self.keras2 = allowlist.engine == KERAS2
+        self.layer_names: set[str] = set()
+
+    # -- one dict of the config ------------------------------------------------
+
+    def dict_(self, node: dict, where: str) -> str:
+        """Checks one dict; returns the `where` of its contents (the layer it belongs to)."""
+        kind = node.get("class_name")
+        inner = node.get("config")
+        if isinstance(kind, str) and isinstance(inner, dict) and isinstance(inner.get("name"), str):
+            where = f"layer {_shown(inner['name'])} ({_shown(kind, quote=False)})"
+        if self.keras2:
+            self._keras2_node(node, kind, inner, where)
+        elif isinstance(kind, str) and "config" in node:
+            self._keras3_node(node, kind, inner, where)
+        return where
+
+    def _keras3_node(self, node: dict, kind: str, inner, where: str) -> None:
+        if kind in _KERAS3_VALUES:
+            return
+        if kind == "__lambda__":
+            self._lambda(where)
+        elif kind == "__typespec__":
+            module = node.get("module")
+            if not (
+                isinstance(module, str)
+                and module.startswith("tensorflow.")
+                and node.get("registered_name") is None
+            ):
+                self._refuse_class(where, node.get("spec_name"), module)
+        elif kind == "function":
+            if isinstance(inner, str):
+                self._keras3_function(inner, node.get("module"), where)
+        elif isinstance(inner, dict):
+            if not _IDENTIFIER.fullmatch(kind):
+                self._refuse_class(where, kind, node.get("module"))
+            registered = node.get("registered_name", kind)
+            if self._keras3_class(kind, node.get("module"), registered) is False:
+                self._refuse_class(where, registered if registered else kind, node.get("module"))
+            if kind == "Lambda":
+                self._lambda_layer(inner, where)
+
+    def _keras3_class(self, kind: str, module, registered) -> bool | None:
+        """True: allowed; False: resolves to something not allowed; None: to nothing."""
+        allow = self.allow
+        if isinstance(registered, str) and registered in allow.registry:
+            return registered in allow.registry_ok
+        if not isinstance(module, str) or not module:
+            return None  # legacy `.h5` configs: looked up by name in Keras' own modules
+        api = f"{module}.{kind}"
+        if (module == "keras" or module.startswith("keras.")) and api in allow.api:
+            return api in allow.api_ok
+        if module.split(".", 1)[0] in _IMPORTED_PACKAGES:
+            if (module, kind) in allow.modules_ok:
+                return True
+            if module in allow.api_modules:
+                return None  # a public module without that name: Keras says it is unknown
+            return False  # Keras would import that module and take the class from it
+        if self.allow.custom_module and _in_module(module, self.allow.custom_module):
+            return True
+        return None
+
+    def _keras3_function(self, name: str, module, where: str) -> None:
+        allow = self.allow
+        if name in allow.registry:
+            if name not in allow.registry_ok:
+                self._refuse_function(where, name)
+            return
+        if isinstance(module, str) and (module == "keras" or module.startswith("keras.")):
+            api = f"{module}.{name}"
+            if api in allow.api:
+                if api not in allow.functions_ok:
+                    self._refuse_function(where, api)
+                return
+        if module == "builtins" or not isinstance(module, str):
+            if name in allow.builtins_ok:
+                return
+            # Keras matches a bare name against registered `package>name` too.
+            suffix = f">{name}"
+            if ">" not in name and any(
+                r.endswith(suffix) and r not in allow.registry_ok for r in allow.registry
+            ):
+                self._refuse_function(where, name)
+            if any(
+                f"keras.{m}.{name}" in allow.api
+                for m in ("activations", "losses", "metrics", "initializers", "regularizers")
+            ):
+                self._refuse_function(where, name)
+
+    def _lambda_layer(self, inner: dict, where: str) -> None:
+        for key in ("function", "output_shape", "mask"):
+            value = inner.get(key)
+            if isinstance(value, str) and value:
+                if inner.get(f"{key}_type") == "lambda":
+                    self._lambda(where, name=inner.get("name"))
+                self._keras3_function(value, "builtins", where)
+            elif isinstance(value, list) and (key == "function" or inner.get(f"{key}_type")):
+                # A Keras 2 `.h5` read by Keras 3: [bytecode, defaults, closure].
+                self._lambda(where, name=inner.get("name"))
+
+    # -- Keras 2 ---------------------------------------------------------------
+
+    def _keras2_node(self, node: dict, kind, inner, where: str) -> None:
+        module = node.get("module")
+        if isinstance(module, str) and not self._keras2_module(module):
+            self._refuse(
+                f"Refusing to load model: {where} names the Python module {_shown(module)}, "
+                "which the Keras 2 loader would import. Expected modules of Keras, tfmot or "
+                "your custom objects"
+            )
+        if not isinstance(kind, str) or not isinstance(inner, dict):
+            return
+        if kind in _KERAS2_VALUES:
+            return
+        if not (_IDENTIFIER.fullmatch(kind) or _REGISTERED.fullmatch(kind)):
+            self._refuse_class(where, kind, module)
+        if kind in self.allow.registry and kind not in self.allow.registry_ok:
+            self._refuse_class(where, kind, module)
+        if kind in _OP_LAYERS:
+            self._op_layer(node, inner, where)
+        elif kind in _ATTRIBUTE_LAYERS:
+            self._attribute_layer(kind, inner, where)
+        elif kind == "Lambda":
+            self._keras2_lambda(inner, where)
+
+    def _keras2_module(self, module: str) -> bool:
+        allow = self.allow
+        if module in allow.keras2_modules or module.startswith(allow.keras2_module_prefixes):
+            return True
+        return bool(allow.custom_module) and _in_module(module, allow.custom_module)
+
+    def _keras2_lambda(self, inner: dict, where: str) -> None:
+        for key in ("function", "output_shape", "mask"):
+            value = inner.get(key)
+            if value is None:
+                continue
+            kind = inner.get(f"{key}_type", "lambda" if key == "function" else "raw")
+            if not isinstance(value, str) or kind == "lambda" or not value.isidentifier():
+                if key == "function" or kind == "lambda":
+                    self._lambda(where, name=inner.get("name"))
+                continue
+            # A function by name: tf_keras imports `module` and takes it from there.
+            module = inner.get("module") if key == "function" else inner.get(f"{key}_module")
+            custom = self.allow.custom_module
+            if not (isinstance(module, str) and custom and _in_module(module, custom)):
+                shown = f"{module}.{value}" if isinstance(module, str) else value
+                self._refuse_function(where, shown)
+
+    def _op_layer(self, node: dict, inner: dict, where: str) -> None:
+        function = inner.get("function")
+        if not isinstance(function, str) or not is_pure_function(function):
+            shown = f"`tf.{function}`" if isinstance(function, str) else _shown(function)
+            self._refuse(
+                f"Refusing to load model: {where} calls {_shown(shown, quote=False)}, which "
+                "is not on the allowlist of pure tensor operations: loading the model "
+                "would call it"
+            )
+        constants = list(_constant_arguments(node.get("inbound_nodes"), self.layer_names))
+        for value in constants:
+            if not _is_inert(value):
+                self._refuse(
+                    f"Refusing to load model: {where} passes `tf.{function}` the constant "
+                    f"argument {_shown(value)}. Expected numbers, shapes or dtypes"
+                )
+        size = _constant_bytes(function, constants)
+        if size > MAX_CONSTANT_BYTES:
+            raise ModelLoadError(
+                f"Refusing to load model: {where} would make a constant tensor of "
+                f"{format_bytes(size)} (`tf.{function}` of a constant shape) while the "
+                f"model loads. Expected at most {format_bytes(MAX_CONSTANT_BYTES)} per "
+                f"constant. {self.received}"
+            )
+
+    def _attribute_layer(self, kind: str, inner: dict, where: str) -> None:
+        name = inner.get("attr_name")
+        if kind != "ClassMethod" and isinstance(name, str) and name in _TENSOR_ATTRIBUTES:
+            return
+        target = inner.get("attr_name") or inner.get("cls_symbol")
+        self._refuse(
+            f"Refusing to load model: {where} calls {_shown(target)} on a TensorFlow "
+            "object while the model is loaded. Expected a pure tensor operation"
+        )
+
+    # -- strings ---------------------------------------------------------------
+
+    def string(self, value: str, where: str, key) -> None:
+        if isinstance(key, str) and _is_file_argument(key, value):
+            if not self._inside_root(value):
+                self._refuse(
+                    f"Refusing to load model: {where} reads `{printable(key)}` from the "
+                    f"local file {_shown(value)}, which would be copied into the model. "
+                    "Expected it inside the model file"
+                )
+        if key != "name" and value in self.allow.registry and value not in self.allow.registry_ok:
+            if value in self.allow.registry_functions:
+                self._refuse_function(where, value)
+            self._refuse_class(where, value, None)
+
+    def _inside_root(self, value: str) -> bool:
+        if self.root is None:
+            return False
+        import os
+
+        root = os.path.realpath(self.root)
+        path = os.path.realpath(os.path.join(root, value))
+        return path.startswith(root + os.sep)
+
+    # -- refusals --------------------------------------------------------------
+
+    def _refuse(self, message: str) -> None:
+        if not self.unsafe:
+            raise ModelLoadError(f"{message}. {UNSAFE_HINT} {self.received}")
+
+    def _refuse_class(self, where: str, name, module) -> None:
+        of = f" of module {_shown(module)}" if isinstance(module, str) and module else ""
+        self._refuse(
+            f"Refusing to load model: {where} names the class {_shown(name)}{of}, which is "
+            "not on the allowlist of Keras, keras-hub and tfmot classes and your custom "
+            "objects: loading the model would import and build it"
+        )
+
+    def _refuse_function(self, where: str, name) -> None:
+        self._refuse(
+            f"Refusing to load model: {where} names the function {_shown(name)}, which is "
+            "not on the allowlist of pure tensor functions: loading the model would call it"
+        )
+
+    def _lambda(self, where: str, name=None) -> None:
+        if self.unsafe:
+            return
+        shown = f" ({_shown(name)})" if isinstance(name, str) else f" ({where})"
+        raise ModelLoadError(
+            f"Refusing to load a model with a Python-lambda `Lambda` layer{shown}: it runs "
+            f"arbitrary code. {UNSAFE_HINT} {self.received}"
+        )
+
+
+def _is_file_argument(key: str, value: str) -> bool:
+    lowered = key.lower()
+    if not value or lowered in _FILE_EXEMPT:
+        return False
+    if lowered == "config_file" and _PRESET_CONFIG.fullmatch(value):
+        return False
+    return lowered in _FILE_KEYS or lowered.endswith(_FILE_SUFFIXES)
+
+
+def _in_module(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+# -- the weight budget ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """What one layer of a model built without memory would allocate."""
+
+    name: str
+    class_name: str
+    bytes: int
+
+
+def check_weight_budget(
+    layers: list[LayerWeights], *, stored: int, available: int | None, received: str
+) -> None:
+    """Raises `ModelLoadError` if a model's weights are far more than its file stores.
+
+    A model file stores every weight its config declares; a config that
+    declares gigabytes its file does not hold would only make the loader
+    allocate (and randomly initialize) them before it fails. Not lifted by
+    `unsafe`: no legitimate file needs it.
+
+    Args:
+        layers: Each layer's weight bytes, from a build that allocated nothing.
+        stored: The bytes of weight data the file holds.
+        available: The machine's available memory (None: unknown).
+    """
+    total = sum(layer.bytes for layer in layers)
+    biggest = max(layers, key=lambda layer: layer.bytes, default=None)
+    if biggest is None:
+        return
+    where = f"layer {_shown(biggest.name)} ({_shown(biggest.class_name, quote=False)})"
+    if total > 2 * stored + WEIGHT_SLACK_BYTES:
+        raise ModelLoadError(
+            f"Refusing to load model: {where} would allocate {format_bytes(biggest.bytes)} "
+            f"of weights ({format_bytes(total)} for the whole model), but the file stores "
+            f"{format_bytes(stored)} of weights in all. Expected a config whose weights the "
+            f"file holds. {received}"
+        )
+    if available is not None and total > available:
+        raise ModelLoadError(
+            f"Refusing to load model: its weights need {format_bytes(total)} ({where}: "
+            f"{format_bytes(biggest.bytes)}), more than the {format_bytes(available)} of "
+            f"memory available. {received}"
+        )
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def format_bytes(size: int) -> str:
+    """`14.4 GB`, `64 B`: decimal units, one decimal place."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+# -- Keras 2 op layers -----------------------------------------------------------
+
+# The TensorFlow functions a Keras 2 `TFOpLambda` may call without `unsafe`:
+# pure tensor operations, named as tf_keras records them (`config.function`,
+# the `tf.` prefix dropped). An allowlist, not a denylist: TensorFlow has
+# thousands of symbols and new ones appear; anything not here needs `unsafe`.
+_PURE_NAMESPACES = ("math.", "nn.", "linalg.", "signal.", "bitwise.", "__operators__.")
+PURE_FUNCTIONS = frozenset(
+    """
+    abs add add_n argmax argmin argsort boolean_mask broadcast_to cast clip_by_norm
+    clip_by_value complex concat convert_to_tensor cos cumsum divide einsum ensure_shape
+    equal exp expand_dims eye fill floor gather gather_nd greater greater_equal identity
+    less less_equal linspace logical_and logical_not logical_or matmul maximum meshgrid
+    minimum multiply negative norm not_equal one_hot ones ones_like pad pow range rank
+    realdiv reduce_all reduce_any reduce_logsumexp reduce_max reduce_mean reduce_min
+    reduce_prod reduce_std reduce_sum reduce_variance repeat reshape reverse roll round
+    rsqrt scatter_nd searchsorted sequence_mask shape sigmoid sign sin size slice sort
+    split sqrt square squeeze stack stop_gradient strided_slice subtract tanh tensordot
+    tile transpose truediv unstack where zeros zeros_like
+    image.central_crop image.convert_image_dtype image.crop_to_bounding_box
+    image.extract_patches image.flip_left_right image.flip_up_down
+    image.grayscale_to_rgb image.pad_to_bounding_box image.per_image_standardization
+    image.resize image.resize_with_crop_or_pad image.resize_with_pad image.rgb_to_grayscale
+    """.split()
+)
+# Name parts refused even under an allowed namespace: a file or code-loading
+# operation TensorFlow may add there later.
+_NEVER = ("io.", "gfile", "saved_model", "load_library", "load_op_library", "py_function")
+TENSOR_ATTRIBUTES = _TENSOR_ATTRIBUTES = frozenset(
+    """
+    shape dtype values row_splits flat_values nested_row_splits row_lengths
+    to_tensor indices dense_shape
+    """.split()
+)
+_OP_LAYERS = frozenset({"TFOpLambda", "SlicingOpLambda"})
+_ATTRIBUTE_LAYERS = frozenset({"InstanceProperty", "InstanceMethod", "ClassMethod"})
+# Strings a pure op may take as a constant argument: dtypes and fixed keywords.
+_DTYPES = frozenset(
+    """
+    bool bfloat16 float16 half float32 float float64 double int8 int16 int32 int64
+    uint8 uint16 uint32 uint64 complex64 complex128 string
+    """.split()
+)
+_KEYWORDS = frozenset(
+    """
+    SAME VALID same valid CONSTANT REFLECT SYMMETRIC constant reflect symmetric
+    channels_last channels_first NHWC NCHW NWC NCW NDHWC NCDHW
+    bilinear nearest bicubic area lanczos3 lanczos5 gaussian mitchellcubic euclidean fro
+    """.split()
+)
+_EINSUM = re.compile(r"[a-zA-Z. ]*(,[a-zA-Z. ]*)*(->[a-zA-Z. ]*)?")
+_CONSTANT = "_CONSTANT_VALUE"
+# How tf_keras' SavedModel metadata encodes a tuple and a shape (json_utils);
+# `.h5` configs write plain lists.
+_CONTAINERS = ("__tuple__", "TensorShape")
+_MAX_CONSTANT_ITEMS = 1_000_000
+# Ops whose output size a constant argument sets (a shape, a count, a depth):
+# the bound multiplies the integers of each such argument.
+_SIZED_OPS = frozenset(
+    """
+    fill ones zeros eye range linspace one_hot tile broadcast_to repeat pad scatter_nd
+    sequence_mask meshgrid image.resize image.pad_to_bounding_box image.resize_with_pad
+    image.resize_with_crop_or_pad
+    """.split()
+)
+
+
+def is_pure_function(name: str) -> bool:
+    """Whether a `TFOpLambda` function name is on the allowlist."""
+    if any(part in name for part in _NEVER):
+        return False
+    bare = name.removeprefix("compat.v1.")
+    if bare.startswith(_PURE_NAMESPACES):
+        rest = bare.split(".", 1)[1]
+        return bool(rest) and "." not in rest and rest.isidentifier()
+    return bare in PURE_FUNCTIONS
+
+
+def layer_names(config) -> set[str]:
+    """Every layer name in a Keras 2 config (the targets of recorded call arguments)."""
+    names = set()
+    for node in dicts(config):
+        inner = node.get("config")
+        if isinstance(node.get("class_name"), str) and isinstance(inner, dict):
+            if isinstance(inner.get("name"), str):
+                names.add(inner["name"])
+        if isinstance(node.get("name"), str):
+            names.add(node["name"])
+    return names
+
+
+def _constant_arguments(inbound_nodes, names: set[str]):
+    """The constants of a layer's recorded calls: positional and keyword.
+
+    tf_keras records each call argument as `[layer, node, tensor, kwargs]`
+    (a tensor) or `["_CONSTANT_VALUE", -1, value, kwargs]` (a constant);
+    keyword arguments hold constants or `[layer, node, tensor]` references.
+    """
+    stack = [inbound_nodes]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            kind = item.get("class_name")
+            if kind in _CONTAINERS and isinstance(item.get("items"), list):
+                stack.append(item["items"])  # a tuple or shape, as a list
+            elif kind == "__ellipsis__" and len(item) == 1:
+                pass  # `x[..., 0]`
+            elif kind is not None:
+                yield item  # any other encoded object is not inert
+            else:
+                stack.extend(item.values())
+            continue
+        if not isinstance(item, list):
+            yield item
+            continue
+        if _is_reference(item, names):
+            if len(item) >= 4:
+                stack.append(item[3])
+            continue
+        if len(item) >= 3 and item[0] == _CONSTANT and item[1] == -1:
+            yield item[2]
+            if len(item) >= 4:
+                stack.append(item[3])
+            continue
+        if _is_numbers(item):
+            yield item
+            continue
+        stack.extend(item)
+
+
+def _constant_bytes(function: str, constants: list) -> int:
+    """The largest tensor (in float32 bytes) that a sized op's constant arguments ask for."""
+    if function.removeprefix("compat.v1.") not in _SIZED_OPS:
+        return 0
+    largest = 0
+    for value in constants:
+        if isinstance(value, bool) or not isinstance(value, int | float | list):
+            continue
+        numbers = [abs(n) for n in _flat(value) if isinstance(n, int) and not isinstance(n, bool)]
+        if numbers:
+            largest = max(largest, math.prod(numbers), max(numbers))
+    return largest * 4
+
+
+def _flat(value):
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            yield item
+
+
+def _is_reference(item: list, names: set[str]) -> bool:
+    return (
+        len(item) in (3, 4)
+        and isinstance(item[0], str)
+        and item[0] in names
+        and isinstance(item[1], int)
+        and isinstance(item[2], int)
+    )
+
+
+def _is_inert(value) -> bool:
+    """A number, a shape, a dtype or a fixed keyword: nothing a pure op can misuse."""
+    if value is None or isinstance(value, bool | int | float):
+        return True
+    if isinstance(value, str):
+        return value in _DTYPES or value in _KEYWORDS or _is_equation(value)
+    if isinstance(value, dict):
+        # SlicingOpLambda writes a slice as {"start": ..., "stop": ..., "step": ...}.
+        return set(value) <= {"start", "stop", "step"} and all(
+            v is None or isinstance(v, int) for v in value.values()
+        )
+    if isinstance(value, list):
+        return _is_numbers(value)
+    return False
+
+
+def _is_equation(text: str) -> bool:
+    return 0 < len(text) <= 64 and bool(_EINSUM.fullmatch(text)) and any(c.isalpha() for c in text)
+
+
+def _is_numbers(value: list) -> bool:
+    """A (nested) list of numbers and None: a shape or a small constant tensor."""
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > _MAX_CONSTANT_ITEMS:
+            return False
+        if isinstance(item, list):
+            stack.extend(item)
+        elif not (item is None or isinstance(item, bool | int | float)):
+            return False
+    return True
+
+
+def dicts(config):
+    """Every dict in a JSON value, iteratively."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _shown(value, *, quote: bool = True) -> str:
+    """A value for a one-line message: repr (control characters escaped), cut short."""
+    return short_repr(value) if quote else printable(short_repr(str(value))[1:-1])

@@ -1,0 +1,349 @@
+"""The Keras 3 side of the model-file checker: what Keras 3 may resolve, and the weight budget.
+
+`regularize.core.checker` decides; this module describes Keras 3's
+deserializer to it as names (`keras3_allowlist`), read from Keras' own
+registries: the public API table (`keras.src.api_export`, what
+`deserialize_keras_object` looks `module.class_name` up in) and the global
+registry of serializable objects (`register_keras_serializable`, which
+keras-hub fills with hundreds of classes and a few functions). Whatever an
+installed package registers and this list does not allow is refused, which
+is what Keras' own `safe_mode` does not do.
+
+`check_file` runs the checker on a `.keras` / `.h5` file's config, then builds
+the model from its config inside a `StatelessScope` that initializes
+nothing (no weight memory is allocated: Keras defers the variables), and
+compares the weights it would allocate with what the file stores.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+from keras.src import api_export
+from keras.src.saving import object_registration
+
+from regularize import safety
+from regularize.core import checker
+
+# Public namespaces whose classes a model config may name.
+_CLASS_NAMESPACES = (
+    "keras.layers.",
+    "keras.initializers.",
+    "keras.regularizers.",
+    "keras.constraints.",
+    "keras.losses.",
+    "keras.metrics.",
+    "keras.optimizers.",
+    "keras.activations.",
+    "keras.dtype_policies.",
+    "keras.quantizers.",
+    "keras.random.",
+    "keras.models.",
+    "keras.distillation.",
+)
+_TOP_CLASSES = frozenset(
+    """
+    Model Sequential Layer Loss Metric Optimizer Initializer Regularizer Quantizer
+    DTypePolicy FloatDTypePolicy Variable KerasTensor InputSpec Operation
+    """.split()
+)
+# Public namespaces whose functions are pure tensor functions.
+_FUNCTION_NAMESPACES = (
+    "keras.ops.",
+    "keras.activations.",
+    "keras.losses.",
+    "keras.metrics.",
+    "keras.random.",
+    "keras.initializers.",
+    "keras.regularizers.",
+    "keras.constraints.",
+)
+# `keras.ops` functions that take Python callables or leave the tensor world.
+_IMPURE_OPS = frozenset(
+    """
+    map scan associative_scan fori_loop while_loop cond switch vectorized_map
+    custom_gradient convert_to_numpy
+    """.split()
+)
+# Keras looks a `module: "builtins"` function's name up in these (serialization_lib).
+_BUILTIN_MODULES = (
+    "activations",
+    "constraints",
+    "initializers",
+    "losses",
+    "metrics",
+    "optimizers",
+    "regularizers",
+)
+# Registered functions of installed packages that are pure tensor functions.
+_PURE_REGISTERED = frozenset({"keras_hub>gelu_approximate", "keras_nlp>gelu_approximate"})
+_cache: dict = {}
+
+
+def keras3_allowlist(custom_objects: dict | None = None) -> checker.Allowlist:
+    """What Keras 3 may resolve in a config loaded here, with `custom_objects` allowed."""
+    registry = object_registration.GLOBAL_CUSTOM_OBJECTS
+    key = (len(registry), len(api_export.REGISTERED_NAMES_TO_OBJS))
+    base = _cache.get(key)
+    if base is None:
+        base = _cache[key] = _base_allowlist()
+    if not custom_objects:
+        return base
+    names = set(custom_objects)
+    pairs = set(base.modules_ok)
+    for obj in custom_objects.values():
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            names.add(object_registration.get_registered_name(obj))
+            pairs.add((obj.__module__, obj.__name__))
+    functions = {n for n, obj in custom_objects.items() if inspect.isfunction(obj)}
+    return checker.Allowlist(
+        engine=checker.KERAS3,
+        registry=base.registry | names,
+        registry_ok=base.registry_ok | names,
+        registry_functions=base.registry_functions | functions,
+        api=base.api,
+        api_ok=base.api_ok,
+        functions_ok=base.functions_ok,
+        builtins_ok=base.builtins_ok,
+        modules_ok=frozenset(pairs),
+        api_modules=base.api_modules,
+    )
+
+
+def _base_allowlist() -> checker.Allowlist:
+    api = api_export.REGISTERED_NAMES_TO_OBJS
+    classes_ok, functions_ok, pairs = set(), set(), set()
+    for name, obj in api.items():
+        if inspect.isclass(obj) and _is_model_class(name):
+            classes_ok.add(name)
+            pairs.add((obj.__module__, obj.__name__))
+        elif callable(obj) and not inspect.isclass(obj) and _is_pure_function(name):
+            functions_ok.add(name)
+    # Keras writes its own non-public classes by their real module
+    # (`keras.src.models.functional.Functional`, `keras.src.ops.numpy.Add`
+    # for an op in a functional graph, InceptionResNetV2's CustomScaleLayer).
+    for cls in _keras_own_classes():
+        pairs.add((cls.__module__, cls.__name__))
+    registry = object_registration.GLOBAL_CUSTOM_OBJECTS
+    registry_ok = {
+        name
+        for name, obj in registry.items()
+        if (inspect.isclass(obj) and _is_model_object(obj)) or name in _PURE_REGISTERED
+    }
+    for name in registry_ok:
+        obj = registry[name]
+        pairs.add((obj.__module__, obj.__name__))
+    builtins_ok = set()
+    for module in _BUILTIN_MODULES:
+        prefix = f"keras.{module}."
+        for name in api:
+            bare = name.removeprefix(prefix)
+            if name.startswith(prefix) and "." not in bare:
+                builtins_ok.add(bare)
+    # A bare name is allowed only where every built-in module holding it allows it.
+    builtins_ok = {
+        bare
+        for bare in builtins_ok
+        if all(
+            f"keras.{m}.{bare}" not in api or f"keras.{m}.{bare}" in functions_ok | classes_ok
+            for m in _BUILTIN_MODULES
+        )
+    }
+    return checker.Allowlist(
+        engine=checker.KERAS3,
+        registry=frozenset(registry),
+        registry_ok=frozenset(registry_ok),
+        registry_functions=frozenset(n for n, o in registry.items() if not inspect.isclass(o)),
+        api=frozenset(api),
+        api_ok=frozenset(classes_ok),
+        functions_ok=frozenset(functions_ok),
+        builtins_ok=frozenset(builtins_ok),
+        modules_ok=frozenset(pairs),
+        api_modules=frozenset(name.rsplit(".", 1)[0] for name in api),
+    )
+
+
+def _keras_own_classes() -> set[type]:
+    """Every subclass of Keras' model-building base classes that Keras itself defines."""
+    from keras.src.ops.operation import Operation
+
+    roots = [
+        Operation,
+        keras.initializers.Initializer,
+        keras.regularizers.Regularizer,
+        keras.constraints.Constraint,
+        keras.losses.Loss,
+        keras.metrics.Metric,
+        keras.optimizers.Optimizer,
+        keras.optimizers.schedules.LearningRateSchedule,
+        keras.DTypePolicy,
+        keras.quantizers.Quantizer,
+    ]
+    found, stack = set(), list(roots)
+    while stack:
+        cls = stack.pop()
+        if cls in found:
+            continue
+        found.add(cls)
+        stack.extend(cls.__subclasses__())
+    return {cls for cls in found if cls.__module__.startswith("keras.src.")}
+
+
+def _is_model_class(name: str) -> bool:
+    if name.startswith(_CLASS_NAMESPACES):
+        return True
+    return name.startswith("keras.") and name.count(".") == 1 and name[6:] in _TOP_CLASSES
+
+
+def _is_pure_function(name: str) -> bool:
+    if not name.startswith(_FUNCTION_NAMESPACES):
+        return False
+    return not (name.startswith("keras.ops.") and name.rsplit(".", 1)[-1] in _IMPURE_OPS)
+
+
+def _is_model_object(cls: type) -> bool:
+    """keras-hub's (and any package's) layers, models, tokenizers, samplers and metrics."""
+    bases = (keras.layers.Layer, keras.metrics.Metric, keras.losses.Loss)
+    if issubclass(cls, bases):
+        return True
+    return any(base.__name__ == "Sampler" for base in cls.__mro__)
+
+
+# -- one file --------------------------------------------------------------------
+
+
+def check_file(path: Path, *, custom_objects: dict | None = None, safe_mode: bool = True) -> None:
+    """Raises `ModelLoadError` if loading this Keras 3 file could run code, read files or
+    allocate far more memory than it stores. Reads the config as data first."""
+    received = f"Received: path={str(path)!r}"
+    text = _config_text(path)
+    config = safety.parse_config(text, received)
+    _import_named_packages(text)
+    allowlist = keras3_allowlist(custom_objects)
+    checker.check_config(config, allowlist, received=received, unsafe=not safe_mode)
+    _check_weights(path, config, received, custom_objects)
+
+
+def _config_text(path: Path) -> str:
+    if path.suffix == ".keras":
+        with zipfile.ZipFile(path) as archive:
+            return archive.read("config.json").decode("utf-8", errors="replace")
+    with h5py.File(path, "r") as f:
+        text = f.attrs.get("model_config", "")
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def _import_named_packages(text: str) -> None:
+    """Imports keras-hub (or keras-nlp / keras-cv) when the config names it.
+
+    Keras would import the package while loading and so fill the registry
+    with everything the package registers; the allowlist must see the
+    registry as it will be.
+    """
+    import importlib
+
+    for package in ("keras_hub", "keras_nlp", "keras_cv"):
+        if f'"{package}.' in text or f'"{package}>' in text:
+            try:
+                importlib.import_module(package)
+            except Exception:  # not installed or broken: Keras fails to load it the same way
+                continue
+
+
+def _check_weights(path: Path, config: dict, received: str, custom_objects) -> None:
+    layers = _dry_build(path, config, custom_objects)
+    if layers is None:
+        return
+    checker.check_weight_budget(
+        layers, stored=_stored_bytes(path), available=checker.available_memory(), received=received
+    )
+
+
+def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWeights] | None:
+    """Each layer's weight bytes, from the model built with no variable initialized.
+
+    Inside `StatelessScope(initialize_variables=False)` Keras creates each
+    variable with its shape and its initializer but allocates nothing; the
+    scope's list of uninitialized variables is put back afterwards, so the
+    shells are dropped. None when the model does not build so (the loader
+    then reports its own error).
+    """
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    pending = global_state.get_global_attribute("uninitialized_variables")
+    try:
+        with (
+            keras.saving.custom_object_scope(custom_objects or {}),
+            StatelessScope(initialize_variables=False),
+        ):
+            model = _from_config(path, config)
+            if not isinstance(model, keras.layers.Layer):
+                return None
+            layers = [
+                checker.LayerWeights(
+                    layer.name,
+                    type(layer).__name__,
+                    sum(_variable_bytes(v) for v in layer._trainable_variables)
+                    + sum(_variable_bytes(v) for v in layer._non_trainable_variables),
+                )
+                for layer in model._flatten_layers(include_self=True)
+            ]
+    except Exception:  # any failure: the real load says what is wrong
+        return None
+    finally:
+        global_state.set_global_attribute("uninitialized_variables", pending)
+    return layers
+
+
+def _from_config(path: Path, config: dict):
+    if path.suffix == ".keras":
+        config = {key: value for key, value in config.items() if key != "compile_config"}
+        return keras.saving.deserialize_keras_object(config, safe_mode=True)
+    from keras.src.legacy.saving import saving_utils
+
+    return saving_utils.model_from_config(config)
+
+
+def _variable_bytes(variable) -> int:
+    shape = [d for d in variable.shape if d is not None]
+    size = 1
+    for dim in shape:
+        size *= int(dim)
+    return size * _itemsize(variable.dtype)
+
+
+def _itemsize(dtype) -> int:
+    name = str(dtype)
+    for bits in (64, 32, 16, 8):
+        if str(bits) in name:
+            return bits // 8
+    return 4
+
+
+def _stored_bytes(path: Path) -> int:
+    """The bytes of weight data a `.keras` archive or `.h5` file holds.
+
+    An archive member stored as is (Keras writes them so) counts its size on
+    disk: reading a member's HDF5 headers through `zipfile` takes longer than
+    loading the model. A compressed member (a hand-made archive) counts the
+    data of its datasets, since a few kilobytes can inflate to gigabytes of
+    zeros.
+    """
+    if path.suffix != ".keras":
+        return safety.h5_dataset_bytes(path)
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith((".h5", ".npz", ".json")):
+                continue
+            if info.compress_type == zipfile.ZIP_STORED or not info.filename.endswith(".h5"):
+                total += min(info.file_size, max(info.compress_size, 0) or info.file_size)
+                continue
+            with archive.open(info) as member:
+                total += safety.h5_dataset_bytes(member)
+    return total
