@@ -28,6 +28,7 @@ from regularize import trust
 from regularize.core.guards import recursion_limit
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
+from regularize.errors import RegularizeError
 from regularize.errors import RegularizeWarning
 from regularize.errors import first_line as _first_line
 from regularize.paths import check_output_path
@@ -98,7 +99,12 @@ def load_model(
     # The config is checked as data before Keras deserializes anything:
     # Keras' own `safe_mode` refuses Python lambdas only, while a registered
     # object of any installed package (keras-hub's) would be resolved and run.
-    trust.check_file(path, custom_objects=objects, safe_mode=safe_mode)
+    try:
+        trust.check_file(path, custom_objects=objects, safe_mode=safe_mode)
+    except RegularizeError:
+        raise
+    except Exception as err:  # a damaged archive or attribute table: one line
+        raise ModelLoadError(_explain_load_error(path, err)) from err
     try:
         with recursion_limit(DEEP), keras.saving.custom_object_scope(objects):
             model = _load(path, compile=compile and not lazy, safe_mode=safe_mode)

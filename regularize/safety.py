@@ -1,26 +1,18 @@
-"""Model files from strangers, read as data before anything is deserialized.
+"""Model files read as data: configs, HDF5 storage, SavedModel metadata, load-error messages.
 
 Imports no TensorFlow and no Keras: the parent process checks a file here
 before it picks an engine, and the Keras 2 engine's child checks it again
 before tf_keras sees it. Every walk is iterative, so that neither a deeply
 nested config nor Python's recursion limit decides what happens.
 
-What is refused without `unsafe` (each a one-line `ModelLoadError`):
-- a Keras 2 `TFOpLambda` / `SlicingOpLambda` whose TensorFlow function is not
-  a pure tensor operation on the allowlist below, or whose constant
-  arguments are anything but numbers, shapes, dtypes and a few fixed
-  keywords: tf_keras calls that function, eagerly, while it loads the model
-  (`tf.io.write_file` writes any file, `tf.io.gfile.rmtree` deletes a tree);
-- `ClassMethod` / `InstanceMethod` layers and `InstanceProperty` layers
-  outside a few tensor attributes, for the same reason;
-- Python-lambda `Lambda` layers (their bytecode runs at load time);
-- a `vocabulary` given as a file path (tf_keras reads that local file into
-  the model);
-- a `module` key outside Keras, TensorFlow and the custom-object module:
-  tf_keras' deserializer imports whatever module a config names.
-What is refused always: HDF5 files whose datasets live in other files
-(external storage, external links, virtual datasets) or need filter plugins,
-and configs nested deeper than `MAX_CONFIG_DEPTH`.
+The config checks themselves (classes, functions, file arguments, Keras 2
+op layers, resource bounds) live once, in `regularize.core.checker`;
+`check_keras2_config` applies its Keras 2 rules, `regularize.trust` its
+Keras 3 ones. Here: parsing a config safely (`parse_config`: depth first),
+HDF5 files whose datasets live in other files (external storage, external
+links, virtual datasets) or need filter plugins (`check_h5_storage`, refused
+always), the SavedModel's `keras_metadata.pb` decoded by hand, and our one
+line for a Keras safe-mode refusal.
 """
 
 from __future__ import annotations
@@ -75,7 +67,8 @@ def parse_config(text: str | bytes, received: str) -> dict:
         config = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise ModelLoadError(
-            f"Cannot read model: its model config is not valid JSON ({_first(err)}). {received}"
+            f"Cannot read model: its model config is not valid JSON ({_first(err)}); the "
+            f"file is corrupt or was edited by hand. {received}"
         ) from err
     if not isinstance(config, dict):
         raise ModelLoadError(

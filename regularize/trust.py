@@ -87,7 +87,7 @@ _cache: dict = {}
 def keras3_allowlist(custom_objects: dict | None = None) -> checker.Allowlist:
     """What Keras 3 may resolve in a config loaded here, with `custom_objects` allowed."""
     registry = object_registration.GLOBAL_CUSTOM_OBJECTS
-    key = (len(registry), len(api_export.REGISTERED_NAMES_TO_OBJS))
+    key = (frozenset(registry), len(api_export.REGISTERED_NAMES_TO_OBJS))
     base = _cache.get(key)
     if base is None:
         base = _cache[key] = _base_allowlist()

@@ -59,7 +59,7 @@ _KERAS2_VALUES = frozenset(
 # registered (`_retrieve_class_or_fn`).
 _IMPORTED_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
-_REGISTERED = re.compile(r"[A-Za-z_][\w.]*>[A-Za-z_]\w*")
+_REGISTERED = re.compile(r"[A-Za-z_][\w.]*>[A-Za-z_]\w*")  # `package>Name`
 # Constructor arguments that Keras and keras-hub layers open as files when
 # they are strings (vocabulary / merges / SentencePiece proto paths, ...).
 # (WhisperTokenizer opens `special_tokens` and `language_tokens` paths too.)
@@ -217,7 +217,7 @@ class _Checker:
             if isinstance(inner, str):
                 self._keras3_function(inner, node.get("module"), where)
         elif isinstance(inner, dict):
-            if not _IDENTIFIER.fullmatch(kind):
+            if not (_IDENTIFIER.fullmatch(kind) or _REGISTERED.fullmatch(kind)):
                 self._refuse_class(where, kind, node.get("module"))
             registered = node.get("registered_name", kind)
             if self._keras3_class(kind, node.get("module"), registered) is False:
