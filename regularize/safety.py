@@ -127,15 +127,21 @@ _dicts = checker.dicts
 # -- HDF5 -------------------------------------------------------------------
 
 
-def check_h5_storage(path: str | os.PathLike, received: str) -> None:
-    """Raises `ModelLoadError` if an HDF5 file keeps any data outside itself.
+def check_h5_storage(source, received: str) -> None:
+    """Raises `ModelLoadError` if an HDF5 file keeps data outside itself, or inflates.
 
     HDF5 lets a dataset store its bytes in another file (external storage),
     a link point into another file (external link), and a dataset be a view
     of others (virtual dataset): loading such a "model" copies any local
     file the process can read into the model, and so into the output. Soft
     links are refused too (Keras never writes them), and datasets whose
-    filters HDF5 would load as plugins.
+    filters HDF5 would load as plugins. A dataset that holds far more than
+    the file stores for it (gzip of zeros, or never written: HDF5 then
+    returns its fill value) would make the loader allocate that much from a
+    small file; it is refused too (see `MAX_INFLATION`).
+
+    Args:
+        source: A path, or a file object (a `.keras` archive's member).
     """
     import h5py
 
@@ -155,17 +161,28 @@ def check_h5_storage(path: str | os.PathLike, received: str) -> None:
         return True if problems else None
 
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(source, "r") as f:
             f.visititems_links(visit)
     except Exception as err:  # h5py: OSError, RuntimeError, KeyError on damaged files
         raise ModelLoadError(
             f"Cannot read model: corrupt HDF5 file ({_first(err)}). {received}"
         ) from err
+    if problems and " holds " in problems[0]:
+        raise ModelLoadError(
+            f"Refusing to read model: {problems[0]}. Expected weights stored at their "
+            f"size. {received}"
+        )
     if problems:
         raise ModelLoadError(
             f"Refusing to read model: {problems[0]}, which would read data from outside "
             f"the file. Expected a self-contained `.h5` file. {received}"
         )
+
+
+# How much larger than its bytes in the file a dataset may be (float weights
+# barely compress; zeros compress a thousandfold), beyond a first megabyte.
+MAX_INFLATION = 20
+_INFLATION_FLOOR = 1 << 20
 
 
 def h5_dataset_bytes(source) -> int:
@@ -202,6 +219,13 @@ def _dataset_problem(f, name: str) -> str | None:
         code = plist.get_filter(i)[0]
         if code not in _BUILTIN_FILTERS:
             return f"dataset {shown} needs the HDF5 filter plugin {code}"
+    logical = obj.size * obj.dtype.itemsize
+    stored = obj.id.get_storage_size()
+    if logical > MAX_INFLATION * stored + _INFLATION_FLOOR:
+        return (
+            f"dataset {shown} holds {checker.format_bytes(logical)} that the file stores "
+            f"in {checker.format_bytes(stored)} (compressed or never written)"
+        )
     return None
 
 

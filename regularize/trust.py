@@ -18,6 +18,7 @@ compares the weights it would allocate with what the file stores.
 from __future__ import annotations
 
 import inspect
+import io
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from keras.src.saving import object_registration
 
 from regularize import safety
 from regularize.core import checker
+from regularize.errors import ModelLoadError
 
 # Public namespaces whose classes a model config may name.
 _CLASS_NAMESPACES = (
@@ -220,12 +222,95 @@ def check_file(path: Path, *, custom_objects: dict | None = None, safe_mode: boo
     """Raises `ModelLoadError` if loading this Keras 3 file could run code, read files or
     allocate far more memory than it stores. Reads the config as data first."""
     received = f"Received: path={str(path)!r}"
+    if path.suffix == ".keras":
+        _check_archive(path, received)
     text = _config_text(path)
     config = safety.parse_config(text, received)
     _import_named_packages(text)
     allowlist = keras3_allowlist(custom_objects)
     checker.check_config(config, allowlist, received=received, unsafe=not safe_mode)
     _check_weights(path, config, received, custom_objects)
+
+
+# A `config.json` larger than this is no model config (InceptionResNetV2's
+# is 0.8 MB): reading it would inflate a small archive into memory.
+MAX_CONFIG_BYTES = 64 << 20
+
+
+def _check_archive(path: Path, received: str) -> None:
+    """A `.keras` archive's members: a config of sane size, weights kept inside the file.
+
+    The HDF5 rules of `.h5` inputs (`safety.check_h5_storage`: no external
+    storage or links, no inflating datasets) apply to the archive's weights
+    files too: Keras reads them as it would an `.h5` file.
+    """
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("config.json")
+        if info.file_size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(
+                f"Refusing to read model: its `config.json` is "
+                f"{checker.format_bytes(info.file_size)}. Expected at most "
+                f"{checker.format_bytes(MAX_CONFIG_BYTES)}. {received}"
+            )
+        for member in archive.infolist():
+            if member.filename.endswith(".h5"):
+                with _open_member(path, archive, member) as stream:
+                    safety.check_h5_storage(stream, received)
+
+
+def _open_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo):
+    """A seekable file object over one archive member.
+
+    A member stored as is is read in place through `_Window`: `zipfile`'s
+    own stream seeks backwards by reading again from the start, which makes
+    HDF5's many small reads take longer than loading the model.
+    """
+    if member.compress_type != zipfile.ZIP_STORED:
+        return archive.open(member)
+    with open(path, "rb") as raw:
+        raw.seek(member.header_offset)
+        header = raw.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        return archive.open(member)
+    name_length = int.from_bytes(header[26:28], "little")
+    extra_length = int.from_bytes(header[28:30], "little")
+    start = member.header_offset + 30 + name_length + extra_length
+    return _Window(path, start, member.file_size)
+
+
+class _Window(io.RawIOBase):
+    """Bytes `start` to `start + size` of a file, as a read-only seekable file."""
+
+    def __init__(self, path: Path, start: int, size: int):
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115  closed by close()
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self._size - self._pos))
+        self._file.seek(self._start + self._pos)
+        data = self._file.read(count)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _config_text(path: Path) -> str:
