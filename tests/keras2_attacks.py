@@ -41,6 +41,7 @@ import h5py  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from tf_keras.protobuf import saved_metadata_pb2  # noqa: E402
+from tf_keras.src.utils import generic_utils  # noqa: E402
 
 L = tf_keras.layers
 
@@ -70,6 +71,68 @@ def vocab_model(vocabulary: str) -> tf_keras.Model:
     return tf_keras.Model(inp, out, name="vocab_model")
 
 
+def text_model() -> tf_keras.Model:
+    """A TextVectorization model: its `standardize` and `split` may name a callable."""
+    inp = tf_keras.Input((1,), dtype="string", name="text")
+    x = L.TextVectorization(
+        max_tokens=10, output_sequence_length=4, vocabulary=["a", "b"], name="vec"
+    )(inp)
+    x = L.Embedding(10, 4, name="emb")(x)
+    x = L.Flatten(name="flat")(x)
+    x = L.Dense(4, activation="relu", name="fc")(x)
+    out = L.Dense(1, name="out")(x)
+    return tf_keras.Model(inp, out, name="text_model")
+
+
+def dotted_lambda(marker: Path) -> dict:
+    """TensorFlow's embedded old Keras `Lambda`, named by a dotted class name.
+
+    tf_keras' deserializer imports `module` and resolves `core.Lambda` as the
+    attribute `Lambda` of `module.core` (its `__qualname__` support), so the
+    old Keras `Lambda` is built; its `from_config` unmarshals the bytecode,
+    which runs when the layer is called (here: as TextVectorization's
+    `standardize` or `split`, while the model is rebuilt).
+    """
+    function = eval(f"lambda x, *args, **kwargs: (open({str(marker)!r}, 'w').write('pwned'), x)[1]")
+    code = generic_utils.func_dump(function)[0]
+    return {
+        "module": "tensorflow.python.keras.layers",
+        "class_name": "core.Lambda",
+        "config": {
+            "name": "dotted",
+            "trainable": True,
+            "dtype": "float32",
+            "function": [code, None, None],
+            "function_type": "lambda",
+            "module": "builtins",
+            "output_shape": None,
+            "output_shape_type": "raw",
+            "output_shape_module": None,
+            "arguments": {},
+        },
+    }
+
+
+def set_in_layer(layer: str, key: str, value):
+    """An edit: `key` of layer `layer`'s config set to `value`, wherever the layer appears."""
+
+    def edit(config):
+        stack, found = [config], 0
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                if item.get("name") == layer and key in item:
+                    item[key] = value
+                    found += 1
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        if not found:
+            raise SystemExit(f"no {key!r} in layer {layer!r}")
+
+    return edit
+
+
 def op_layer(name: str, function: str, inbound: list) -> dict:
     return {
         "class_name": "TFOpLambda",
@@ -91,6 +154,20 @@ def edit_h5_config(path: Path, edit, *, replace: tuple[str, str] = ("", "")) -> 
         # `replace` puts in text that json.dumps cannot write (nesting deeper than the
         # recursion limit).
         f.attrs["model_config"] = json.dumps(config).replace(*replace)
+
+
+def edit_savedmodel_nodes(folder: Path, edit) -> None:
+    """Passes every node's metadata in `keras_metadata.pb` (a dict) through `edit`."""
+    meta = saved_metadata_pb2.SavedMetadata()
+    meta.ParseFromString((folder / "keras_metadata.pb").read_bytes())
+    for node in meta.nodes:
+        data = json.loads(node.metadata)
+        try:
+            edit(data)
+        except SystemExit:  # the layer is not in this node
+            continue
+        node.metadata = json.dumps(data)
+    (folder / "keras_metadata.pb").write_bytes(meta.SerializeToString())
 
 
 def edit_savedmodel_config(folder: Path, edit) -> None:
@@ -207,6 +284,35 @@ def main() -> None:
 
     # StringLookup reading a local file as its vocabulary.
     vocab_model(spec["vocab"]).save(out / "vocab_file.h5")
+
+    # TensorFlow's old Keras `Lambda` under a dotted class name, nested in a
+    # layer's config (issue 19): the SavedModel's metadata, then an `.h5`.
+    text_model().save(out / "sm_text", save_format="tf")
+    for name, key in (("sm_dotted_lambda", "standardize"), ("sm_dotted_split", "split")):
+        shutil.copytree(out / "sm_text", out / name)
+        edit_savedmodel_nodes(out / name, set_in_layer("vec", key, dotted_lambda(markers / name)))
+    shutil.rmtree(out / "sm_text")
+    text_model().save(out / "dotted_lambda.h5")
+    edit_h5_config(
+        out / "dotted_lambda.h5",
+        set_in_layer("vec", "standardize", dotted_lambda(markers / "dotted_lambda_h5")),
+    )
+    # A `module` tf_keras would import: the standard library.
+    for name, entry in (
+        ("module_os.h5", {"module": "os", "class_name": "system", "config": {}}),
+        (
+            "module_subprocess.h5",
+            {"module": "subprocess", "class_name": "Popen", "config": {"args": ["true"]}},
+        ),
+    ):
+        variant(name, set_in_layer("hidden", "kernel_initializer", entry))
+
+    # Allowed pure ops on a huge constant shape: 24000 x 24000 float32 = 2.3 GB
+    # allocated eagerly while the model is rebuilt.
+    big = [24_000, 24_000]
+    variant("tfop_fill.h5", append(op_layer("big", "fill", constant_call(big, value=1.0))))
+    variant("tfop_ones.h5", append(op_layer("big", "ones", constant_call(big))))
+    variant("tfop_zeros.h5", append(op_layer("big", "zeros", constant_call(big))))
 
     notes = {"resource_marker_at_save": built_marker}
     files = sorted(p.name for p in out.iterdir())

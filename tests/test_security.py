@@ -24,11 +24,14 @@ import json
 import os
 import pty
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -81,10 +84,31 @@ def _script() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "regularize"]
 
 
-def cli(*args, cwd: Path, timeout: float = 300, script: bool = False) -> Run:
-    """Runs the real CLI in a fresh process; `script` uses the console script."""
+def cli(
+    *args,
+    cwd: Path,
+    timeout: float = 300,
+    script: bool = False,
+    env: dict | None = None,
+    measure: Path | None = None,
+) -> Run:
+    """Runs the real CLI in a fresh process; `script` uses the console script.
+
+    `env`: variables set for the run (a value of None removes one).
+    `measure`: run it under `_MEASURED`, which caps its address space at
+    `MEMORY_CAP` and writes its peak resident memory to this file (read it
+    with `peak_rss`).
+    """
     command = _script() if script else [sys.executable, "-m", "regularize"]
     command = [*command, *map(str, args)]
+    if measure is not None:
+        command = [sys.executable, "-c", _MEASURED, str(MEMORY_CAP), str(measure), *command]
+    child_env = _env()
+    for key, value in (env or {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
     start = time.monotonic()
     try:
         run = subprocess.run(
@@ -93,13 +117,38 @@ def cli(*args, cwd: Path, timeout: float = 300, script: bool = False) -> Run:
             capture_output=True,
             text=True,
             errors="surrogateescape",
-            env=_env(),
+            env=child_env,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{args} did not finish within {timeout} s (hangs?): {err.stderr!r:.2000}")
     return Run(list(args), run.returncode, run.stdout, run.stderr, time.monotonic() - start)
+
+
+# Runs argv[3:] with its address space capped at argv[1] bytes (so that a
+# defence that broke fails the test with an allocation error instead of taking
+# the machine's memory), then writes the peak resident memory of the run and
+# all its descendants (the Keras 2 engine's child too: a reaped child's peak
+# counts toward its parent's RUSAGE_CHILDREN) to the file argv[2].
+_MEASURED = """
+import json, resource, subprocess, sys
+limit, report, command = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+code = subprocess.run(command, preexec_fn=cap).returncode
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+with open(report, "w") as f:
+    json.dump({"peak_rss": peak, "returncode": code}, f)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+# Far above what a run needs (about 1 GB resident, 5 GB of address space for
+# TensorFlow), far below the 14.4 GB the big-Dense attack would allocate.
+MEMORY_CAP = 10 << 30
+
+
+def peak_rss(report: Path) -> int:
+    """The peak resident memory (bytes) that a `measure`d run wrote to `report`."""
+    return json.loads(report.read_text())["peak_rss"]
 
 
 # -- what a run may and may not do --------------------------------------------
@@ -888,3 +937,510 @@ def test_vocabulary_file_is_read_with_unsafe(world):
     with h5py.File(out, "r") as f:
         config = f.attrs["model_config"]
     assert str(world.vocab).encode() in (config if isinstance(config, bytes) else config.encode())
+
+
+# -- 12. what a config names: imports, calls, files, memory (issue 19) ----------
+#
+# Each attack is refused before anything is deserialized, on every command
+# that reads a model (`inspect`, `add-dropout`, `add-dropout --dry-run`), in
+# one line that names the layer, the object and why. The fast suite runs the
+# main attack of each kind on the three commands and its variants on
+# `inspect`; the other commands of a variant are `slow`.
+
+READ_COMMANDS = {
+    "inspect": ["inspect"],
+    "add": ["add-dropout"],
+    "dry_run": ["add-dropout", "--dry-run"],
+}
+
+
+def _commands(fast: tuple[str, ...] = tuple(READ_COMMANDS)) -> list:
+    """Parameters for `command`: those in `fast` run in the fast suite, the rest are `slow`."""
+    return [
+        pytest.param(name, marks=() if name in fast else pytest.mark.slow, id=name)
+        for name in READ_COMMANDS
+    ]
+
+
+@pytest.fixture(scope="session")
+def k3_attacks(world) -> Path:
+    """The Keras 3 attack files (tests/keras3_attacks.py), aimed at the world's paths."""
+    import keras3_attacks
+
+    folder = world.root / "keras3_attacks"
+    keras3_attacks.build(
+        folder, target=world.decoy / "keep.txt", vocab=world.vocab, secret=world.secret
+    )
+    assert not world.clear_markers() and not world.restore_decoy(), "building an attack fired it"
+    return folder
+
+
+# -- 12a. code execution: a dotted class name in a Keras 2 config -----------------
+
+DOTTED_SAVEDMODELS = {"sm_dotted_lambda": "standardize", "sm_dotted_split": "split"}
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_dotted_lambda_in_savedmodel_is_refused(world, command):
+    """`tensorflow.python.keras.layers` / `core.Lambda` as TextVectorization's `standardize`.
+
+    The old check trusted every module under `tensorflow` and compared class
+    names with "Lambda" exactly: the dotted name passed, and tf_keras built
+    TensorFlow's embedded old Keras `Lambda`, whose bytecode wrote the marker.
+    """
+    work = world.workdir(f"sm_dotted_{command}")
+    model = _copy(world.k2 / "sm_dotted_lambda", work)
+    _refused(
+        world,
+        lambda: cli(*READ_COMMANDS[command], model.name, cwd=work),
+        1,
+        "core.Lambda",
+        "--unsafe",
+        any_of=("allowlist", "'tensorflow.python.keras.layers'"),
+    )
+
+
+@pytest.mark.parametrize("command", _commands(fast=("inspect",)))
+def test_dotted_lambda_as_split_is_refused(world, command):
+    work = world.workdir(f"sm_dotted_split_{command}")
+    model = _copy(world.k2 / "sm_dotted_split", work)
+    _refused(
+        world,
+        lambda: cli(*READ_COMMANDS[command], model.name, cwd=work),
+        1,
+        "core.Lambda",
+        "--unsafe",
+        any_of=("allowlist", "'tensorflow.python.keras.layers'"),
+    )
+
+
+# What regularize 0.1 did with a Keras 2 SavedModel: rebuild the root model from
+# `keras_metadata.pb` with tf_keras' (new-style) deserializer.
+_REBUILD_SAVEDMODEL = """
+import sys
+import tf_keras
+from tf_keras.protobuf import saved_metadata_pb2
+from tf_keras.src.saving.legacy.saved_model import json_utils
+meta = saved_metadata_pb2.SavedMetadata()
+meta.ParseFromString(open(sys.argv[1] + "/keras_metadata.pb", "rb").read())
+root = json_utils.decode(next(n.metadata for n in meta.nodes if n.node_path == "root"))
+try:
+    tf_keras.models.model_from_config({key: root[key] for key in ("class_name", "config")})
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+@pytest.mark.parametrize("name", list(DOTTED_SAVEDMODELS))
+def test_dotted_lambda_runs_its_bytecode_when_unsafe(world, name):
+    """The attack is real: with --unsafe, or rebuilt by tf_keras from its metadata, it fires.
+
+    regularize 0.1 rebuilt SavedModels from their metadata outside tf_keras'
+    SavedModel scope, where the dotted name resolves; `--unsafe` now rebuilds
+    them inside it, where tf_keras' legacy deserializer does not resolve it.
+    Either way the marker shows what the file does to that deserializer.
+    """
+    work = world.workdir(f"{name}_unsafe")
+    model = _copy(world.k2 / name, work)
+    cli("inspect", model.name, "--unsafe", cwd=work)
+    fired = world.clear_markers()
+    if not fired:
+        env = _env(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+        subprocess.run(
+            [sys.executable, "-c", _REBUILD_SAVEDMODEL, str(model)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
+        fired = world.clear_markers()
+    assert fired == [name]
+
+
+def test_dotted_lambda_in_h5_is_refused(world):
+    """The same nested object in an `.h5` model config (held by tf_keras before; still held)."""
+    work = world.workdir("h5_dotted")
+    model = _copy(world.k2 / "dotted_lambda.h5", work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        "core.Lambda",
+        any_of=("Refusing", "Cannot read model"),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "module"), [("module_os.h5", "'os'"), ("module_subprocess.h5", "'subprocess'")]
+)
+def test_keras2_config_naming_a_stdlib_module_is_refused(world, name, module):
+    """tf_keras imports a config's `module` before anything else checks it."""
+    work = world.workdir(Path(name).stem)
+    model = _copy(world.k2 / name, work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        "hidden",
+        module,
+        "--unsafe",
+    )
+
+
+# -- 12b. file truncation: a registered keras-hub function in a Lambda ---------------
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_registered_function_that_opens_a_file_is_refused(world, k3_attacks, command):
+    """`keras_hub>compute_sentence_piece_proto` with `proto_output_file` = the decoy's file."""
+    work = world.workdir(f"sp_truncate_{command}")
+    model = _copy(k3_attacks / "sp_truncate.keras", work)
+    _refused(
+        world,
+        lambda: cli(*READ_COMMANDS[command], model.name, cwd=work),
+        1,
+        "'evil'",
+        "--unsafe",
+        # Two reasons, either may be named: the function, the file it would open.
+        any_of=("compute_sentence_piece_proto", "`proto_output_file`"),
+    )
+
+
+def test_registered_function_truncates_the_file_with_unsafe(world, k3_attacks):
+    """The attack is real: Keras calls the function while it infers the Lambda's shape."""
+    work = world.workdir("sp_truncate_unsafe")
+    model = _copy(k3_attacks / "sp_truncate.keras", work)
+    cli("inspect", model.name, "--unsafe", cwd=work)
+    assert (world.decoy / "keep.txt").read_bytes() == b"", "the decoy's file was not truncated"
+    assert world.restore_decoy()
+
+
+def test_registered_function_as_a_plain_string_is_refused(world, k3_attacks):
+    """The Lambda's `function` as the bare string `keras_hub>compute_sentence_piece_proto`."""
+    work = world.workdir("sp_truncate_string")
+    model = _copy(k3_attacks / "sp_truncate_string.keras", work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        "'evil'",
+        "--unsafe",
+        any_of=("compute_sentence_piece_proto", "`proto_output_file`"),
+    )
+
+
+def test_registered_function_as_an_activation_is_refused(world, k3_attacks):
+    work = world.workdir("activation_registered")
+    model = _copy(k3_attacks / "activation_registered.keras", work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        "'fc'",
+        "compute_sentence_piece_proto",
+        "--unsafe",
+    )
+    # The name is real: with --unsafe, Keras resolves it to keras-hub's function.
+    run = cli("inspect", model.name, "--unsafe", cwd=work)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compute_sentence_piece_proto" in run.stdout, run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "function"),
+    [
+        ("get_file", "get_file"),
+        ("load_model", "load_model"),
+        ("private_module", "get_file"),
+        ("os_module", "system"),
+        ("builtins_registered", "builtins>exec"),
+    ],
+)
+def test_lambda_naming_a_non_tensor_function_is_refused(world, k3_attacks, name, function):
+    """Functions Keras 3 refuses or cannot find itself: still one refusal line."""
+    work = world.workdir(f"k3_{name}")
+    model = _copy(k3_attacks / f"{name}.keras", work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        function,
+        any_of=("Refusing", "Cannot read model"),
+    )
+
+
+# -- 12c. a local file read into the output: keras-hub tokenizer paths ---------------
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_tokenizer_vocabulary_file_is_refused(world, k3_attacks, command):
+    """PARSeqTokenizer's `vocabulary` = the world's vocabulary secret, its asset removed."""
+    work = world.workdir(f"parseq_{command}")
+    model = _copy(k3_attacks / "parseq_vocab.keras", work)
+    _refused(
+        world,
+        lambda: cli(*READ_COMMANDS[command], model.name, cwd=work),
+        1,
+        "'tok'",
+        "`vocabulary`",
+        str(world.vocab),
+        "--unsafe",
+    )
+
+
+def test_tokenizer_vocabulary_file_is_read_with_unsafe(world, k3_attacks):
+    """The attack is real: with --unsafe, the secret is the output's vocabulary asset."""
+    work = world.workdir("parseq_unsafe")
+    model = _copy(k3_attacks / "parseq_vocab.keras", work)
+    out = work / "out.keras"
+    run = world.observe(
+        lambda: cli("add-dropout", model.name, "--unsafe", "-o", out.name, cwd=work),
+        allowed=(str(out.relative_to(world.root)),),
+        secret_ok=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with zipfile.ZipFile(out) as z:
+        assets = [n for n in z.namelist() if n.startswith("assets/")]
+        # PARSeq keeps its vocabulary as one string and saves it a character a line.
+        text = "".join(z.read(n).decode("utf-8", "replace").replace("\n", "") for n in assets)
+    assert VOCAB_SECRET.decode() in text, (assets, text[:200])
+
+
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        ("bpe_vocab.keras", ("`vocabulary`", "`merges`")),
+        ("whisper_vocab.keras", ("`vocabulary`", "`merges`")),
+        ("sentencepiece_proto.keras", ("`proto`",)),
+    ],
+)
+def test_other_tokenizer_files_are_refused(world, k3_attacks, name, keys):
+    """BytePairTokenizer / WhisperTokenizer (`vocabulary`, `merges`), SentencePiece (`proto`)."""
+    work = world.workdir(Path(name).stem)
+    model = _copy(k3_attacks / name, work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        "'tok'",
+        "--unsafe",
+        any_of=keys,
+    )
+
+
+# -- 12d. network and home-folder writes: a public Keras function that downloads ----
+
+
+class Listener:
+    """A TCP socket on 127.0.0.1 that counts the connections it accepts (an HTTP proxy)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # the timeout: look at the stop flag again
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> int:
+        """Stops listening (the thread ends within its accept timeout); the count."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.sock.close()
+        return self.accepted
+
+
+@pytest.fixture(scope="session")
+def home(world, tmp_path_factory) -> Path:
+    """A home folder inside the world (so `observe` sees a write there), Keras' config in it."""
+    folder = world.root / "home"
+    (folder / ".keras").mkdir(parents=True)
+    config = {
+        "floatx": "float32",
+        "epsilon": 1e-07,
+        "backend": "tensorflow",
+        "image_data_format": "channels_last",
+    }
+    # Keras writes this file at import when it is missing: present, nothing changes.
+    (folder / ".keras" / "keras.json").write_text(json.dumps(config, indent=4))
+    return folder
+
+
+def _network_env(home: Path, proxy: str, matplotlib: Path) -> dict:
+    env = {key: proxy for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    env.update(HOME=str(home), KERAS_HOME=str(home / ".keras"), NO_PROXY=None, no_proxy=None)
+    # matplotlib keeps its font cache under $HOME: elsewhere, outside the world.
+    env["MPLCONFIGDIR"] = str(matplotlib)
+    return env
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_downloading_function_is_refused(world, k3_attacks, home, tmp_path, command):
+    """A Lambda naming `keras.applications.imagenet_utils.decode_predictions`."""
+    work = world.workdir(f"decode_{command}")
+    model = _copy(k3_attacks / "decode_predictions.keras", work)
+    listener = Listener()
+    try:
+        env = _network_env(home, listener.url, tmp_path)
+        _refused(
+            world,
+            lambda: cli(*READ_COMMANDS[command], model.name, cwd=work, env=env),
+            1,
+            "'evil'",
+            "decode_predictions",
+            "allowlist",
+            "--unsafe",
+        )
+    finally:
+        accepted = listener.close()
+    assert accepted == 0, f"{accepted} connection(s) to the proxy"
+
+
+def test_downloading_function_connects_with_unsafe(world, k3_attacks, home, tmp_path):
+    """The attack is real: with --unsafe, Keras downloads through the proxy into $KERAS_HOME."""
+    work = world.workdir("decode_unsafe")
+    model = _copy(k3_attacks / "decode_predictions.keras", work)
+    listener = Listener()
+    try:
+        env = _network_env(home, listener.url, tmp_path)
+        before = snapshot(home)
+        cli("inspect", model.name, "--unsafe", cwd=work, env=env)
+        written = _changes(before, snapshot(home))
+    finally:
+        accepted = listener.close()
+        for path in home.joinpath(".keras").iterdir():
+            if path.name != "keras.json":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert accepted > 0
+    assert written, "nothing was written to $KERAS_HOME"
+
+
+# -- 12e. memory: weights or constants far beyond what the file stores -------------
+
+# A run reads a small model in about 1 GB; each attack would take 2.3 GB more
+# (Keras 2) or 14.4 GB (Keras 3).
+PEAK_BOUND = 2_500_000_000
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_huge_constant_of_an_allowed_op_is_refused(world, tmp_path, command):
+    """`tf.fill([24000, 24000], 1.0)`: an allowed op, a 2.3 GB constant."""
+    work = world.workdir(f"tfop_fill_{command}")
+    model = _copy(world.k2 / "tfop_fill.h5", work)
+    report = tmp_path / "peak.json"
+    line = _refused(
+        world,
+        lambda: cli(*READ_COMMANDS[command], model.name, cwd=work, measure=report),
+        1,
+        "'big'",
+        "fill",
+        "GB",
+    )
+    assert "--unsafe" not in line, line
+    assert peak_rss(report) < PEAK_BOUND, f"peak {peak_rss(report) / 1e9:.2f} GB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unsafe", [False, True], ids=["safe", "unsafe"])
+@pytest.mark.parametrize("name", ["tfop_ones.h5", "tfop_zeros.h5"])
+def test_huge_ones_and_zeros_are_refused(world, tmp_path, name, unsafe):
+    """Not lifted by --unsafe: no legitimate file needs it."""
+    work = world.workdir(Path(name).stem + ("_unsafe" if unsafe else ""))
+    model = _copy(world.k2 / name, work)
+    report = tmp_path / "peak.json"
+    flags = ["--unsafe"] if unsafe else []
+    line = _refused(
+        world,
+        lambda: cli("inspect", *flags, model.name, cwd=work, measure=report),
+        1,
+        "'big'",
+        "GB",
+    )
+    assert "--unsafe" not in line, line
+    assert peak_rss(report) < PEAK_BOUND, f"peak {peak_rss(report) / 1e9:.2f} GB"
+
+
+_KERAS2_LOAD = """
+import sys, tf_keras
+try:
+    tf_keras.models.load_model(sys.argv[1])
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_huge_constant_is_allocated_by_tf_keras(world, tmp_path):
+    """The attack is real: tf_keras alone allocates the constant while it loads the file."""
+    work = world.workdir("tfop_fill_real")
+    model = _copy(world.k2 / "tfop_fill.h5", work)
+    report = tmp_path / "peak.json"
+    subprocess.run(
+        [sys.executable, "-c", _MEASURED, str(MEMORY_CAP), str(report)]
+        + [sys.executable, "-c", _KERAS2_LOAD, str(model)],
+        cwd=work,
+        env=_env(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert peak_rss(report) > 24_000 * 24_000 * 4, f"peak {peak_rss(report) / 1e9:.2f} GB"
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_weights_far_beyond_the_file_are_refused(world, k3_attacks, tmp_path, command):
+    """`Dense(60000)` on a 60000-wide input in config.json; model.weights.h5 holds 6x6."""
+    work = world.workdir(f"big_dense_{command}")
+    model = _copy(k3_attacks / "big_dense.keras", work)
+    report = tmp_path / "peak.json"
+    line = _refused(
+        world,
+        lambda: cli(*READ_COMMANDS[command], model.name, cwd=work, measure=report),
+        1,
+        "'big'",
+        "Dense",
+        "14.4 GB",
+    )
+    assert "--unsafe" not in line, line
+    assert peak_rss(report) < PEAK_BOUND, f"peak {peak_rss(report) / 1e9:.2f} GB"
+
+
+# Plain Keras 3, with its address space capped: a load that would allocate the
+# kernel fails at that allocation (nothing is touched; the cap refuses it).
+_KERAS3_LOAD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+import keras
+try:
+    keras.saving.load_model(sys.argv[1])
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_weights_far_beyond_the_file_are_allocated_by_keras(world, k3_attacks):
+    """The attack is real: Keras 3 alone asks for the 60000 x 60000 kernel."""
+    work = world.workdir("big_dense_real")
+    model = _copy(k3_attacks / "big_dense.keras", work)
+    run = subprocess.run(
+        [sys.executable, "-c", _KERAS3_LOAD, str(model)],
+        cwd=work,
+        env=_env(TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "OOM" in run.stdout and "[60000,60000]" in run.stdout, run.stdout[-2000:]
