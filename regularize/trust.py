@@ -17,6 +17,7 @@ compares the weights it would allocate with what the file stores.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import zipfile
@@ -352,37 +353,45 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
     """Each layer's weight bytes, from the model built with no variable initialized.
 
     Inside `StatelessScope(initialize_variables=False)` Keras creates each
-    variable with its shape and its initializer but allocates nothing; the
-    scope's list of uninitialized variables is put back afterwards, so the
-    shells are dropped. None when the model does not build so (the loader
-    then reports its own error).
+    variable with its shape and its initializer but allocates nothing, and
+    lists it as uninitialized; that list is read (also when the build fails
+    halfway, so what was declared still counts) and put back as it was, so
+    the shells are dropped. None when nothing was declared.
     """
     from keras.src.backend.common import global_state
     from keras.src.backend.common.stateless_scope import StatelessScope
 
     pending = global_state.get_global_attribute("uninitialized_variables")
+    global_state.set_global_attribute("uninitialized_variables", [])
     try:
         with (
+            contextlib.suppress(Exception),  # the real load says what is wrong
             keras.saving.custom_object_scope(custom_objects or {}),
             StatelessScope(initialize_variables=False),
         ):
-            model = _from_config(path, config)
-            if not isinstance(model, keras.layers.Layer):
-                return None
-            layers = [
-                checker.LayerWeights(
-                    layer.name,
-                    type(layer).__name__,
-                    sum(_variable_bytes(v) for v in layer._trainable_variables)
-                    + sum(_variable_bytes(v) for v in layer._non_trainable_variables),
-                )
-                for layer in model._flatten_layers(include_self=True)
-            ]
-    except Exception:  # any failure: the real load says what is wrong
-        return None
+            _from_config(path, config)
+        declared = global_state.get_global_attribute("uninitialized_variables") or []
+        sizes: dict[str, int] = {}
+        for variable in declared:
+            layer = variable.path.rsplit("/", 1)[0] if "/" in variable.path else variable.path
+            sizes[layer] = sizes.get(layer, 0) + _variable_bytes(variable)
     finally:
         global_state.set_global_attribute("uninitialized_variables", pending)
-    return layers
+    if not sizes:
+        return None
+    classes = _layer_classes(config)
+    return [
+        checker.LayerWeights(name, classes.get(name.split("/")[-1], "?"), size)
+        for name, size in sizes.items()
+    ]
+
+
+def _layer_classes(config) -> dict[str, str]:
+    return {
+        node["config"]["name"]: str(node.get("class_name"))
+        for node in checker.dicts(config)
+        if isinstance(node.get("config"), dict) and isinstance(node["config"].get("name"), str)
+    }
 
 
 def _from_config(path: Path, config: dict):

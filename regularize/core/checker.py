@@ -273,9 +273,15 @@ class _Checker:
                 self._refuse_function(where, name)
 
     def _lambda_layer(self, inner: dict, where: str) -> None:
+        # Its functions first: they are the cause when an argument looks odd too.
         for key in ("function", "output_shape", "mask"):
             value = inner.get(key)
-            if isinstance(value, str) and value:
+            if isinstance(value, dict) and value.get("class_name") == "__lambda__":
+                self._lambda(where, name=inner.get("name"))
+            elif isinstance(value, dict) and value.get("class_name") == "function":
+                if isinstance(value.get("config"), str):
+                    self._keras3_function(value["config"], value.get("module"), where)
+            elif isinstance(value, str) and value:
                 if inner.get(f"{key}_type") == "lambda":
                     self._lambda(where, name=inner.get("name"))
                 self._keras3_function(value, "builtins", where)

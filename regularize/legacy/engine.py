@@ -216,9 +216,11 @@ def _tfmot_modules() -> frozenset[str]:
     """The modules tfmot's serializable classes live in, exactly (its configs name them)."""
     modules = set()
     for scope in _tfmot_scopes():
-        for obj in getattr(scope, "custom_objects", {}).values():
-            if hasattr(obj, "__module__"):
-                modules.add(obj.__module__)
+        objects = getattr(scope, "custom_objects", ())  # a tuple of the dicts it was given
+        for table in objects if isinstance(objects, tuple | list) else (objects,):
+            for obj in table.values():
+                if hasattr(obj, "__module__"):
+                    modules.add(obj.__module__)
     return frozenset(modules)
 
 
@@ -228,34 +230,48 @@ def _check_weight_budget(path: Path, received: str) -> None:
     The model is built from its config inside a `tf.Graph`: tf_keras then
     creates each variable as a graph node with its shape and allocates
     nothing until a session would run its initializer, which never happens.
+    The variables are read from the graph's nodes, so that a build that
+    fails halfway (tfmot's pruning masks overflow on a huge kernel) still
+    counts what it had declared.
     """
     try:
         if path.is_dir():
             metadata = json_utils.decode(safety.savedmodel_root_config(path)[1])
             config = {"class_name": metadata["class_name"], "config": metadata["config"]}
-            stored = sum(f.stat().st_size for f in (path / "variables").glob("variables.data-*"))
+            stored = sum(
+                f.stat().st_size for f in (path / "variables").glob("variables.data-*")
+            )
         else:
             config = json_utils.decode(_h5_text(path))
             stored = safety.h5_dataset_bytes(path)
-        with (
-            tf.Graph().as_default(),
-            saved_model_utils.keras_option_scope(save_traces=False, in_tf_saved_model_scope=True),
-        ):
-            model = tf_keras.models.model_from_config(config)
-            layers = [
-                checker.LayerWeights(
-                    layer.name,
-                    type(layer).__name__,
-                    sum(_variable_bytes(v) for v in layer.weights),
-                )
-                for layer in all_layers(model)
-                if not isinstance(layer, tf_keras.Model)
-            ]
-    except Exception:  # it does not build so: the real load says why
+    except Exception:  # not readable so: the real load says why
         return
+    graph = tf.Graph()
+    with contextlib.suppress(Exception), graph.as_default():
+        with saved_model_utils.keras_option_scope(save_traces=False, in_tf_saved_model_scope=True):
+            tf_keras.models.model_from_config(config)
+    sizes: dict[str, int] = {}
+    for op in graph.get_operations():
+        if op.type in ("VarHandleOp", "VariableV2"):
+            shape = tf.TensorShape(op.get_attr("shape"))
+            dtype = tf.as_dtype(op.get_attr("dtype"))
+            size = dtype.size
+            for dim in shape.as_list() if shape.rank is not None else []:
+                size *= dim if dim is not None and dim > 0 else 1
+            layer = op.name.split("/")[0]
+            sizes[layer] = sizes.get(layer, 0) + size
+    layers = [checker.LayerWeights(name, _class_of(config, name), n) for name, n in sizes.items()]
     checker.check_weight_budget(
         layers, stored=stored, available=checker.available_memory(), received=received
     )
+
+
+def _class_of(config, name: str) -> str:
+    for node in checker.dicts(config):
+        inner = node.get("config")
+        if isinstance(inner, dict) and inner.get("name") == name:
+            return str(node.get("class_name"))
+    return "?"
 
 
 def _h5_text(path: Path) -> str:
@@ -264,13 +280,6 @@ def _h5_text(path: Path) -> str:
     with h5py.File(path, "r") as f:
         text = f.attrs["model_config"]
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
-
-
-def _variable_bytes(variable) -> int:
-    size = 1
-    for dim in variable.shape:
-        size *= int(dim) if dim is not None else 1
-    return size * variable.dtype.size
 
 
 def _tfmot_scopes() -> list:
