@@ -373,7 +373,9 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
         declared = global_state.get_global_attribute("uninitialized_variables") or []
         sizes: dict[str, int] = {}
         for variable in declared:
-            layer = variable.path.rsplit("/", 1)[0] if "/" in variable.path else variable.path
+            # `model/fc/kernel`: the layer is the last name before the variable's.
+            parts = variable.path.split("/")
+            layer = parts[-2] if len(parts) > 1 else parts[0]
             sizes[layer] = sizes.get(layer, 0) + _variable_bytes(variable)
     finally:
         global_state.set_global_attribute("uninitialized_variables", pending)
@@ -381,7 +383,7 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
         return None
     classes = _layer_classes(config)
     return [
-        checker.LayerWeights(name, classes.get(name.split("/")[-1], "?"), size)
+        checker.LayerWeights(name, classes.get(name, "?"), size)
         for name, size in sizes.items()
     ]
 
