@@ -100,6 +100,7 @@ def check_keras2_config(
     unsafe: bool = False,
     custom_module: str | None = None,
     modules: frozenset[str] | None = None,
+    root: str | os.PathLike | None = None,
 ) -> None:
     """Raises `ModelLoadError` if loading this Keras 2 config would run code or read files.
 
@@ -113,9 +114,11 @@ def check_keras2_config(
         custom_module: The module the user named for custom objects, which
             the config may name too.
         modules: The exact modules of tfmot's classes (the child knows them).
+        root: The SavedModel folder, whose own files (`assets/`) a config may name.
     """
     allowlist = checker.keras2_allowlist(custom_module, modules=modules)
-    checker.check_config(config, allowlist, received=received, unsafe=unsafe)
+    root = None if root is None else str(root)
+    checker.check_config(config, allowlist, received=received, unsafe=unsafe, root=root)
 
 
 is_pure_function = checker.is_pure_function

@@ -383,8 +383,7 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
         return None
     classes = _layer_classes(config)
     return [
-        checker.LayerWeights(name, classes.get(name, "?"), size)
-        for name, size in sizes.items()
+        checker.LayerWeights(name, classes.get(name, "?"), size) for name, size in sizes.items()
     ]
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 from regularize.errors import ModelLoadError
@@ -388,13 +389,12 @@ class _Checker:
             self._refuse_class(where, value, None)
 
     def _inside_root(self, value: str) -> bool:
+        """Whether the loader, opening `value` as it would (from the working folder when
+        relative), reads a file inside `root` (the model's own folder)."""
         if self.root is None:
             return False
-        import os
-
         root = os.path.realpath(self.root)
-        path = os.path.realpath(os.path.join(root, value))
-        return path.startswith(root + os.sep)
+        return os.path.realpath(value).startswith(root + os.sep)
 
     # -- refusals --------------------------------------------------------------
 

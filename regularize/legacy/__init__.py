@@ -401,7 +401,7 @@ def check_model_file(
     if path.is_dir():
         metadata, _ = safety.savedmodel_root_config(path)
         safety.check_keras2_config(
-            metadata, received, unsafe=unsafe, custom_module=module, modules=modules
+            metadata, received, unsafe=unsafe, custom_module=module, modules=modules, root=path
         )
         config = metadata.get("config")
         if not unsafe and not (isinstance(config, dict) and metadata.get("class_name")):

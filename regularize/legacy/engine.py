@@ -238,9 +238,7 @@ def _check_weight_budget(path: Path, received: str) -> None:
         if path.is_dir():
             metadata = json_utils.decode(safety.savedmodel_root_config(path)[1])
             config = {"class_name": metadata["class_name"], "config": metadata["config"]}
-            stored = sum(
-                f.stat().st_size for f in (path / "variables").glob("variables.data-*")
-            )
+            stored = sum(f.stat().st_size for f in (path / "variables").glob("variables.data-*"))
         else:
             config = json_utils.decode(_h5_text(path))
             stored = safety.h5_dataset_bytes(path)
