@@ -1279,6 +1279,16 @@ def home(world, tmp_path_factory) -> Path:
     return folder
 
 
+def _reset_home(home: Path) -> None:
+    """Removes whatever a run put in the home folder but Keras' config."""
+    for path in home.iterdir():
+        if path.name != ".keras":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in (home / ".keras").iterdir():
+        if path.name != "keras.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _network_env(home: Path, proxy: str, matplotlib: Path) -> dict:
     env = {key: proxy for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     env.update(HOME=str(home), KERAS_HOME=str(home / ".keras"), NO_PROXY=None, no_proxy=None)
@@ -1306,6 +1316,7 @@ def test_downloading_function_is_refused(world, k3_attacks, home, tmp_path, comm
         )
     finally:
         accepted = listener.close()
+        _reset_home(home)  # a failed check leaves the download's folder behind
     assert accepted == 0, f"{accepted} connection(s) to the proxy"
 
 
@@ -1321,9 +1332,7 @@ def test_downloading_function_connects_with_unsafe(world, k3_attacks, home, tmp_
         written = _changes(before, snapshot(home))
     finally:
         accepted = listener.close()
-        for path in home.joinpath(".keras").iterdir():
-            if path.name != "keras.json":
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _reset_home(home)
     assert accepted > 0
     assert written, "nothing was written to $KERAS_HOME"
 
