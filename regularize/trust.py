@@ -54,6 +54,9 @@ _TOP_CLASSES = frozenset(
     DTypePolicy FloatDTypePolicy Variable KerasTensor InputSpec Operation
     """.split()
 )
+# Public classes that load code when built from a config: TorchModuleWrapper
+# unpickles a torch module (`torch.load`). Keras' safe mode refuses it too.
+_CODE_LOADING = frozenset({"keras.layers.TorchModuleWrapper"})
 # Public namespaces whose functions are pure tensor functions.
 _FUNCTION_NAMESPACES = (
     "keras.ops.",
@@ -83,6 +86,7 @@ _BUILTIN_MODULES = (
     "regularizers",
 )
 # Registered functions of installed packages that are pure tensor functions.
+_TRUSTED_PACKAGES = frozenset({"keras_hub", "keras_nlp", "keras_cv", "regularize"})
 _PURE_REGISTERED = frozenset({"keras_hub>gelu_approximate", "keras_nlp>gelu_approximate"})
 _cache: dict = {}
 
@@ -121,6 +125,8 @@ def _base_allowlist() -> checker.Allowlist:
     api = api_export.REGISTERED_NAMES_TO_OBJS
     classes_ok, functions_ok, pairs = set(), set(), set()
     for name, obj in api.items():
+        if name in _CODE_LOADING:
+            continue
         if inspect.isclass(obj) and _is_model_class(name):
             classes_ok.add(name)
             pairs.add((obj.__module__, obj.__name__))
@@ -129,13 +135,15 @@ def _base_allowlist() -> checker.Allowlist:
     # Keras writes its own non-public classes by their real module
     # (`keras.src.models.functional.Functional`, `keras.src.ops.numpy.Add`
     # for an op in a functional graph, InceptionResNetV2's CustomScaleLayer).
-    for cls in _keras_own_classes():
+    unsafe = {api[name] for name in _CODE_LOADING if name in api}
+    for cls in _keras_own_classes() - unsafe:
         pairs.add((cls.__module__, cls.__name__))
     registry = object_registration.GLOBAL_CUSTOM_OBJECTS
     registry_ok = {
         name
         for name, obj in registry.items()
-        if (inspect.isclass(obj) and _is_model_object(obj)) or name in _PURE_REGISTERED
+        if (inspect.isclass(obj) and _is_model_object(obj) and _is_trusted_package(name, obj))
+        or name in _PURE_REGISTERED
     }
     for name in registry_ok:
         obj = registry[name]
@@ -206,6 +214,16 @@ def _is_pure_function(name: str) -> bool:
     if not name.startswith(_FUNCTION_NAMESPACES):
         return False
     return not (name.startswith("keras.ops.") and name.rsplit(".", 1)[-1] in _IMPURE_OPS)
+
+
+def _is_trusted_package(name: str, cls: type) -> bool:
+    """keras-hub (and its older names) and this tool's MC layers: registered by whom they say.
+
+    Any other package's registered objects (tensorflow-text's tokenizers, a
+    plug-in's layers) need `custom_objects` or `safe_mode=False`.
+    """
+    package = name.split(">", 1)[0]
+    return package in _TRUSTED_PACKAGES and cls.__module__.split(".", 1)[0] in _TRUSTED_PACKAGES
 
 
 def _is_model_object(cls: type) -> bool:
