@@ -350,6 +350,14 @@ def _plants(engine: str) -> list[tuple[str, dict]]:
     # own packages (a class of `os` is unknown to it), so a private one of those.
     imported = {"module": "os", "class_name": "system", "config": {}}
     private = {"module": "keras.src.utils.file_utils", "class_name": "get_file", "config": {}}
+    # Keras 3 resolves a `__typespec__`'s `spec_name` like a class, then calls `_deserialize`.
+    typespec = {
+        "class_name": "__typespec__",
+        "spec_name": "get_file",
+        "module": "keras.src.utils.file_utils",
+        "config": [],
+        "registered_name": None,
+    }
     python_lambda = {"class_name": "__lambda__", "config": {"code": "4wEAAAAA", "defaults": None}}
     truncate = {
         "module": "builtins",
@@ -371,6 +379,7 @@ def _plants(engine: str) -> list[tuple[str, dict]]:
         return [
             ("dotted class", dotted),
             ("private module", private),
+            ("type spec", typespec),
             ("python lambda", python_lambda),
             ("registered function", truncate),
             ("vocabulary file", vocabulary),
