@@ -1058,6 +1058,32 @@ def test_dotted_lambda_runs_its_bytecode_when_unsafe(world, name):
     assert fired == [name]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sm_dotted_activation",
+        "sm_dotted_initializer",
+        "sm_dotted_regularizer",
+        "sm_dotted_constraint",
+        "sm_dotted_timedistributed",
+        "sm_dotted_bidirectional",
+    ],
+)
+def test_dotted_lambda_elsewhere_in_a_layer_is_refused(world, name):
+    """An activation, an initializer, a regularizer, a constraint, a wrapped layer."""
+    work = world.workdir(name)
+    model = _copy(world.k2 / name, work)
+    _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work),
+        1,
+        "core.Lambda",
+        "--unsafe",
+        any_of=("allowlist", "'tensorflow.python.keras.layers'"),
+    )
+
+
 def test_dotted_lambda_in_h5_is_refused(world):
     """The same nested object in an `.h5` model config (held by tf_keras before; still held)."""
     work = world.workdir("h5_dotted")
