@@ -21,7 +21,8 @@ tests):
   a keras-hub tokenizer whose `vocabulary` / `merges` / `proto` is a path to a
   local file, its own asset removed: the constructor reads that file and the
   saved output holds it as the tokenizer's asset.
-- `decode_predictions.keras`: a `Lambda` calling the public Keras function
+- `decode_predictions.keras` (and `.h5`, Keras 3's HDF5 format): a `Lambda`
+  calling the public Keras function
   `keras.applications.imagenet_utils.decode_predictions` on a `(None, 1000)`
   tensor: it downloads the ImageNet class index into `$KERAS_HOME/models`.
 - `big_dense.keras`: a `Dense(60000)` on a 60000-wide input (a 14.4 GB kernel)
@@ -39,6 +40,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import keras_hub
 
@@ -172,6 +174,15 @@ def build(folder: Path, *, target: Path, vocab: Path, secret: Path) -> None:
         folder / "decode_predictions.keras",
         evil_function(function_entry(applications, "decode_predictions")),
     )
+    # The same in a Keras 3 `.h5` (Keras 3's legacy HDF5 loader builds the same Lambda).
+    vector_h5 = folder / "decode_predictions.h5"
+    _vector_model(1000).save(vector_h5)
+    with h5py.File(vector_h5, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        layer_config(config, "evil")["config"]["function"] = function_entry(
+            applications, "decode_predictions"
+        )
+        f.attrs["model_config"] = json.dumps(config)
     small = folder / "_vector4.keras"
     _vector_model(4).save(small)
     extras = {

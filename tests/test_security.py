@@ -1346,6 +1346,27 @@ def test_downloading_function_is_refused(world, k3_attacks, home, tmp_path, comm
     assert accepted == 0, f"{accepted} connection(s) to the proxy"
 
 
+def test_downloading_function_in_a_keras3_h5_is_refused(world, k3_attacks, home, tmp_path):
+    """The same Lambda in a Keras 3 `.h5`: another loader, the same check."""
+    work = world.workdir("decode_h5")
+    model = _copy(k3_attacks / "decode_predictions.h5", work)
+    listener = Listener()
+    try:
+        env = _network_env(home, listener.url, tmp_path)
+        _refused(
+            world,
+            lambda: cli("inspect", model.name, cwd=work, env=env),
+            1,
+            "'evil'",
+            "decode_predictions",
+            "--unsafe",
+        )
+    finally:
+        accepted = listener.close()
+        _reset_home(home)
+    assert accepted == 0, f"{accepted} connection(s) to the proxy"
+
+
 def test_downloading_function_connects_with_unsafe(world, k3_attacks, home, tmp_path):
     """The attack is real: with --unsafe, Keras downloads through the proxy into $KERAS_HOME."""
     work = world.workdir("decode_unsafe")
