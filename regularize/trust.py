@@ -379,6 +379,7 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
     from keras.src.backend.common import global_state
     from keras.src.backend.common.stateless_scope import StatelessScope
 
+    classes = _layer_classes(config)  # before Keras, which edits the config as it reads it
     pending = global_state.get_global_attribute("uninitialized_variables")
     global_state.set_global_attribute("uninitialized_variables", [])
     try:
@@ -399,7 +400,6 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
         global_state.set_global_attribute("uninitialized_variables", pending)
     if not sizes:
         return None
-    classes = _layer_classes(config)
     return [
         checker.LayerWeights(name, classes.get(name, "?"), size) for name, size in sizes.items()
     ]
