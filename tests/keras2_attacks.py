@@ -342,6 +342,26 @@ def main() -> None:
     variant("tfop_fill.h5", append(op_layer("big", "fill", constant_call(big, value=1.0))))
     variant("tfop_ones.h5", append(op_layer("big", "ones", constant_call(big))))
     variant("tfop_zeros.h5", append(op_layer("big", "zeros", constant_call(big))))
+    # Other allowed ops whose constant arguments ask for as much, in ways a
+    # product of the shape's numbers does not see: one side given (`eye`), a
+    # zero among the numbers (`pad`, `one_hot`), a float limit (`range`), an op
+    # of an allowed namespace (`math.`, `linalg.`).
+    side, count = 24_000, 575_000_000
+    for name, function, first, kwargs in (
+        ("tfop_eye.h5", "eye", side, {}),
+        ("tfop_linalg_eye.h5", "linalg.eye", side, {}),
+        ("tfop_pad.h5", "pad", [[1.0]], {"paddings": [[0, side - 1], [0, side - 1]]}),
+        ("tfop_one_hot.h5", "one_hot", [0] * side, {"depth": side}),
+        ("tfop_range.h5", "range", float(count), {}),
+        ("tfop_bincount.h5", "math.bincount", [count], {}),
+        (
+            "tfop_segment_sum.h5",
+            "math.unsorted_segment_sum",
+            [1.0],
+            {"segment_ids": [0], "num_segments": count},
+        ),
+    ):
+        variant(name, append(op_layer("big", function, constant_call(first, **kwargs))))
 
     notes = {"resource_marker_at_save": built_marker}
     files = sorted(p.name for p in out.iterdir())

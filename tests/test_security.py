@@ -1438,6 +1438,39 @@ except Exception as err:
 """
 
 
+@pytest.mark.parametrize(
+    ("name", "function"),
+    [
+        ("tfop_eye.h5", "eye"),
+        pytest.param("tfop_linalg_eye.h5", "linalg.eye", marks=pytest.mark.slow),
+        pytest.param("tfop_pad.h5", "pad", marks=pytest.mark.slow),
+        pytest.param("tfop_one_hot.h5", "one_hot", marks=pytest.mark.slow),
+        pytest.param("tfop_range.h5", "range", marks=pytest.mark.slow),
+        ("tfop_bincount.h5", "math.bincount"),
+        pytest.param("tfop_segment_sum.h5", "math.unsorted_segment_sum", marks=pytest.mark.slow),
+    ],
+)
+def test_huge_results_of_other_allowed_ops_are_refused(world, tmp_path, name, function):
+    """2.3 GB asked for by one side, a zero among the numbers, a float, a namespace op.
+
+    Each allocates 2.3 GB or more while tf_keras rebuilds the model (measured:
+    a peak of 3.2 to 5.5 GB with regularize 0.1 and with the first checker).
+    """
+    work = world.workdir(Path(name).stem)
+    model = _copy(world.k2 / name, work)
+    report = tmp_path / "peak.json"
+    line = _refused(
+        world,
+        lambda: cli("inspect", model.name, cwd=work, measure=report),
+        1,
+        "'big'",
+        function,
+        "GB",
+    )
+    assert "--unsafe" not in line, line
+    assert peak_rss(report) < PEAK_BOUND, f"peak {peak_rss(report) / 1e9:.2f} GB"
+
+
 def test_huge_constant_is_allocated_by_tf_keras(world, tmp_path):
     """The attack is real: tf_keras alone allocates the constant while it loads the file."""
     work = world.workdir("tfop_fill_real")
