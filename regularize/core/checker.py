@@ -31,10 +31,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 
+from regularize.core import opsize
 from regularize.errors import ModelLoadError
 from regularize.text import printable
 from regularize.text import short_repr
@@ -354,11 +354,12 @@ class _Checker:
                     f"Refusing to load model: {where} passes `tf.{function}` the constant "
                     f"argument {_shown(value)}. Expected numbers, shapes or dtypes"
                 )
-        size = _constant_bytes(function, constants)
+        calls = list(_calls(node.get("inbound_nodes"), self.layer_names))
+        size = 4 * opsize.elements(function, calls)  # float32, the smallest usual dtype
         if size > MAX_CONSTANT_BYTES:
             raise ModelLoadError(
                 f"Refusing to load model: {where} would make a constant tensor of "
-                f"{format_bytes(size)} (`tf.{function}` of a constant shape) while the "
+                f"{format_bytes(size)} (`tf.{function}` of its constant arguments) while the "
                 f"model loads. Expected at most {format_bytes(MAX_CONSTANT_BYTES)} per "
                 f"constant. {self.received}"
             )
@@ -562,15 +563,6 @@ _CONSTANT = "_CONSTANT_VALUE"
 # `.h5` configs write plain lists.
 _CONTAINERS = ("__tuple__", "TensorShape")
 _MAX_CONSTANT_ITEMS = 1_000_000
-# Ops whose output size a constant argument sets (a shape, a count, a depth):
-# the bound multiplies the integers of each such argument.
-_SIZED_OPS = frozenset(
-    """
-    fill ones zeros eye range linspace one_hot tile broadcast_to repeat pad scatter_nd
-    sequence_mask meshgrid image.resize image.pad_to_bounding_box image.resize_with_pad
-    image.resize_with_crop_or_pad
-    """.split()
-)
 
 
 def is_pure_function(name: str) -> bool:
@@ -636,28 +628,34 @@ def _constant_arguments(inbound_nodes, names: set[str]):
         stack.extend(item)
 
 
-def _constant_bytes(function: str, constants: list) -> int:
-    """The largest tensor (in float32 bytes) that a sized op's constant arguments ask for."""
-    if function.removeprefix("compat.v1.") not in _SIZED_OPS:
-        return 0
-    largest = 0
-    for value in constants:
-        if isinstance(value, bool) or not isinstance(value, int | float | list):
-            continue
-        numbers = [abs(n) for n in _flat(value) if isinstance(n, int) and not isinstance(n, bool)]
-        if numbers:
-            largest = max(largest, math.prod(numbers), max(numbers))
-    return largest * 4
+def _calls(inbound_nodes, names: set[str]):
+    """Each recorded call of an op layer: (positional arguments, keyword arguments).
 
-
-def _flat(value):
-    stack = [value]
+    A tensor argument (`[layer, node, tensor]`) is `opsize.TENSOR`; tf_keras'
+    tuple and shape encodings become lists.
+    """
+    stack = [inbound_nodes]
     while stack:
         item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        else:
-            yield item
+        if not isinstance(item, list):
+            continue
+        if len(item) == 4 and isinstance(item[3], dict):
+            constant = item[0] == _CONSTANT and item[1] == -1
+            if constant or _is_reference(item, names):
+                first = _decoded(item[2], names) if constant else opsize.TENSOR
+                yield [first], {k: _decoded(v, names) for k, v in item[3].items()}
+                continue
+        stack.extend(item)
+
+
+def _decoded(value, names: set[str]):
+    if isinstance(value, dict) and value.get("class_name") in _CONTAINERS:
+        return [_decoded(v, names) for v in value.get("items") or []]
+    if isinstance(value, list):
+        if _is_reference(value, names):
+            return opsize.TENSOR
+        return [_decoded(v, names) for v in value]
+    return value
 
 
 def _is_reference(item: list, names: set[str]) -> bool:
