@@ -14,6 +14,12 @@ the fork itself (an identity shortcut) where it is an input. Where both are
 equally long and neither is the fork, the merge is skipped: dropping the
 wrong branch would drop the shortcut.
 
+A scaled residual merge is one too: Inception-ResNet's `CustomScaleLayer`
+(`x + scale * branch`, the branch its second input) and an `Add` one of whose
+inputs is a constant scale of the branch (`x + Rescaling(0.2)(r)`, `x + r *
+0.2`), which is the branch whatever the lengths. Dropout is the identity at
+inference, so the merge computes the same sums bit for bit.
+
 No Keras import here: the walk (`regularize.core.walk`) calls this module
 over any `GraphView`, for both Keras APIs.
 """
@@ -50,6 +56,12 @@ KIND = "DropPath"  # `Site.kind` of a drop-path site
 # (Keras' ConvNeXt with `drop_path_rate > 0`, keras-hub/keras-cv blocks):
 # a branch that ends in one gets no drop path.
 STOCHASTIC_DEPTH_CLASSES = ("StochasticDepth", "DropPath")
+# A merge that scales its second input before adding it: Keras' (and
+# tf_keras') Inception-ResNet `CustomScaleLayer`, `inputs[0] + inputs[1] * scale`.
+SCALED_MERGE_CLASSES = ("CustomScaleLayer",)
+# One tensor in, times a constant: a `Rescaling` layer or the operation `r * 0.2`
+# records (Keras 3 `ops.numpy.Multiply` with one tensor input).
+CONSTANT_SCALE_CLASSES = ("Multiply", "Rescaling", "TrueDivide", "Divide")
 NO_MERGES = (
     "drop path: the model has no residual merges (an `Add` of a block's input and its branch)"
 )
@@ -114,25 +126,57 @@ def find_merges(view: GraphView, nodes, facts: Callable[[Any], LayerFacts]) -> l
 
     merges = []
     for node in nodes:
-        if not facts(view.operation(node)).is_add:
+        layer = facts(view.operation(node))
+        scaled = is_scaled_merge(layer)
+        if not (layer.is_add or scaled):
             continue
         keys = list(view.input_keys(node))
         if len(keys) != 2 or keys[0] == keys[1]:
             continue
-        found = _fork(view, keys, producer, position, weight)
+        found = nearest_fork(view, keys, producer, position, weight)
         if found is None:
             continue
         fork, lengths = found
-        if lengths[0] == lengths[1]:
+        if scaled:
+            b = 1  # `inputs[0] + inputs[1] * scale`: the second is the branch
+        else:
+            b = _scaled_side(view, keys, producer, facts)
+        if b is None and lengths[0] == lengths[1]:
             reason = f"ambiguous shortcut: both inputs {_layers(lengths[0])} from their fork"
             merges.append(Merge(node, None, None, fork, lengths, reason))
             continue
-        b = 0 if lengths[0] > lengths[1] else 1
+        if b is None:
+            b = 0 if lengths[0] > lengths[1] else 1
         merges.append(Merge(node, keys[b], keys[1 - b], fork, (lengths[b], lengths[1 - b])))
     return merges
 
 
-def _fork(view: GraphView, keys, producer: dict, position: dict, weight):
+def is_scaled_merge(layer: LayerFacts) -> bool:
+    """A layer that adds a scaled branch to its first input (`x + scale * branch`)."""
+    return layer.class_name in SCALED_MERGE_CLASSES
+
+
+def _scaled_side(view: GraphView, keys, producer: dict, facts) -> int | None:
+    """The input of an `Add` that a constant scales (the branch of `x + scale * r`), if one.
+
+    A residual block scales its branch, never its shortcut (Inception-ResNet,
+    ResNet-RS, LayerScale), so that side is the branch whatever the lengths.
+    """
+    scaled = []
+    for key in keys:
+        node = producer.get(key)
+        if node is None:
+            scaled.append(False)
+            continue
+        layer = facts(view.operation(node))
+        one_input = len(view.input_keys(node)) == 1
+        scaled.append(one_input and layer.class_name in CONSTANT_SCALE_CLASSES)
+    if scaled[0] == scaled[1]:
+        return None
+    return 0 if scaled[0] else 1
+
+
+def nearest_fork(view: GraphView, keys, producer: dict, position: dict, weight):
     """(fork key, (length to keys[0], length to keys[1])), or None if they share no ancestor.
 
     Sweeps back from both inputs at once, latest tensor first: every tensor

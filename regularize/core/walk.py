@@ -20,6 +20,7 @@ import enum
 
 from regularize import rules
 from regularize.core import droppath
+from regularize.core import gates
 from regularize.core import owned
 from regularize.core.actions import Action
 from regularize.core.actions import Insert
@@ -235,6 +236,7 @@ class _GraphWalk:
         self.changed = False
         add = run.mode == Mode.ADD
         self.drop_paths = droppath.GraphDropPaths(self, _KEPT) if add else None
+        self.gates = gates.find_gate_layers(view, self.nodes, self.facts) if add else {}
 
     def facts(self, op) -> LayerFacts:
         return self.run_.facts(self.view, op)
@@ -369,6 +371,7 @@ class _GraphWalk:
             # layer with a fused activation there already starts the next one.
             block_output=facts.is_merge
             or (facts.is_activation_layer and any(p.is_merge for p in parents)),
+            gate=self.gates.get(id(node)),
         )
         rules_ = self.policy.rules
         self.run_.matched.update(i for i, r in enumerate(rules_) if r.matches(candidate))
