@@ -288,3 +288,37 @@ def test_keras2_engine_skips_gates_and_finds_scaled_merges(tmp_path):
     assert sites[("conv", "SpatialDropout2D")][0] == INSERT
     assert sites[("branch", "DropPath")] == (INSERT, "block 1/1 before merge, shortcut identity")
     assert json.dumps(result["warnings"]) == "[]"
+
+
+def test_a_top_down_path_through_other_blocks_is_no_residual_branch():
+    """FPN: `upsample(deeper) + lateral(c1)`: the deeper path spans two residual blocks at a
+    coarser resolution; it is skipped, the blocks themselves get their drop paths."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 4))
+    c1 = L.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = L.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="down")(c1)
+    for i in (1, 2):
+        branch = L.Conv2D(4, 3, padding="same", activation="relu", name=f"b{i}_conv")(x)
+        branch = L.Conv2D(4, 1, name=f"b{i}_up")(branch)
+        x = L.Add(name=f"b{i}_add")([x, branch])
+    top = L.UpSampling2D(name="upsample")(x)
+    lateral = L.Conv2D(4, 1, name="lateral")(c1)
+    x = L.Add(name="fpn_add")([top, lateral])
+    outputs = L.Conv2D(2, 1, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    x_in = _x((8, 8, 4))
+    expected = predict(model, x_in)
+    report = Report()
+    new = regularize.add_dropout(model, rate=0.0, drop_path=0.3, report=report)
+    sites = {s.layer: (s.action, s.reason) for s in report.sites if s.kind == "DropPath"}
+    assert sites == {
+        "b1_up": (INSERT, "block 1/3 before b1_add, shortcut identity"),
+        "b2_up": (INSERT, "block 2/3 before b2_add, shortcut identity"),
+        "fpn_add": (
+            SKIP,
+            "the branch spans 2 other residual merges at a coarser resolution: a long skip, "
+            "not a block",
+        ),
+    }
+    for left, right in zip(expected, predict(new, x_in), strict=True):
+        np.testing.assert_array_equal(left, right)

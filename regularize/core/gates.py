@@ -94,7 +94,7 @@ def find_gate_layers(view: GraphView, nodes, facts: Callable[[Any], LayerFacts])
             key = keys[side]
             if key == fork:
                 continue  # the feature map itself
-            region = _between(view, fork, key, producer, position)
+            region = droppath.between(view, fork, key, producer, position)
             reason = _gate_reason(
                 view, producer[key], shapes[side], shapes[1 - side], region, facts
             )
@@ -143,29 +143,3 @@ def _squashes(view, node, facts) -> bool:
             return False
         node = parents[0]
     return False
-
-
-def _between(view, fork, key, producer: dict, position: dict) -> list:
-    """The nodes on the paths from the tensor `fork` to the tensor `key` (graph order)."""
-    # Ancestors of `key` that come after the fork; then those that read the
-    # fork or a tensor such an ancestor made.
-    start = position.get(fork, -1)
-    seen: set = set()
-    stack = [key]
-    ancestors = []
-    while stack:
-        k = stack.pop()
-        node = producer.get(k)
-        if k == fork or node is None or id(node) in seen or position[k] <= start:
-            continue
-        seen.add(id(node))
-        ancestors.append(node)
-        stack.extend(view.input_keys(node))
-    ancestors.sort(key=lambda n: position[view.output_keys(n)[0]])
-    made = {fork}
-    region = []
-    for node in ancestors:
-        if any(k in made for k in view.input_keys(node)):
-            region.append(node)
-            made.update(view.output_keys(node))
-    return region
