@@ -322,3 +322,26 @@ def test_a_top_down_path_through_other_blocks_is_no_residual_branch():
     }
     for left, right in zip(expected, predict(new, x_in), strict=True):
         np.testing.assert_array_equal(left, right)
+
+
+# -- other placements a practitioner would reject -------------------------------
+
+
+@pytest.mark.parametrize(
+    "softmax",
+    [lambda: L.Softmax(axis=1, name="weights"), lambda: L.Activation("softmax", name="weights")],
+    ids=["Softmax", "Activation"],
+)
+def test_no_dropout_on_the_scores_of_a_softmax(softmax):
+    """Attention pooling: tanh scores -> softmax over steps -> weighted sum."""
+    inputs = keras.Input((5, 4))
+    h = L.Dense(4, activation="relu", name="h")(inputs)
+    scores = L.Dense(1, activation="tanh", name="scores")(h)
+    weights = softmax()(scores)
+    pooled = L.Dot(axes=1, name="pool")([weights, h])
+    outputs = L.Dense(2, name="logits")(L.Flatten(name="flat")(pooled))
+    report = Report()
+    regularize.plan(keras.Model(inputs, outputs), 0.2, report=report)
+    sites = _by_layer(report)
+    assert sites["scores"] == (SKIP, "feeds a softmax")
+    assert sites["h"][0] == INSERT

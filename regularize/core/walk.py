@@ -156,6 +156,13 @@ class _Run:
         return max(ends.values(), default=1)
 
 
+def _is_softmax(facts: LayerFacts) -> bool:
+    """A standalone softmax (`Softmax`, `Activation("softmax")`, `ops.softmax`)."""
+    if facts.class_name == "Softmax":
+        return True
+    return facts.is_activation_layer and facts.activation == "softmax"
+
+
 def _levels(view: GraphView, nodes, weight) -> dict[int, int]:
     """Maps `id(node)` to the length of the longest path from the inputs to it."""
     end: dict[int, int] = {}
@@ -505,6 +512,10 @@ class _GraphWalk:
             return skip(reason)
         if any(self.facts(r).is_batchnorm for r in readers):
             return skip("feeds BatchNormalization")
+        if any(_is_softmax(self.facts(r)) for r in readers):
+            # Dropout on a softmax's logits zeros scores, it drops no class or token:
+            # the probabilities shift towards the kept ones in training only.
+            return skip("feeds a softmax")
         if not readers:
             return skip("output not used")
         if decision.rate == 0:
