@@ -200,3 +200,28 @@ def test_placement_on_every_application(name):
 
 def test_the_table_lists_every_application_once():
     assert sorted(documented_table()) == application_names()
+
+
+@pytest.mark.parametrize(
+    "name", ["EfficientNetB0", "EfficientNetV2B0", "MobileNetV3Small", "InceptionResNetV2"]
+)
+def test_the_architectures_whose_placement_changed_reload_and_train(name, tmp_path):
+    """Gates left out (EfficientNet, MobileNetV3), scaled merges found (InceptionResNetV2):
+    the output reloads with plain Keras, bit-exact, and takes a fit step."""
+    size = SIZES.get(name, 32)
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=7, classifier_activation=None
+    )
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, size, size, 3)).astype("float32")
+    expected = np.asarray(model(x, training=False))
+    new = regularize.add_dropout(model, 0.2, drop_path=0.1)
+    path = tmp_path / f"{name}.keras"
+    regularize.save_model(new, path)
+    loaded = keras.models.load_model(path)
+    own = sorted(op.name for op in loaded.operations if op.name.endswith(SUFFIXES))
+    assert own == sorted(op.name for op in new.operations if op.name.endswith(SUFFIXES))
+    assert misplaced(loaded) == []
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), expected)
+    loaded.compile(optimizer="sgd", loss="mse")
+    loaded.fit(x, expected, epochs=1, batch_size=2, verbose=0)

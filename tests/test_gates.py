@@ -145,18 +145,25 @@ def test_rules_that_do_not_name_a_gate_layer_leave_it_out(rule):
     assert _by_layer(report)["expand"][0] == SKIP
 
 
-def test_a_rerun_removes_the_dropout_an_earlier_version_put_in_a_gate(tmp_path):
+@pytest.mark.parametrize(
+    ("factory", "gate", "shape", "reason"),
+    [(se_block, "expand", (8, 8, 3), SE), (glu_block, "gate", (6,), gates.GATE)],
+    ids=["se", "glu"],
+)
+def test_a_rerun_removes_the_dropout_an_earlier_version_put_in_a_gate(
+    factory, gate, shape, reason, tmp_path
+):
     """A model rewritten before gates were known gets its gate dropout removed."""
-    model = se_block()
-    x = _x((8, 8, 3))
+    model = factory()
+    x = _x(shape)
     expected, before = predict(model, x), snapshot(model)
-    named = Policy(rate=0.2, rules=[Rule(match="expand", rate=0.2)])
+    named = Policy(rate=0.2, rules=[Rule(match=gate, rate=0.2)])
     old = regularize.add_dropout(model, policy=named)
-    assert "expand__dropout" in inserted(old)
+    assert f"{gate}__dropout" in inserted(old)
     report = Report()
     new = regularize.add_dropout(old, 0.2, report=report)
-    assert _by_layer(report)["expand"] == (REMOVE, SE)
-    assert "expand__dropout" not in inserted(new)
+    assert _by_layer(report)[gate] == (REMOVE, reason)
+    assert f"{gate}__dropout" not in inserted(new)
     _check_rewrite(model, new, x, expected, before, tmp_path)
 
 

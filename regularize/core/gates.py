@@ -131,13 +131,15 @@ def _broadcasts(shape, other) -> bool:
 
 
 def _squashes(view, node, facts) -> bool:
-    """Whether `node` ends in a sigmoid, past constant scales and shifts."""
+    """Whether `node` ends in a sigmoid, past constant scales, shifts and dropout layers
+    (the dropout an earlier release put after the sigmoid, which a rerun removes)."""
     for _ in range(_MAX_PASS_THROUGH + 1):
         layer = facts(view.operation(node))
         if layer.activation in SQUASHING:
             return True
         parents = view.parents(node)
-        if layer.class_name not in _PASS_THROUGH or len(view.input_keys(node)) != 1:
+        passes = layer.is_dropout or layer.class_name in _PASS_THROUGH
+        if not passes or len(view.input_keys(node)) != 1:
             return False
         if len(parents) != 1:
             return False
