@@ -37,7 +37,7 @@ from regularize.core.graph import GraphView
 from regularize.core.graph import LayerFacts
 
 SQUEEZE_EXCITATION = "inside a squeeze-excitation gate"
-GATE = "inside a gate (a sigmoid branch that scales another tensor)"
+GATE = "inside a gate (a branch that scales another tensor)"
 
 # The class names of a product of tensors: Keras' `Multiply` layer and the
 # operation `x * y` records in Keras 3 (`keras.src.ops.numpy.Multiply`).
@@ -106,12 +106,14 @@ def find_gate_layers(view: GraphView, nodes, facts: Callable[[Any], LayerFacts])
 
 
 def _gate_reason(view, end, shape, other_shape, region, facts) -> str | None:
-    """SQUEEZE_EXCITATION, GATE, or None where the side ending at `end` is no gate."""
-    if _broadcasts(shape, other_shape):
-        return SQUEEZE_EXCITATION
+    """SQUEEZE_EXCITATION, GATE, or None where the side ending at `end` is no gate.
+
+    Squeeze-excitation where the side pools (the "squeeze"); a gate without
+    pooling (GLU, a highway gate, a spatial attention mask) otherwise.
+    """
     if any(is_global_pooling(facts(view.operation(n)).class_name) for n in region):
         return SQUEEZE_EXCITATION
-    if _squashes(view, end, facts):
+    if _broadcasts(shape, other_shape) or _squashes(view, end, facts):
         return GATE
     return None
 
