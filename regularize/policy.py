@@ -113,6 +113,10 @@ class Candidate:
         in_head: No normalization layer lies between the site and any output
             (in a model without normalization: the output is at most rank 2).
         block_output: The site follows a residual `Add` or a `Concatenate`.
+        gate: Why the site lies inside a gate (`regularize.core.gates`: a
+            squeeze-excitation or sigmoid branch that scales another tensor),
+            else None. Only a rule that names the layer (`match` or `class`)
+            puts dropout there.
     """
 
     path: str
@@ -123,6 +127,7 @@ class Candidate:
     auto_kind: str
     in_head: bool = False
     block_output: bool = False
+    gate: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,10 +334,14 @@ class Policy:
         rec_rate = self.recurrent_rate
         att_rate = self.attention_rate
         last = None
+        named = False  # a rule that names this layer sets its dropout
         for i, rule in enumerate(self.rules):
             if not rule.matches(c):
                 continue
             last = i
+            if rule.skip or rule.rate is not None or rule.kind is not None:
+                names = rule.match is not None or rule.layer_class is not None
+                named = names and not rule.skip
             if rule.rate is not None:
                 rate = rule.rate
             if rule.kind is not None:
@@ -348,6 +357,9 @@ class Policy:
             elif rule.attention_rate is not None and c.auto_kind == OWNED:
                 skip = None  # attention_rate sets nothing at another site
         by_rule = f", {self.rules[last].describe(last)}" if last is not None else ""
+        if c.gate and not owns and not named and not skip:
+            # A catch-all or depth rule is no reason to drop a gate's scale.
+            skip = c.gate
         if skip:
             return Decision(0.0, c.auto_kind, skip, None, last, skipped=True)
         if owns:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regularize import applications
+from regularize import rules
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
 from regularize.paths import check_output_path
@@ -222,6 +223,8 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
             **kwargs["options"],
         )
         report = Report()
+        if mode is Mode.ADD and _is_keras2_h5(input) and _has_batchnorm(model):
+            report.warnings.append(rules.KERAS2_BATCHNORM)
         step("rewriting")
         if mode is Mode.PLAN:
             api.plan(model, policy=policy, report=report)
@@ -235,6 +238,37 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         step(f"writing {save_to}")
         io.save_model(new, save_to, overwrite=overwrite)
     return report, True
+
+
+def _is_keras2_h5(input) -> bool:
+    """An `.h5` file that Keras 2 (tf_keras, or Keras <= 2.15) wrote."""
+    path = Path(input)
+    if path.suffix not in (".h5", ".hdf5") or not path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("keras_version", "")
+    except OSError:
+        return False
+    version = version.decode() if isinstance(version, bytes) else str(version)
+    return bool(version) and not version.startswith("3.")
+
+
+def _has_batchnorm(model) -> bool:
+    """A BatchNormalization on 4-D or 5-D maps: the ones tf_keras computes fused."""
+    from regularize import graph
+
+    for layer in model._flatten_layers(include_self=False):
+        if graph.is_batchnorm(layer):
+            try:
+                rank = len(layer.input.shape)
+            except (AttributeError, ValueError):  # not called in a graph
+                continue
+            if rank in (4, 5):
+                return True
+    return False
 
 
 def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, step, quiet, **kw):

@@ -272,6 +272,8 @@ def test_keras2_h5_that_keras3_reads_gives_a_keras_file(commands, work):
         "skipped 2 sites: 1 feeds BatchNormalization, 1 model output",
         f"wrote {out}",
     ]
+    # tf_keras computes its 4-D BatchNormalization fused, Keras 3 unfused.
+    assert commands["plain"]["stderr"].splitlines() == [f"Warning: {rules.KERAS2_BATCHNORM}"]
     from regularize import io
 
     old = io.load_model(work / "plain.h5")

@@ -14,6 +14,12 @@ the fork itself (an identity shortcut) where it is an input. Where both are
 equally long and neither is the fork, the merge is skipped: dropping the
 wrong branch would drop the shortcut.
 
+A scaled residual merge is one too: Inception-ResNet's `CustomScaleLayer`
+(`x + scale * branch`, the branch its second input) and an `Add` one of whose
+inputs is a constant scale of the branch (`x + Rescaling(0.2)(r)`, `x + r *
+0.2`), which is the branch whatever the lengths. Dropout is the identity at
+inference, so the merge computes the same sums bit for bit.
+
 No Keras import here: the walk (`regularize.core.walk`) calls this module
 over any `GraphView`, for both Keras APIs.
 """
@@ -50,6 +56,12 @@ KIND = "DropPath"  # `Site.kind` of a drop-path site
 # (Keras' ConvNeXt with `drop_path_rate > 0`, keras-hub/keras-cv blocks):
 # a branch that ends in one gets no drop path.
 STOCHASTIC_DEPTH_CLASSES = ("StochasticDepth", "DropPath")
+# A merge that scales its second input before adding it: Keras' (and
+# tf_keras') Inception-ResNet `CustomScaleLayer`, `inputs[0] + inputs[1] * scale`.
+SCALED_MERGE_CLASSES = ("CustomScaleLayer",)
+# One tensor in, times a constant: a `Rescaling` layer or the operation `r * 0.2`
+# records (Keras 3 `ops.numpy.Multiply` with one tensor input).
+CONSTANT_SCALE_CLASSES = ("Multiply", "Rescaling", "TrueDivide", "Divide")
 NO_MERGES = (
     "drop path: the model has no residual merges (an `Add` of a block's input and its branch)"
 )
@@ -77,6 +89,10 @@ class Merge:
         lengths: Layers from the fork to (branch, shortcut); dropout layers
             count 0, so a rerun sees the same lengths.
         reason: Why no drop path can go there ("" where one can).
+        inner: How many other residual merges lie on the branch's paths from
+            the fork where those paths also pass through a coarser resolution
+            than the merge's: a long skip (FPN's top-down path, a U-Net-style
+            `Add` of decoder and encoder), not one block; else 0.
     """
 
     node: Any
@@ -85,6 +101,7 @@ class Merge:
     fork: Hashable
     lengths: tuple[int, int]
     reason: str = ""
+    inner: int = 0
 
     @property
     def identity(self) -> bool:
@@ -114,25 +131,97 @@ def find_merges(view: GraphView, nodes, facts: Callable[[Any], LayerFacts]) -> l
 
     merges = []
     for node in nodes:
-        if not facts(view.operation(node)).is_add:
+        layer = facts(view.operation(node))
+        scaled = is_scaled_merge(layer)
+        if not (layer.is_add or scaled):
             continue
         keys = list(view.input_keys(node))
         if len(keys) != 2 or keys[0] == keys[1]:
             continue
-        found = _fork(view, keys, producer, position, weight)
+        found = nearest_fork(view, keys, producer, position, weight)
         if found is None:
             continue
         fork, lengths = found
-        if lengths[0] == lengths[1]:
+        if scaled:
+            b = 1  # `inputs[0] + inputs[1] * scale`: the second is the branch
+        else:
+            b = _scaled_side(view, keys, producer, facts)
+        if b is None and lengths[0] == lengths[1]:
             reason = f"ambiguous shortcut: both inputs {_layers(lengths[0])} from their fork"
             merges.append(Merge(node, None, None, fork, lengths, reason))
             continue
-        b = 0 if lengths[0] > lengths[1] else 1
-        merges.append(Merge(node, keys[b], keys[1 - b], fork, (lengths[b], lengths[1 - b])))
+        if b is None:
+            b = 0 if lengths[0] > lengths[1] else 1
+        inner = _long_skip(view, node, between(view, fork, keys[b], producer, position), facts)
+        lengths = (lengths[b], lengths[1 - b])
+        merges.append(Merge(node, keys[b], keys[1 - b], fork, lengths, inner=inner))
     return merges
 
 
-def _fork(view: GraphView, keys, producer: dict, position: dict, weight):
+def _long_skip(view: GraphView, merge, path: list, facts) -> int:
+    """The residual merges on `path` if it also dips below the merge's resolution, else 0.
+
+    A residual block keeps (or only reduces) the resolution on its branch;
+    FPN's top-down path goes down the encoder, through its residual blocks,
+    and is upsampled back. NASNet's cell branches pass through the previous
+    cell's merges at the same resolution: blocks, kept.
+    """
+    inner = sum(_is_residual_add(view, n, facts) for n in path)
+    if not inner:
+        return 0
+    size = _spatial(view, view.out_shape(merge))
+    if size is None:
+        return 0
+    for node in path:
+        other = _spatial(view, view.out_shape(node))
+        if other is not None and len(other) == len(size):
+            if any(
+                o is not None and m is not None and o < m for o, m in zip(other, size, strict=True)
+            ):
+                return inner
+    return 0
+
+
+def _spatial(view: GraphView, shape) -> tuple | None:
+    """The spatial dimensions of a feature map's shape (rank 3 to 5), else None."""
+    if shape is None or not 3 <= len(shape) <= 5:
+        return None
+    if view.default_data_format == "channels_first":
+        return tuple(shape[2:])
+    return tuple(shape[1:-1])
+
+
+def _is_residual_add(view: GraphView, node, facts) -> bool:
+    layer = facts(view.operation(node))
+    return (layer.is_add or is_scaled_merge(layer)) and len(view.input_keys(node)) == 2
+
+
+def is_scaled_merge(layer: LayerFacts) -> bool:
+    """A layer that adds a scaled branch to its first input (`x + scale * branch`)."""
+    return layer.class_name in SCALED_MERGE_CLASSES
+
+
+def _scaled_side(view: GraphView, keys, producer: dict, facts) -> int | None:
+    """The input of an `Add` that a constant scales (the branch of `x + scale * r`), if one.
+
+    A residual block scales its branch, never its shortcut (Inception-ResNet,
+    ResNet-RS, LayerScale), so that side is the branch whatever the lengths.
+    """
+    scaled = []
+    for key in keys:
+        node = producer.get(key)
+        if node is None:
+            scaled.append(False)
+            continue
+        layer = facts(view.operation(node))
+        one_input = len(view.input_keys(node)) == 1
+        scaled.append(one_input and layer.class_name in CONSTANT_SCALE_CLASSES)
+    if scaled[0] == scaled[1]:
+        return None
+    return 0 if scaled[0] else 1
+
+
+def nearest_fork(view: GraphView, keys, producer: dict, position: dict, weight):
     """(fork key, (length to keys[0], length to keys[1])), or None if they share no ancestor.
 
     Sweeps back from both inputs at once, latest tensor first: every tensor
@@ -166,6 +255,32 @@ def _fork(view: GraphView, keys, producer: dict, position: dict, weight):
                     side[parent] = min(side.get(parent, math.inf), side[key] + step)
             push(parent)
     return None
+
+
+def between(view, fork, key, producer: dict, position: dict) -> list:
+    """The nodes on the paths from the tensor `fork` to the tensor `key` (graph order)."""
+    # Ancestors of `key` that come after the fork; then those that read the
+    # fork or a tensor such an ancestor made.
+    start = position.get(fork, -1)
+    seen: set = set()
+    stack = [key]
+    ancestors = []
+    while stack:
+        k = stack.pop()
+        node = producer.get(k)
+        if k == fork or node is None or id(node) in seen or position[k] <= start:
+            continue
+        seen.add(id(node))
+        ancestors.append(node)
+        stack.extend(view.input_keys(node))
+    ancestors.sort(key=lambda n: position[view.output_keys(n)[0]])
+    made = {fork}
+    region = []
+    for node in ancestors:
+        if any(k in made for k in view.input_keys(node)):
+            region.append(node)
+            made.update(view.output_keys(node))
+    return region
 
 
 def _layers(n: int) -> str:
@@ -276,6 +391,13 @@ class GraphDropPaths:
 
         if merge.reason:
             return skip_merge(merge.reason)
+        if merge.inner:
+            # Dropping that path drops whole blocks (and their own drop paths) at once.
+            merges = "merge" if merge.inner == 1 else "merges"
+            return skip_merge(
+                f"the branch spans {merge.inner} other residual {merges} at a coarser "
+                "resolution: a long skip, not a block"
+            )
         if graph.inert:
             return skip_merge(graph.inert)
         node = self._producer(merge.branch)

@@ -20,6 +20,7 @@ import enum
 
 from regularize import rules
 from regularize.core import droppath
+from regularize.core import gates
 from regularize.core import owned
 from regularize.core.actions import Action
 from regularize.core.actions import Insert
@@ -155,6 +156,13 @@ class _Run:
         return max(ends.values(), default=1)
 
 
+def _is_softmax(facts: LayerFacts) -> bool:
+    """A standalone softmax (`Softmax`, `Activation("softmax")`, `ops.softmax`)."""
+    if facts.class_name == "Softmax":
+        return True
+    return facts.is_activation_layer and facts.activation == "softmax"
+
+
 def _levels(view: GraphView, nodes, weight) -> dict[int, int]:
     """Maps `id(node)` to the length of the longest path from the inputs to it."""
     end: dict[int, int] = {}
@@ -235,6 +243,7 @@ class _GraphWalk:
         self.changed = False
         add = run.mode == Mode.ADD
         self.drop_paths = droppath.GraphDropPaths(self, _KEPT) if add else None
+        self.gates = gates.find_gate_layers(view, self.nodes, self.facts) if add else {}
 
     def facts(self, op) -> LayerFacts:
         return self.run_.facts(self.view, op)
@@ -369,6 +378,7 @@ class _GraphWalk:
             # layer with a fused activation there already starts the next one.
             block_output=facts.is_merge
             or (facts.is_activation_layer and any(p.is_merge for p in parents)),
+            gate=self.gates.get(id(node)),
         )
         rules_ = self.policy.rules
         self.run_.matched.update(i for i, r in enumerate(rules_) if r.matches(candidate))
@@ -502,6 +512,10 @@ class _GraphWalk:
             return skip(reason)
         if any(self.facts(r).is_batchnorm for r in readers):
             return skip("feeds BatchNormalization")
+        if any(_is_softmax(self.facts(r)) for r in readers):
+            # Dropout on a softmax's logits zeros scores, it drops no class or token:
+            # the probabilities shift towards the kept ones in training only.
+            return skip("feeds a softmax")
         if not readers:
             return skip("output not used")
         if decision.rate == 0:
