@@ -50,6 +50,11 @@ for name in sys.argv[2:]:
     np.save(out / f"{name}.y.npy", model(x, training=False).numpy())
     if name == "Unet":
         model.save(out / "unet_savedmodel", save_format="tf")
+        tf_keras.utils.set_random_seed(0)
+        # Any input size: the engine must probe it with a size the network accepts.
+        anysize = sm.Unet("resnet34", encoder_weights=None, input_shape=(None, None, 3), classes=2)
+        anysize.save(out / "unet_any_savedmodel", save_format="tf")
+        np.save(out / "Unet_any.y.npy", anysize(x, training=False).numpy())
 """
 
 # Runs under tf_keras: the Keras 2 engine's output against tf_keras's own outputs.
@@ -59,9 +64,9 @@ from pathlib import Path
 import numpy as np
 import tf_keras
 
-out = Path(sys.argv[1])
-x, y = np.load(out / "x.npy"), np.load(out / "Unet.y.npy")
-new = tf_keras.models.load_model(out / "unet_savedmodel_dropout", compile=False)
+out, source, reference = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+x, y = np.load(out / "x.npy"), np.load(out / reference)
+new = tf_keras.models.load_model(out / f"{source}_dropout", compile=False)
 got = new(x, training=False).numpy()
 drops = sorted(type(l).__name__ for l in new.layers if "Dropout" in type(l).__name__)
 print(json.dumps({"max": float(np.abs(got - y).max()), "drops": drops}))
@@ -122,9 +127,27 @@ def test_segmentation_models_savedmodel_through_the_keras2_engine(built):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr == ""  # the Keras 2 engine: tf_keras on both sides, no warning
-    done = _run([sys.executable, "-c", _CHECK, str(built)], K2_ENV)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = _check(built, "unet_savedmodel", "Unet.y.npy")
     assert found["max"] == 0.0
     assert found["drops"].count("Dropout") == 16  # the drop paths
     assert "SpatialDropout2D" in found["drops"]
+
+
+def test_any_size_unet_is_probed_with_a_size_it_accepts(built):
+    """A U-Net on `(None, None, 3)` fails on 4x4 probes (it halves five times): the engine
+    probes it with the first size it accepts instead of failing with an internal error."""
+    source = built / "unet_any_savedmodel"
+    run = _run(
+        [sys.executable, "-m", "regularize", "add-dropout", str(source), "--rate", "0.2", "-q"],
+        ENV,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = _check(built, "unet_any_savedmodel", "Unet_any.y.npy")
+    assert found["max"] == 0.0
+    assert "SpatialDropout2D" in found["drops"]
+
+
+def _check(built: Path, source: str, reference: str) -> dict:
+    done = _run([sys.executable, "-c", _CHECK, str(built), source, reference], K2_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -76,7 +76,7 @@ def handle(job: Job) -> Result:
     new = done.model
     if new is None:
         return Result(sites, list(done.warnings))
-    inputs = sample_inputs(model)
+    inputs = probe_inputs(model)
     # The walk warns when it rebuilds an LSTM with recurrent dropout.
     expected = check_inference(model, new, inputs, lstm_rebuilt=rules.LSTM_KERNEL in done.warnings)
     output = Path(job.output)
@@ -318,12 +318,32 @@ def _missing_class(name: str, received: str) -> str:
 # -- inference check ------------------------------------------------------
 
 
-def sample_inputs(model, seed: int = 0) -> list[np.ndarray]:
-    """A fixed random batch of two for each model input."""
+# Sizes tried for an input's unknown dimensions: a U-Net on `(None, None, 3)`
+# needs multiples of 32, a classifier with a Flatten a fixed size.
+_PROBE_SIZES = (4, 32, 64, 224)
+
+
+def probe_inputs(model) -> list[np.ndarray]:
+    """`sample_inputs` with the first size of unknown dimensions the model accepts."""
+    feed_of = lambda arrays: tf.nest.pack_sequence_as(model._nested_inputs, arrays)  # noqa: E731
+    for size in _PROBE_SIZES[:-1]:
+        arrays = sample_inputs(model, size=size)
+        if all(d is not None for t in model.inputs for d in t.shape[1:]):
+            return arrays
+        try:
+            model(feed_of(arrays), training=False)
+        except Exception:  # too small for this network: the next size
+            continue
+        return arrays
+    return sample_inputs(model, size=_PROBE_SIZES[-1])
+
+
+def sample_inputs(model, seed: int = 0, size: int = 4) -> list[np.ndarray]:
+    """A fixed random batch of two for each model input; `size` for unknown dimensions."""
     rng = np.random.default_rng(seed)
     arrays = []
     for tensor in model.inputs:
-        shape = [2] + [d if d is not None else 4 for d in tensor.shape[1:]]
+        shape = [2] + [d if d is not None else size for d in tensor.shape[1:]]
         dtype = tensor.dtype
         if dtype.is_integer:
             arrays.append(rng.integers(0, 2, size=shape).astype(dtype.as_numpy_dtype))
