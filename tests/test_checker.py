@@ -62,6 +62,7 @@ def _refusal(config, allowlist) -> str:
         (_layer("Dense", "keras_hub.src.evil"), "'Dense' of module 'keras_hub.src.evil'"),
         (_layer("Sampler", registered="keras_hub>upload_preset"), "'keras_hub>upload_preset'"),
         (_layer("Lambda", function=_fn("keras_hub>coco_id_to_name")), "function 'keras_hub>"),
+        (_layer("Lambda", function=_fn("keras_hub>BertBackbone")), "function 'keras_hub>Bert"),
         (_layer("Lambda", function=_fn("upload_preset")), "function 'upload_preset'"),
         (_layer("Lambda", function=_fn("get_file", "keras.utils")), "'keras.utils.get_file'"),
         (_layer("Lambda", function=_fn("map", "keras.ops")), "'keras.ops.map'"),
@@ -152,6 +153,18 @@ def test_keras2_constant_bound_is_not_lifted_by_unsafe():
             checker.check_config(_model(op), checker.keras2_allowlist(), received=R, unsafe=unsafe)
     small = dict(op, inbound_nodes=[["_CONSTANT_VALUE", -1, [300, 200], {}]])
     checker.check_config(_model(small), checker.keras2_allowlist(), received=R)
+
+
+def test_keras2_functions_named_by_module():
+    allow = checker.keras2_allowlist(custom_module="mine")
+    ok = [_fn("relu", "keras.activations"), _fn("mse", "keras.losses"), _fn("f", "mine.fns")]
+    for function in ok:
+        checker.check_config(
+            _model(_layer("TextVectorization", standardize=function)), allow, received=R
+        )
+    bad = _layer("TextVectorization", standardize=_fn("load_model", "keras.models"))
+    with pytest.raises(ModelLoadError, match="names the function 'keras.models.load_model'"):
+        checker.check_config(_model(bad), allow, received=R)
 
 
 def test_keras2_modules_are_exact():

@@ -127,6 +127,9 @@ KERAS2_NAMESPACES = frozenset(
     """.split()
 )
 KERAS2_MODULES = frozenset({"keras", "builtins"} | {f"keras.{ns}" for ns in KERAS2_NAMESPACES})
+_KERAS2_FUNCTION_MODULES = frozenset(
+    {"builtins", "keras.activations", "keras.losses", "keras.metrics"}
+)
 # tfmot writes its own (private) module paths; the Keras 2 engine's child
 # replaces this prefix by the exact modules of tfmot's classes.
 TFMOT_PREFIX = "tensorflow_model_optimization.python.core."
@@ -249,7 +252,8 @@ class _Checker:
     def _keras3_function(self, name: str, module, where: str) -> None:
         allow = self.allow
         if name in allow.registry:
-            if name not in allow.registry_ok:
+            # A function position takes functions: a registered class there would be called.
+            if name not in allow.registry_ok or name not in allow.registry_functions:
                 self._refuse_function(where, name)
             return
         if isinstance(module, str) and (module == "keras" or module.startswith("keras.")):
@@ -300,6 +304,12 @@ class _Checker:
                 "which the Keras 2 loader would import. Expected modules of Keras, tfmot or "
                 "your custom objects"
             )
+        if kind == "function" and isinstance(inner, str):
+            # tf_keras' newer serialization names a function by module: only Keras'
+            # own function modules (activations, losses, metrics) or the user's.
+            if not (module in _KERAS2_FUNCTION_MODULES or self._custom(module)):
+                self._refuse_function(where, f"{module}.{inner}" if module else inner)
+            return
         if not isinstance(kind, str) or not isinstance(inner, dict):
             return
         if kind in _KERAS2_VALUES:
@@ -314,6 +324,10 @@ class _Checker:
             self._attribute_layer(kind, inner, where)
         elif kind == "Lambda":
             self._keras2_lambda(inner, where)
+
+    def _custom(self, module) -> bool:
+        custom = self.allow.custom_module
+        return isinstance(module, str) and bool(custom) and _in_module(module, custom)
 
     def _keras2_module(self, module: str) -> bool:
         allow = self.allow
