@@ -87,7 +87,13 @@ def test_an_existing_output_is_left_as_it_was(tmp_path):
 def test_the_cli_exits_1_with_one_line_and_no_file(tmp_path):
     source = io.save_model(_fragile_model(), tmp_path / "in.keras")
     out = tmp_path / "out.keras"
-    result = CliRunner().invoke(cli, ["add-dropout", str(source), "-o", str(out)])
+    # A class registered in this process is loaded only when named as a custom object.
+    refused = CliRunner().invoke(cli, ["add-dropout", str(source), "-o", str(out)])
+    assert refused.exit_code == 1, refused.output
+    assert "names the class 'test_publish>Fragile'" in refused.stderr
+    assert "pass its module in --custom-objects. If you trust the file" in refused.stderr
+    args = ["add-dropout", str(source), "-o", str(out), "--custom-objects", __name__]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

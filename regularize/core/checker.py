@@ -419,10 +419,16 @@ class _Checker:
 
     def _refuse_class(self, where: str, name, module) -> None:
         of = f" of module {_shown(module)}" if isinstance(module, str) and module else ""
+        # Registered in this process by another package, or by the user's own code.
+        yours = (
+            "; if it is your class, pass its module in `custom_objects`"
+            if name in self.allow.registry
+            else ""
+        )
         self._refuse(
             f"Refusing to load model: {where} names the class {_shown(name)}{of}, which is "
             "not on the allowlist of Keras, keras-hub and tfmot classes and your custom "
-            "objects: loading the model would import and build it"
+            f"objects: loading the model would import and build it{yours}"
         )
 
     def _refuse_function(self, where: str, name) -> None:
