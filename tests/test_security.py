@@ -705,9 +705,7 @@ def _force_case(world: World, case: str):
 @pytest.mark.parametrize("case", ["dot", "variables", "input_parent", "plain_folder"])
 def test_force_never_deletes_what_it_must_not(world, case):
     work, args = _force_case(world, case)
-    start = time.monotonic()
-    _refused(world, lambda: cli(*args, cwd=work), 2)
-    assert time.monotonic() - start < 60
+    _refused(world, lambda: cli(*args, cwd=work), 2)  # `cli` fails a run that hangs
 
 
 def test_force_may_replace_another_savedmodel(world):
@@ -757,9 +755,7 @@ def test_bad_paths_and_policies_are_one_short_line(world, policy_world, case, ar
     if case == "policy_huge":  # 50 MB: written for this case only (every run hashes the tree)
         huge.write_text('bogus = "' + "x" * 50_000_000 + '"\n')
     try:
-        start = time.monotonic()
-        line = _refused(world, lambda: cli(*args, cwd=policy_world, timeout=60), code)
-        assert time.monotonic() - start < 60
+        line = _refused(world, lambda: cli(*args, cwd=policy_world), code)  # hangs fail in `cli`
     finally:
         huge.unlink(missing_ok=True)
     assert len(line) < 1000, f"{len(line)} characters: {line[:300]}"
