@@ -16,9 +16,9 @@ the way that deserializer would, refusing with one `ModelLoadError` line:
   `keras.activations`, ...); Python lambdas (their bytecode would run);
 - a string argument that names a file (`vocabulary`, `merges`, `proto`, ...
   paths): the layer would read that local file into the model;
-- on the Keras 2 engine, the `TFOpLambda` rules: only pure TensorFlow
-  operations with inert constant arguments, and no constant tensor larger
-  than `MAX_CONSTANT_BYTES` (`tf.fill` with a huge shape).
+- on the Keras 2 engine, the `TFOpLambda` rules (`regularize.core.keras2_ops`):
+  only pure TensorFlow operations with inert constant arguments, and no
+  constant tensor larger than `MAX_CONSTANT_BYTES` (`regularize.core.opsize`).
 
 `unsafe=True` lifts everything but the resource bounds. `check_weight_budget`
 is the other resource bound: weights a model would allocate against what its
@@ -34,6 +34,7 @@ import dataclasses
 import os
 import re
 
+from regularize.core import keras2_ops
 from regularize.core import opsize
 from regularize.errors import ModelLoadError
 from regularize.text import printable
@@ -168,7 +169,7 @@ def check_config(
     """
     checker = _Checker(allowlist, received, unsafe, root)
     if checker.keras2:
-        checker.layer_names = layer_names(config)
+        checker.layer_names = keras2_ops.layer_names(config)
     stack = [(config, "the model config", None)]
     while stack:
         value, where, key = stack.pop()
@@ -318,9 +319,9 @@ class _Checker:
             self._refuse_class(where, kind, module)
         if kind in self.allow.registry and kind not in self.allow.registry_ok:
             self._refuse_class(where, kind, module)
-        if kind in _OP_LAYERS:
+        if kind in keras2_ops.OP_LAYERS:
             self._op_layer(node, inner, where)
-        elif kind in _ATTRIBUTE_LAYERS:
+        elif kind in keras2_ops.ATTRIBUTE_LAYERS:
             self._attribute_layer(kind, inner, where)
         elif kind == "Lambda":
             self._keras2_lambda(inner, where)
@@ -354,21 +355,21 @@ class _Checker:
 
     def _op_layer(self, node: dict, inner: dict, where: str) -> None:
         function = inner.get("function")
-        if not isinstance(function, str) or not is_pure_function(function):
+        if not isinstance(function, str) or not keras2_ops.is_pure_function(function):
             shown = f"`tf.{function}`" if isinstance(function, str) else _shown(function)
             self._refuse(
                 f"Refusing to load model: {where} calls {_shown(shown, quote=False)}, which "
                 "is not on the allowlist of pure tensor operations: loading the model "
                 "would call it"
             )
-        constants = list(_constant_arguments(node.get("inbound_nodes"), self.layer_names))
+        constants = list(keras2_ops.constant_arguments(node.get("inbound_nodes"), self.layer_names))
         for value in constants:
-            if not _is_inert(value):
+            if not keras2_ops.is_inert(value):
                 self._refuse(
                     f"Refusing to load model: {where} passes `tf.{function}` the constant "
                     f"argument {_shown(value)}. Expected numbers, shapes or dtypes"
                 )
-        calls = list(_calls(node.get("inbound_nodes"), self.layer_names))
+        calls = list(keras2_ops.calls(node.get("inbound_nodes"), self.layer_names))
         size = 4 * opsize.elements(function, calls)  # float32, the smallest usual dtype
         if size > MAX_CONSTANT_BYTES:
             raise ModelLoadError(
@@ -380,7 +381,7 @@ class _Checker:
 
     def _attribute_layer(self, kind: str, inner: dict, where: str) -> None:
         name = inner.get("attr_name")
-        if kind != "ClassMethod" and isinstance(name, str) and name in _TENSOR_ATTRIBUTES:
+        if kind != "ClassMethod" and isinstance(name, str) and name in keras2_ops.TENSOR_ATTRIBUTES:
             return
         target = inner.get("attr_name") or inner.get("cls_symbol")
         self._refuse(
@@ -527,202 +528,6 @@ def format_bytes(size: int) -> str:
     return f"{size} B"
 
 
-# -- Keras 2 op layers -----------------------------------------------------------
-
-# The TensorFlow functions a Keras 2 `TFOpLambda` may call without `unsafe`:
-# pure tensor operations, named as tf_keras records them (`config.function`,
-# the `tf.` prefix dropped). An allowlist, not a denylist: TensorFlow has
-# thousands of symbols and new ones appear; anything not here needs `unsafe`.
-_PURE_NAMESPACES = ("math.", "nn.", "linalg.", "signal.", "bitwise.", "__operators__.")
-PURE_FUNCTIONS = frozenset(
-    """
-    abs add add_n argmax argmin argsort boolean_mask broadcast_to cast clip_by_norm
-    clip_by_value complex concat convert_to_tensor cos cumsum divide einsum ensure_shape
-    equal exp expand_dims eye fill floor gather gather_nd greater greater_equal identity
-    less less_equal linspace logical_and logical_not logical_or matmul maximum meshgrid
-    minimum multiply negative norm not_equal one_hot ones ones_like pad pow range rank
-    realdiv reduce_all reduce_any reduce_logsumexp reduce_max reduce_mean reduce_min
-    reduce_prod reduce_std reduce_sum reduce_variance repeat reshape reverse roll round
-    rsqrt scatter_nd searchsorted sequence_mask shape sigmoid sign sin size slice sort
-    split sqrt square squeeze stack stop_gradient strided_slice subtract tanh tensordot
-    tile transpose truediv unstack where zeros zeros_like
-    image.central_crop image.convert_image_dtype image.crop_to_bounding_box
-    image.extract_patches image.flip_left_right image.flip_up_down
-    image.grayscale_to_rgb image.pad_to_bounding_box image.per_image_standardization
-    image.resize image.resize_with_crop_or_pad image.resize_with_pad image.rgb_to_grayscale
-    """.split()
-)
-# Name parts refused even under an allowed namespace: a file or code-loading
-# operation TensorFlow may add there later.
-_NEVER = ("io.", "gfile", "saved_model", "load_library", "load_op_library", "py_function")
-TENSOR_ATTRIBUTES = _TENSOR_ATTRIBUTES = frozenset(
-    """
-    shape dtype values row_splits flat_values nested_row_splits row_lengths
-    to_tensor indices dense_shape
-    """.split()
-)
-_OP_LAYERS = frozenset({"TFOpLambda", "SlicingOpLambda"})
-_ATTRIBUTE_LAYERS = frozenset({"InstanceProperty", "InstanceMethod", "ClassMethod"})
-# Strings a pure op may take as a constant argument: dtypes and fixed keywords.
-_DTYPES = frozenset(
-    """
-    bool bfloat16 float16 half float32 float float64 double int8 int16 int32 int64
-    uint8 uint16 uint32 uint64 complex64 complex128 string
-    """.split()
-)
-_KEYWORDS = frozenset(
-    """
-    SAME VALID same valid CONSTANT REFLECT SYMMETRIC constant reflect symmetric
-    channels_last channels_first NHWC NCHW NWC NCW NDHWC NCDHW
-    bilinear nearest bicubic area lanczos3 lanczos5 gaussian mitchellcubic euclidean fro
-    """.split()
-)
-_EINSUM = re.compile(r"[a-zA-Z. ]*(,[a-zA-Z. ]*)*(->[a-zA-Z. ]*)?")
-_CONSTANT = "_CONSTANT_VALUE"
-# How tf_keras' SavedModel metadata encodes a tuple and a shape (json_utils);
-# `.h5` configs write plain lists.
-_CONTAINERS = ("__tuple__", "TensorShape")
-_MAX_CONSTANT_ITEMS = 1_000_000
-
-
-def is_pure_function(name: str) -> bool:
-    """Whether a `TFOpLambda` function name is on the allowlist."""
-    if any(part in name for part in _NEVER):
-        return False
-    bare = name.removeprefix("compat.v1.")
-    if bare.startswith(_PURE_NAMESPACES):
-        rest = bare.split(".", 1)[1]
-        return bool(rest) and "." not in rest and rest.isidentifier()
-    return bare in PURE_FUNCTIONS
-
-
-def layer_names(config) -> set[str]:
-    """Every layer name in a Keras 2 config (the targets of recorded call arguments)."""
-    names = set()
-    for node in dicts(config):
-        inner = node.get("config")
-        if isinstance(node.get("class_name"), str) and isinstance(inner, dict):
-            if isinstance(inner.get("name"), str):
-                names.add(inner["name"])
-        if isinstance(node.get("name"), str):
-            names.add(node["name"])
-    return names
-
-
-def _constant_arguments(inbound_nodes, names: set[str]):
-    """The constants of a layer's recorded calls: positional and keyword.
-
-    tf_keras records each call argument as `[layer, node, tensor, kwargs]`
-    (a tensor) or `["_CONSTANT_VALUE", -1, value, kwargs]` (a constant);
-    keyword arguments hold constants or `[layer, node, tensor]` references.
-    """
-    stack = [inbound_nodes]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            kind = item.get("class_name")
-            if kind in _CONTAINERS and isinstance(item.get("items"), list):
-                stack.append(item["items"])  # a tuple or shape, as a list
-            elif kind == "__ellipsis__" and len(item) == 1:
-                pass  # `x[..., 0]`
-            elif kind is not None:
-                yield item  # any other encoded object is not inert
-            else:
-                stack.extend(item.values())
-            continue
-        if not isinstance(item, list):
-            yield item
-            continue
-        if _is_reference(item, names):
-            if len(item) >= 4:
-                stack.append(item[3])
-            continue
-        if len(item) >= 3 and item[0] == _CONSTANT and item[1] == -1:
-            yield item[2]
-            if len(item) >= 4:
-                stack.append(item[3])
-            continue
-        if _is_numbers(item):
-            yield item
-            continue
-        stack.extend(item)
-
-
-def _calls(inbound_nodes, names: set[str]):
-    """Each recorded call of an op layer: (positional arguments, keyword arguments).
-
-    A tensor argument (`[layer, node, tensor]`) is `opsize.TENSOR`; tf_keras'
-    tuple and shape encodings become lists.
-    """
-    stack = [inbound_nodes]
-    while stack:
-        item = stack.pop()
-        if not isinstance(item, list):
-            continue
-        if len(item) == 4 and isinstance(item[3], dict):
-            constant = item[0] == _CONSTANT and item[1] == -1
-            if constant or _is_reference(item, names):
-                first = _decoded(item[2], names) if constant else opsize.TENSOR
-                yield [first], {k: _decoded(v, names) for k, v in item[3].items()}
-                continue
-        stack.extend(item)
-
-
-def _decoded(value, names: set[str]):
-    if isinstance(value, dict) and value.get("class_name") in _CONTAINERS:
-        return [_decoded(v, names) for v in value.get("items") or []]
-    if isinstance(value, list):
-        if _is_reference(value, names):
-            return opsize.TENSOR
-        return [_decoded(v, names) for v in value]
-    return value
-
-
-def _is_reference(item: list, names: set[str]) -> bool:
-    return (
-        len(item) in (3, 4)
-        and isinstance(item[0], str)
-        and item[0] in names
-        and isinstance(item[1], int)
-        and isinstance(item[2], int)
-    )
-
-
-def _is_inert(value) -> bool:
-    """A number, a shape, a dtype or a fixed keyword: nothing a pure op can misuse."""
-    if value is None or isinstance(value, bool | int | float):
-        return True
-    if isinstance(value, str):
-        return value in _DTYPES or value in _KEYWORDS or _is_equation(value)
-    if isinstance(value, dict):
-        # SlicingOpLambda writes a slice as {"start": ..., "stop": ..., "step": ...}.
-        return set(value) <= {"start", "stop", "step"} and all(
-            v is None or isinstance(v, int) for v in value.values()
-        )
-    if isinstance(value, list):
-        return _is_numbers(value)
-    return False
-
-
-def _is_equation(text: str) -> bool:
-    return 0 < len(text) <= 64 and bool(_EINSUM.fullmatch(text)) and any(c.isalpha() for c in text)
-
-
-def _is_numbers(value: list) -> bool:
-    """A (nested) list of numbers and None: a shape or a small constant tensor."""
-    stack, count = [value], 0
-    while stack:
-        item = stack.pop()
-        count += 1
-        if count > _MAX_CONSTANT_ITEMS:
-            return False
-        if isinstance(item, list):
-            stack.extend(item)
-        elif not (item is None or isinstance(item, bool | int | float)):
-            return False
-    return True
-
-
 def dicts(config):
     """Every dict in a JSON value, iteratively."""
     stack = [config]
@@ -738,3 +543,9 @@ def dicts(config):
 def _shown(value, *, quote: bool = True) -> str:
     """A value for a one-line message: repr (control characters escaped), cut short."""
     return short_repr(value) if quote else printable(short_repr(str(value))[1:-1])
+
+
+# Kept here for the callers that check Keras 2 configs through this module.
+is_pure_function = keras2_ops.is_pure_function
+PURE_FUNCTIONS = keras2_ops.PURE_FUNCTIONS
+TENSOR_ATTRIBUTES = keras2_ops.TENSOR_ATTRIBUTES
