@@ -252,8 +252,9 @@ def _probe(model: keras.Model):
     rng = np.random.default_rng(0)
     arrays = []
     for tensor in model.inputs:
-        # Unknown sizes: a batch of 2, 8 steps of a sequence, 32 pixels of an image.
-        size = 8 if len(tensor.shape) == 2 else 32
+        # Unknown sizes: a batch of 2, 8 steps of a sequence (ids, or features as
+        # Whisper's: its position embedding holds no more), 32 pixels of an image.
+        size = 8 if len(tensor.shape) <= 3 else 32
         shape = [2 if i == 0 else size for i in range(len(tensor.shape))]
         shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
         name = str(getattr(tensor, "name", "") or "")
@@ -291,8 +292,17 @@ def max_difference(old: keras.Model, new: keras.Model) -> float:
 
 def _both_outputs(old: keras.Model, new: keras.Model):
     x = _probe(old)
-    before = keras.tree.flatten(old(x, training=False))
-    after = keras.tree.flatten(new(x, training=False))
+    try:
+        before = keras.tree.flatten(old(x, training=False))
+        after = keras.tree.flatten(new(x, training=False))
+    except Exception as err:  # the model's own error on an input it does not take
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        shapes = [tuple(a.shape) for a in keras.tree.flatten(x)]
+        raise UnsupportedModelError(
+            f"Cannot check {old.name!r} ({type(old).__name__}) on a probe batch: "
+            f"{type(err).__name__}: {first}. Expected a model that takes inputs of the "
+            f"shapes of its `inputs`. Received: probe shapes {shapes}"
+        ) from err
     return (
         [keras.ops.convert_to_numpy(a) for a in before],
         [keras.ops.convert_to_numpy(b) for b in after],
@@ -364,8 +374,14 @@ def _target(key: owned.Key, policy: Policy, mode: str) -> tuple[float | None, st
         return None, KEEP, f"the model's own dropout ({key.name}={old:g}); existing='keep'"
     if old and existing == "remove":
         return 0.0, REMOVE, "existing='remove'"
+    if old and not rate and policy.existing is None:
+        # `rate=0` asks for no dropout from the tool (it removes the tool's own
+        # layers), not for the model's: that takes existing='remove'.
+        return None, KEEP, f"rate 0 leaves the model's own {key.name}={old:g}; existing='remove'"
     if rate == old:
-        return None, (KEEP if rate else SKIP), "already at the rate"
+        if not rate:
+            return None, SKIP, f"`{key.role.value}` is 0: {key.name}=0 left as it is"
+        return None, KEEP, "already at the rate"
     return float(rate), UPDATE, key.role.value
 
 
