@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import regularize  # noqa: E402
 from hub_models import BACKBONES  # noqa: E402
+
+import regularize  # noqa: E402
 from regularize.policy import Policy  # noqa: E402
 from regularize.report import Report  # noqa: E402
 

@@ -137,6 +137,8 @@ def _rewrite_backbone(backbone, policy, mode, build, report, *, prefix, switched
     new, sites, crossed = _rebuild_exact(backbone, config, changes, sites, policy, report, name)
     if switched is not None:
         switched.extend(crossed)
+    if changes and mode == Mode.ADD:
+        _check_training(new, changes)
     for site in sites:
         report.add(site)
     if not build:
@@ -210,6 +212,26 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
         for site in sites
     ]
     return new, sites, []
+
+
+def _check_training(model, changes) -> None:
+    """Refuses a rebuild whose forward pass fails in training mode.
+
+    keras-hub 0.32's `DINOV2DropPath` builds its noise shape with the
+    symbolic batch size `None`, so a DINOv2 with `drop_path_rate > 0` cannot
+    train: the file would load and predict, and the first `fit` would fail.
+    """
+    try:
+        model(_probe(model), training=True)
+    except Exception as err:  # the model's own layer fails; one line here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UnsupportedModelError(
+            f"Cannot rewrite {model.name!r} ({type(model).__name__}): with "
+            f"{', '.join(f'{k}={v:g}' for k, v in changes.items())} its forward pass fails in "
+            f"training mode ({type(err).__name__}: {first}), a defect of the model's own "
+            "layers. Expected a model that trains with the new arguments. Received: changed "
+            f"arguments {sorted(changes)}"
+        ) from err
 
 
 def _rebuilt(model, config, changes):
@@ -339,7 +361,7 @@ def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[
         new, action, reason = _target(key, policy, mode)
         existing = f"{key.name}={old:g}"
         if new is None:
-            rate = old if action == KEEP else None
+            rate = old if reason == "already at the rate" else None
             sites.append(Site(name, cls, key.name, rate, action, reason, existing=existing))
             continue
         changes[key.name] = new
