@@ -221,6 +221,9 @@ def _check_training(model, changes) -> None:
     symbolic batch size `None`, so a DINOv2 with `drop_path_rate > 0` cannot
     train: the file would load and predict, and the first `fit` would fail.
     """
+    # A training-mode pass moves BatchNormalization statistics and seed states:
+    # the model's non-trainable state is put back exactly as it was.
+    state = [(v, keras.ops.convert_to_numpy(v)) for v in model.non_trainable_variables]
     try:
         model(_probe(model), training=True)
     except Exception as err:  # the model's own layer fails; one line here
@@ -232,6 +235,9 @@ def _check_training(model, changes) -> None:
             "layers. Expected a model that trains with the new arguments. Received: changed "
             f"arguments {sorted(changes)}"
         ) from err
+    finally:
+        for variable, value in state:
+            variable.assign(value)
 
 
 def _rebuilt(model, config, changes):

@@ -141,6 +141,7 @@ def _cspnet():
     return M.CSPNetBackbone(
         stem_filters=8, stem_kernel_size=3, stem_strides=1, stackwise_depth=[1],
         stackwise_strides=[2], stackwise_num_filters=[8], block_type="dark_block",
+        stage_type="dark",
         image_shape=(32, 32, 3),
     )  # fmt: skip
 
