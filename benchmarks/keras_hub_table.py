@@ -45,7 +45,8 @@ def outcome(model, policy: Policy) -> tuple[str, object]:
     if inserted:
         kept = type(new).__name__ == type(model).__name__
         return (
-            f"{len(inserted)} layers in the graph ({'class kept' if kept else 'Functional'})",
+            f"{len(inserted)} layer{'s' if len(inserted) != 1 else ''} in the graph "
+            f"({'class kept' if kept else 'Functional'})",
             new,
         )
     reasons = "; ".join(sorted({s.reason for s in report.sites})) or "no candidate site"
