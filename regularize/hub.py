@@ -137,12 +137,12 @@ def _rewrite_backbone(backbone, policy, mode, build, report, *, prefix, switched
     new, sites, crossed = _rebuild_exact(backbone, config, changes, sites, policy, report, name)
     if switched is not None:
         switched.extend(crossed)
-    if changes and mode == Mode.ADD:
-        _check_training(new, changes)
     for site in sites:
         report.add(site)
     if not build:
         return None
+    if changes and mode == Mode.ADD:
+        _check_training(new, changes)
     _compile_like(backbone, new)
     return new
 
