@@ -27,17 +27,17 @@ import numpy as np
 from regularize import rewrite as graph_rewrite
 from regularize import training
 from regularize.core import Mode
+from regularize.core import owned
 from regularize.errors import UnsupportedModelError
 from regularize.policy import Policy
 from regularize.report import KEEP
+from regularize.report import REMOVE
 from regularize.report import SKIP
 from regularize.report import UPDATE
 from regularize.report import Report
 from regularize.report import Site
 
 _PACKAGE = "keras_hub"
-# Names that mark a constructor argument as attention dropout (`attention_rate`).
-_ATTENTION_WORDS = ("attention", "attn")
 
 
 def is_hub_model(model: object) -> bool:
@@ -46,18 +46,12 @@ def is_hub_model(model: object) -> bool:
 
 
 def dropout_arguments(config: dict) -> dict[str, float]:
-    """The constructor's dropout arguments in a `get_config()` dict: name → rate.
+    """The constructor's dropout-like arguments in a `get_config()` dict: name → value.
 
-    A key counts when its name holds "dropout" and its value is a number
-    (not a flag such as `use_dropout`).
+    One definition for the whole tool: `core.owned.find_arguments` (dropout
+    keys by name, and stochastic depth such as `drop_path_rate`).
     """
-    return {
-        key: float(value)
-        for key, value in config.items()
-        if "dropout" in key.lower()
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-    }
+    return {key.name: key.value for key in owned.find_arguments(config)}
 
 
 def rewrite(
@@ -72,8 +66,11 @@ def rewrite(
 
     Args:
         model: A keras-hub `Backbone` or `Task`; it is not changed.
-        policy: `rate` drives the general dropout arguments,
-            `attention_rate` (None: unchanged) the attention ones.
+        policy: Each argument follows the setting of its role
+            (`core.owned.find_arguments`): `rate` the general dropout
+            arguments, `attention_rate` the attention ones, `drop_path`
+            stochastic depth (`drop_path_rate`); None leaves them. A value
+            already above 0 follows `existing` (default: set to the rate).
         mode: "add" or "strip" (every dropout argument to 0).
         build: False only plans: the report is filled, nothing is built.
         report: Receives one `Site` per dropout argument, and the graph
@@ -96,6 +93,9 @@ def rewrite(
 
 def _rewrite_task(task, policy, mode, build, report):
     backbone = task.backbone
+    # The backbone's arguments whose change switched a kernel (warned, with the
+    # measured difference): the task cannot be bit-identical either then.
+    switched: list[str] = []
     if policy.preset == "head" and mode == Mode.ADD:
         # The head of a task is the task's own layers: the backbone stays.
         new_backbone = backbone
@@ -103,7 +103,7 @@ def _rewrite_task(task, policy, mode, build, report):
         _skip_all(backbone, backbone.get_config(), reason, report, prefix=f"{task.name}/")
     else:
         new_backbone = _rewrite_backbone(
-            backbone, policy, mode, build, report, prefix=f"{task.name}/"
+            backbone, policy, mode, build, report, prefix=f"{task.name}/", switched=switched
         )
     config = task.get_config()
     changes, sites = _decide(task, config, policy, mode, report, prefix="")
@@ -116,7 +116,7 @@ def _rewrite_task(task, policy, mode, build, report):
     config["preprocessor"] = task.preprocessor
     new = _from_config(task, config)
     _copy_state(task, new)
-    if not _is_exact(task, new):
+    if not switched and not _is_exact(task, new):
         raise UnsupportedModelError(
             f"Cannot rewrite {task.name!r} ({type(task).__name__}): the rebuilt task does not "
             "compute bit-identical outputs at inference. Expected the same outputs with "
@@ -126,55 +126,79 @@ def _rewrite_task(task, policy, mode, build, report):
     return new
 
 
-def _rewrite_backbone(backbone, policy, mode, build, report, *, prefix):
+def _rewrite_backbone(backbone, policy, mode, build, report, *, prefix, switched=None):
     config = backbone.get_config()
     if not dropout_arguments(config):
         return _rewrite_graph(backbone, policy, mode, build, report, prefix=prefix)
     changes, sites = _decide(backbone, config, policy, mode, report, prefix=prefix)
     # A plan builds too (from the config: fast): whether inference stays
     # bit-identical is only known by running the rebuilt model.
-    new, sites = _rebuild_exact(backbone, config, changes, sites)
+    name = f"{prefix}{backbone.name}"
+    new, sites, crossed = _rebuild_exact(backbone, config, changes, sites, policy, report, name)
+    if switched is not None:
+        switched.extend(crossed)
     for site in sites:
         report.add(site)
     if not build:
         return None
+    if changes and mode == Mode.ADD:
+        _check_training(new, changes)
     _compile_like(backbone, new)
     return new
 
 
-# Why a dropout argument that was 0 may have to stay 0.
+# Why a dropout argument that was 0 stays 0 under `exact=True`.
 NOT_EXACT = (
-    "dropout > 0 switches a layer to another kernel (Keras' MultiHeadAttention leaves its "
-    "fused dot-product attention), so inference would not stay bit-identical"
+    "dropout crossing 0 switches a layer to another kernel (Keras' MultiHeadAttention leaves "
+    "its fused dot-product attention), so inference would not stay bit-identical; exact=True"
 )
 
 
-def _rebuild_exact(model, config, changes, sites):
-    """The rebuilt model and its sites; arguments that break exact inference stay as they were.
+def _rebuild_exact(model, config, changes, sites, policy, report, name):
+    """The rebuilt model and its sites, inference checked against `model` on a probe batch.
 
-    Turning a dropout argument on (from 0) can change a layer's inference
-    code path, not only add an identity: Keras' `MultiHeadAttention` uses
-    `ops.dot_product_attention` only while its dropout is 0. Such arguments
-    are left at 0 (the site is skipped with `NOT_EXACT`).
+    Setting a dropout argument across 0 can change a layer's inference code
+    path, not only add an identity: Keras' `MultiHeadAttention` uses
+    `ops.dot_product_attention` only while its dropout is 0. Such a change
+    was asked for (an explicit rate), so it is made and the measured largest
+    difference is warned about, as for an LSTM leaving cuDNN; with
+    `policy.exact` such arguments stay as they were (their sites skipped
+    with `NOT_EXACT`). Changes that do not cross 0 must stay bit-identical.
     """
     new = _rebuilt(model, config, changes)
     if _is_exact(model, new):
-        return new, sites
-    old = dropout_arguments(config)
-    started = [key for key in changes if not old[key]]
-    kept = {key: value for key, value in changes.items() if key not in started}
-    new = _rebuilt(model, config, kept)
-    if not _is_exact(model, new):
+        return new, sites, []
+    old = {key.name: key.value for key in owned.find_arguments(config)}
+    crossing = [key for key in changes if (old[key] == 0) != (changes[key] == 0)]
+    kept = {key: value for key, value in changes.items() if key not in crossing}
+    base = _rebuilt(model, config, kept) if kept != changes else new
+    if not _is_exact(model, base):
         raise UnsupportedModelError(
             f"Cannot rewrite {model.name!r} ({type(model).__name__}): the model rebuilt with "
             "the new dropout arguments does not compute bit-identical outputs at inference. "
             f"Expected the same outputs with `training=False`. Received: changed arguments "
-            f"{sorted(changes)}"
+            f"{sorted(kept or changes)}"
         )
+    if not policy.exact:
+        difference = max_difference(model, new)
+        measured = (
+            f"inference differs by at most {difference:.3g} on a probe batch"
+            if difference
+            else "inference is bit-identical on a probe batch, but other inputs or devices "
+            "may round differently"
+        )
+        graph_rewrite._warn(
+            report,
+            f"{name}: {', '.join(sorted(crossing))} crossed 0, so its attention runs Keras' "
+            f"other kernel (fused at 0, explicit above): {measured} (set `exact=True` to "
+            "refuse this)",
+        )
+        return new, sites, crossing
     # One argument at a time: those that keep inference exact are set (`new`
     # is always the last model built with exactly `kept`).
+    new = base
     refused = set()
-    for key in started:
+    for key in crossing:
         trial = _rebuilt(model, config, {**kept, key: changes[key]})
         if _is_exact(model, trial):
             kept[key] = changes[key]
@@ -183,11 +207,37 @@ def _rebuild_exact(model, config, changes, sites):
             refused.add(key)
     sites = [
         dataclasses.replace(site, action=SKIP, rate=None, reason=NOT_EXACT)
-        if site.kind in refused and site.action == UPDATE
+        if site.kind in refused and site.action in (UPDATE, REMOVE)
         else site
         for site in sites
     ]
-    return new, sites
+    return new, sites, []
+
+
+def _check_training(model, changes) -> None:
+    """Refuses a rebuild whose forward pass fails in training mode.
+
+    keras-hub 0.32's `DINOV2DropPath` builds its noise shape with the
+    symbolic batch size `None`, so a DINOv2 with `drop_path_rate > 0` cannot
+    train: the file would load and predict, and the first `fit` would fail.
+    """
+    # A training-mode pass moves BatchNormalization statistics and seed states:
+    # the model's non-trainable state is put back exactly as it was.
+    state = [(v, keras.ops.convert_to_numpy(v)) for v in model.non_trainable_variables]
+    try:
+        model(_probe(model), training=True)
+    except Exception as err:  # the model's own layer fails; one line here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UnsupportedModelError(
+            f"Cannot rewrite {model.name!r} ({type(model).__name__}): with "
+            f"{', '.join(f'{k}={v:g}' for k, v in changes.items())} its forward pass fails in "
+            f"training mode ({type(err).__name__}: {first}), a defect of the model's own "
+            "layers. Expected a model that trains with the new arguments. Received: changed "
+            f"arguments {sorted(changes)}"
+        ) from err
+    finally:
+        for variable, value in state:
+            variable.assign(value)
 
 
 def _rebuilt(model, config, changes):
@@ -230,8 +280,9 @@ def _probe(model: keras.Model):
     rng = np.random.default_rng(0)
     arrays = []
     for tensor in model.inputs:
-        # Unknown sizes: a batch of 2, 8 steps of a sequence, 32 pixels of an image.
-        size = 8 if len(tensor.shape) == 2 else 32
+        # Unknown sizes: a batch of 2, 8 steps of a sequence (ids, or features as
+        # Whisper's: its position embedding holds no more), 32 pixels of an image.
+        size = 8 if len(tensor.shape) <= 3 else 32
         shape = [2 if i == 0 else size for i in range(len(tensor.shape))]
         shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
         name = str(getattr(tensor, "name", "") or "")
@@ -248,12 +299,41 @@ def _probe(model: keras.Model):
 
 
 def _same_outputs(old: keras.Model, new: keras.Model) -> bool:
-    x = _probe(old)
-    before = keras.tree.flatten(old(x, training=False))
-    after = keras.tree.flatten(new(x, training=False))
+    before, after = _both_outputs(old, new)
     return len(before) == len(after) and all(
-        np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
-        for a, b in zip(before, after, strict=True)
+        np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+
+
+def max_difference(old: keras.Model, new: keras.Model) -> float:
+    """The largest absolute difference of the two models' outputs on the probe batch."""
+    before, after = _both_outputs(old, new)
+    return max(
+        (
+            float(np.max(np.abs(a.astype("float64") - b.astype("float64"))))
+            for a, b in zip(before, after, strict=True)
+            if a.size
+        ),
+        default=0.0,
+    )
+
+
+def _both_outputs(old: keras.Model, new: keras.Model):
+    x = _probe(old)
+    try:
+        before = keras.tree.flatten(old(x, training=False))
+        after = keras.tree.flatten(new(x, training=False))
+    except Exception as err:  # the model's own error on an input it does not take
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        shapes = [tuple(a.shape) for a in keras.tree.flatten(x)]
+        raise UnsupportedModelError(
+            f"Cannot check {old.name!r} ({type(old).__name__}) on a probe batch: "
+            f"{type(err).__name__}: {first}. Expected a model that takes inputs of the "
+            f"shapes of its `inputs`. Received: probe shapes {shapes}"
+        ) from err
+    return (
+        [keras.ops.convert_to_numpy(a) for a in before],
+        [keras.ops.convert_to_numpy(b) for b in after],
     )
 
 
@@ -277,21 +357,23 @@ def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
 
 
 def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[Site]]:
-    """The new value of each dropout argument of `model`, and one `Site` each."""
+    """The new value of each dropout-like argument of `model`, and one `Site` each."""
     changes = {}
     sites = []
     name = f"{prefix}{model.name}"
     cls = type(model).__name__
-    for key, old in dropout_arguments(config).items():
-        new, reason = _target(key, old, policy, mode)
-        existing = f"{key}={old:g}"
+    for key in owned.find_arguments(config):
+        old = key.value
+        new, action, reason = _target(key, policy, mode)
+        existing = f"{key.name}={old:g}"
         if new is None:
-            action = KEEP if reason.startswith("the model's own") else SKIP
-            sites.append(Site(name, cls, key, None, action, reason, existing=existing))
+            rate = old if reason == "already at the rate" else None
+            sites.append(Site(name, cls, key.name, rate, action, reason, existing=existing))
             continue
-        changes[key] = new
-        reason = f"{key}: {old:g} -> {new:g} ({reason})"
-        sites.append(Site(name, cls, key, new, UPDATE, reason, existing=existing))
+        changes[key.name] = new
+        reason = f"{key.name}: {old:g} -> {new:g} ({reason})"
+        action = REMOVE if new == 0 else UPDATE
+        sites.append(Site(name, cls, key.name, new, action, reason, existing=existing))
     if changes and policy.schedule is not None and mode == Mode.ADD:
         graph_rewrite._warn(
             report, f"{name}: a constructor argument has one rate, not a schedule: `rate` used"
@@ -299,30 +381,45 @@ def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[
     return changes, sites
 
 
-def _target(key: str, old: float, policy: Policy, mode: str) -> tuple[float | None, str]:
-    """(new rate or None to leave it, reason) for one dropout argument."""
+def _target(key: owned.Key, policy: Policy, mode: str) -> tuple[float | None, str, str]:
+    """(new value or None to leave it, action, reason) for one constructor argument.
+
+    The setting of the key's role drives it (`rate`, `attention_rate`,
+    `recurrent_rate`, `drop_path`). A value already above 0 is the model's
+    own dropout: `existing` decides, and by default ("retarget" for a
+    setting, see `Policy.setting_existing`) the rate asked for is set.
+    """
+    old = key.value
     if mode == Mode.STRIP:
-        return (0.0, "removed") if old else (None, "already 0")
+        return (0.0, REMOVE, "removed") if old else (None, SKIP, "already 0")
     if policy.mc:
-        return None, "MC dropout cannot be set through a constructor argument"
-    attention = any(word in key.lower() for word in _ATTENTION_WORDS)
-    rate = getattr(policy, "attention_rate", None) if attention else policy.rate
+        return None, SKIP, "MC dropout cannot be set through a constructor argument"
+    rate = getattr(policy, key.role.value)
     if rate is None:
-        return None, "`attention_rate` not set"
-    if old and policy.existing == "keep":
-        return None, f"the model's own dropout ({key}={old:g}); existing = keep"
-    if old and policy.existing == "remove":
-        return 0.0, "existing = remove"
+        return None, SKIP, f"`{key.role.value}` not set: {key.name}={old:g} left as it is"
+    existing = policy.setting_existing
+    if old and existing == "keep":
+        return None, KEEP, f"the model's own dropout ({key.name}={old:g}); existing='keep'"
+    if old and existing == "remove":
+        return 0.0, REMOVE, "existing='remove'"
+    if old and not rate and policy.existing is None:
+        # `rate=0` asks for no dropout from the tool (it removes the tool's own
+        # layers), not for the model's: that takes existing='remove'.
+        return None, KEEP, f"rate 0 leaves the model's own {key.name}={old:g}; existing='remove'"
     if rate == old:
-        return None, "already at the rate"
-    return float(rate), "attention_rate" if attention else "rate"
+        if not rate:
+            return None, SKIP, f"`{key.role.value}` is 0: {key.name}=0 left as it is"
+        return None, KEEP, "already at the rate"
+    return float(rate), UPDATE, key.role.value
 
 
 def _skip_all(model, config, reason, report, *, prefix) -> None:
-    for key, old in dropout_arguments(config).items():
-        existing = f"{key}={old:g}"
+    for key in owned.find_arguments(config):
+        existing = f"{key.name}={key.value:g}"
         name = f"{prefix}{model.name}"
-        report.add(Site(name, type(model).__name__, key, None, SKIP, reason, existing=existing))
+        report.add(
+            Site(name, type(model).__name__, key.name, None, SKIP, reason, existing=existing)
+        )
 
 
 def _from_config(model, config):

@@ -10,7 +10,9 @@ A policy file (TOML):
     rate = 0.2
     recurrent_rate = 0.1      # RNN recurrent_dropout; absent: left as it is
     attention_rate = 0.1      # dropout on attention probabilities; absent: left as it is
-    existing = "keep"         # dropout already in the model: keep, retarget, remove
+    existing = "keep"         # dropout already in the model: keep, retarget, remove (absent:
+                              # Dropout layers kept, dropout settings follow the rates)
+    exact = false             # refuse changes that are not bit-identical at inference
     mc = false                # dropout stays active at inference (MC dropout)
     drop_path = 0.1           # stochastic depth before residual merges; absent: off
 
@@ -63,6 +65,7 @@ _POLICY_KEYS = (
     "mc",
     "drop_path",
     "skip_inference_only",
+    "exact",
 )
 _RULE_KEYS = (
     "match",
@@ -227,6 +230,11 @@ class Policy:
         rules: `Rule`s applied in order; the last match wins.
         existing: Dropout the model already had (not inserted by this tool):
             "keep" it, "retarget" it like the tool's own, or "remove" it.
+            None (the default): Dropout *layers* are kept, and dropout
+            *settings* the model has (a keras-hub constructor's `dropout`,
+            an attention or RNN layer's own rate) follow the rate asked for:
+            a setting is not a layer the tool could add beside, so keeping
+            it would make the request a no-op.
         mc: Insert dropout that stays active at inference (MC dropout).
         drop_path: Stochastic depth: a per-sample `Dropout` (noise shape
             `(None, 1, ..., 1)`) on the residual branch of every residual
@@ -234,6 +242,9 @@ class Policy:
             of the N merges to `drop_path` at the last. None: off; 0 removes
             the drop paths this tool inserted earlier. Independent of
             `preset`, `rate` and the rules.
+        exact: Refuse every change that does not keep inference
+            bit-identical, including kernel switches that are otherwise
+            accepted with a warning of the measured difference.
         skip_inference_only: Leave nested models that are always called with
             `training=False` alone: the caller asked for inference mode there.
         source: Where the policy came from, for messages.
@@ -245,10 +256,11 @@ class Policy:
     preset: str = "all"
     schedule: tuple[float, float] | None = None
     rules: tuple[Rule, ...] = ()
-    existing: str = "keep"
+    existing: str | None = None
     mc: bool = False
     drop_path: float | None = None
     skip_inference_only: bool = True
+    exact: bool = False
     source: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
@@ -258,7 +270,9 @@ class Policy:
         _set(self, "recurrent_rate", _rate("recurrent_rate", self.recurrent_rate, where, True))
         _set(self, "attention_rate", _rate("attention_rate", self.attention_rate, where, True))
         _set(self, "preset", _choice("preset", self.preset, PRESETS, where))
-        _set(self, "existing", _choice("existing", self.existing, EXISTING, where))
+        if self.existing is not None:
+            _set(self, "existing", _choice("existing", self.existing, EXISTING, where))
+        _set(self, "exact", _flag("exact", self.exact, where))
         _set(self, "mc", _flag("mc", self.mc, where))
         _set(self, "drop_path", _rate("drop_path", self.drop_path, where, True))
         inference_only = _flag("skip_inference_only", self.skip_inference_only, where)
@@ -307,9 +321,12 @@ class Policy:
         data = {
             "preset": self.preset,
             "rate": self.rate,
-            "existing": self.existing,
             "mc": self.mc,
         }
+        if self.existing is not None:
+            data["existing"] = self.existing
+        if self.exact:
+            data["exact"] = True
         if self.drop_path is not None:
             data["drop_path"] = self.drop_path
         data["skip_inference_only"] = self.skip_inference_only
@@ -324,6 +341,16 @@ class Policy:
         return data
 
     # -- deciding ---------------------------------------------------------
+
+    @property
+    def layer_existing(self) -> str:
+        """What happens to a Dropout layer the model has: `existing`, "keep" by default."""
+        return self.existing or "keep"
+
+    @property
+    def setting_existing(self) -> str:
+        """What happens to a dropout setting the model has: `existing`, "retarget" by default."""
+        return self.existing or "retarget"
 
     def decide(self, c: Candidate) -> Decision:
         """What goes at the site `c`: the preset, then the schedule, then the rules."""

@@ -669,7 +669,6 @@ def test_drop_path_in_policy_files(tmp_path):
     assert list(policy.to_dict()) == [
         "preset",
         "rate",
-        "existing",
         "mc",
         "drop_path",
         "skip_inference_only",

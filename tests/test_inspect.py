@@ -78,7 +78,6 @@ def test_inspect_json_has_every_field_and_the_policy(model_file, tmp_path):
     assert data["policy"] == {
         "preset": "head",
         "rate": 0.4,
-        "existing": "keep",
         "mc": False,
         "skip_inference_only": True,
         "rule": [{"match": "r*", "rate": 0.1}],

@@ -9,7 +9,6 @@ constructor has dropout arguments is rebuilt through them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -29,12 +28,6 @@ from regularize.report import UPDATE
 from regularize.report import Report
 
 pytestmark = pytest.mark.slow
-
-
-@dataclasses.dataclass(frozen=True)
-class _AttentionPolicy(Policy):
-    # `attention_rate` as the merged Policy has it; a subclass works before and after.
-    attention_rate: float | None = None
 
 
 def _images(n=2, seed=0):
@@ -88,14 +81,14 @@ def test_vit_backbone_keeps_its_class_and_reloads_without_keras_hub(vit, tmp_pat
     weights = [w.numpy().copy() for w in vit.weights]
     report = Report()
     new = regularize.add_dropout(
-        vit, policy=_AttentionPolicy(rate=0.3, attention_rate=0.1), report=report
+        vit, policy=Policy(rate=0.3, attention_rate=0.1, exact=True), report=report
     )
 
     assert type(new) is type(vit)
     assert new.get_config()["dropout_rate"] == 0.3
     assert _updates(report) == {("vit", "dropout_rate"): 0.3}
     # Keras' MultiHeadAttention leaves its fused kernel once its dropout is > 0:
-    # inference would change, so the attention dropout stays at 0 and says why.
+    # inference would change, so under `exact` the attention dropout stays at 0.
     assert new.get_config()["attention_dropout"] == 0.0
     skipped = {s.kind: s.reason for s in report.sites if s.action == SKIP}
     assert skipped == {"attention_dropout": hub.NOT_EXACT}
@@ -128,13 +121,32 @@ def test_vit_backbone_keeps_its_class_and_reloads_without_keras_hub(vit, tmp_pat
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), before)
 
 
+def test_vit_attention_rate_switches_the_kernel_with_a_measured_warning(vit, tmp_path):
+    x = _images()
+    before = _outputs(vit, x)
+    report = Report()
+    new = regularize.add_dropout(vit, rate=0.3, attention_rate=0.1, report=report)
+    assert type(new) is type(vit)
+    assert _updates(report) == {("vit", "dropout_rate"): 0.3, ("vit", "attention_dropout"): 0.1}
+    assert new.get_config()["attention_dropout"] == 0.1
+    [warning] = [w for w in report.warnings if "crossed 0" in w]
+    assert "other kernel" in warning and "`exact=True`" in warning
+    measured = float(warning.split("at most ")[1].split(" ")[0])
+    assert 0 < measured < 1e-4
+    after = keras.ops.convert_to_numpy(new(x, training=False))
+    assert np.max(np.abs(after - before)) < 1e-4
+    reloaded = _reload(new, tmp_path, "vit_attention")
+    assert reloaded.get_config()["attention_dropout"] == 0.1
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(reloaded(x, training=False)), after)
+
+
 def test_vit_without_attention_rate_leaves_attention_dropout(vit):
     report = Report()
     new = regularize.add_dropout(vit, rate=0.2, report=report)
     assert new.get_config()["attention_dropout"] == 0.0
     skipped = [s for s in report.sites if s.action == SKIP]
     assert [(s.kind, s.reason) for s in skipped] == [
-        ("attention_dropout", "`attention_rate` not set")
+        ("attention_dropout", "`attention_rate` not set: attention_dropout=0 left as it is")
     ]
 
 
@@ -180,17 +192,19 @@ def bert():
     )
 
 
-def test_bert_keeps_its_own_dropout_unless_retargeted(bert, tmp_path):
+def test_bert_own_dropout_follows_the_rate_unless_kept(bert, tmp_path):
     x = dict(_tokens(), segment_ids=np.zeros((2, 8), "int32"))
     before = _outputs(bert, x)
     kept = Report()
-    regularize.add_dropout(bert, rate=0.3, report=kept)
+    regularize.add_dropout(bert, policy=Policy(rate=0.3, existing="keep"), report=kept)
     assert [(s.kind, s.action, s.existing) for s in kept.sites] == [
         ("dropout", KEEP, "dropout=0.1")
     ]
+    removed = regularize.add_dropout(bert, policy=Policy(rate=0.3, existing="remove"))
+    assert removed.get_config()["dropout"] == 0.0
 
     report = Report()
-    new = regularize.add_dropout(bert, policy=Policy(rate=0.3, existing="retarget"), report=report)
+    new = regularize.add_dropout(bert, rate=0.3, report=report)
     assert type(new) is type(bert)
     assert _updates(report) == {("bert", "dropout"): 0.3}
     assert new.get_config()["dropout"] == 0.3
@@ -456,12 +470,19 @@ def test_bert_dropout_from_0_would_switch_the_attention_kernel():
         name="bert0",
     )
     report = Report()
-    new = regularize.add_dropout(model, rate=0.3, report=report)
+    exact = Policy(rate=0.3, exact=True)
+    new = regularize.add_dropout(model, policy=exact, report=report)
     assert [(s.layer, s.kind, s.action, s.reason) for s in report.sites] == [
         ("bert0", "dropout", SKIP, hub.NOT_EXACT)
     ]
     assert new.get_config()["dropout"] == 0.0
-    assert [(s.kind, s.action) for s in regularize.plan(model, rate=0.3)] == [("dropout", SKIP)]
+    assert [(s.kind, s.action) for s in regularize.plan(model, policy=exact)] == [("dropout", SKIP)]
     x = dict(_tokens(), segment_ids=np.zeros((2, 8), "int32"))
     x["token_ids"] = np.random.default_rng(3).integers(0, 50, size=(2, 8)).astype("int32")
     _assert_same(_outputs(model, x), new(x, training=False))
+    # Asked for without `exact`, the rate is set and the switch warned about.
+    switched = Report()
+    new = regularize.add_dropout(model, rate=0.3, report=switched)
+    assert new.get_config()["dropout"] == 0.3
+    assert [(s.kind, s.action) for s in switched.sites] == [("dropout", UPDATE)]
+    assert any("dropout crossed 0" in w for w in switched.warnings)

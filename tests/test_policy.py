@@ -125,7 +125,8 @@ def _error(tmp_path, text):
         (
             "rates = 0.2",
             "Unknown policy key 'rates' in F. Expected one of preset, rate, recurrent_rate, "
-            "attention_rate, schedule, rule, existing, mc, drop_path, skip_inference_only. "
+            "attention_rate, schedule, rule, existing, mc, drop_path, skip_inference_only, "
+            "exact. "
             "Received: rates=0.2",
         ),
         ("rate = 1.0", "Invalid `rate` in F. Expected a float in [0, 1). Received: rate=1.0"),

@@ -280,6 +280,21 @@ _EMPTY_ADVICE = (
         "in a --policy file to give it the policy's rate.",
     ),
     (
+        "the model's own dropout",
+        "--existing keep leaves the dropout arguments the model has as they are: leave "
+        "it out (or use --existing retarget) to set them to --rate.",
+    ),
+    (
+        "`",
+        "Pass the option the reason names to set that constructor argument "
+        "(--rate, --attention-rate, --drop-path).",
+    ),
+    (
+        "dropout crossing 0",
+        "--exact refuses the kernel switch that setting these arguments would make: "
+        "leave it out to accept it (the difference is measured and warned).",
+    ),
+    (
         INFERENCE_ONLY,
         "A nested model called with training=False stays in inference mode: rewrite "
         "the nested model itself, or set skip_inference_only = false in a --policy file.",
@@ -310,8 +325,10 @@ def _no_dropout_message(report, planned: bool) -> str:
     main = [r for r, _ in reasons.most_common() if r != "model output"]
     for prefix, advice in _EMPTY_ADVICE:
         if main and main[0].startswith(prefix):
-            return f"{what} {advice}"
-    return f"{what} Choose another --preset, or a --policy file with rules that set a rate."
+            return as_flags(f"{what} {advice}")
+    return as_flags(
+        f"{what} Choose another --preset, or a --policy file with rules that set a rate."
+    )
 
 
 def _print_warnings(report) -> None:

@@ -174,13 +174,31 @@ _policy_options = _options(
         type=RATE,
         default=None,
         help="Stochastic depth: drop the residual branch of each residual Add per "
-        "sample, the rate growing with depth up to this at the last block. Default: off.",
+        "sample, the rate growing with depth up to this at the last block (a keras-hub "
+        "model's drop_path_rate / max_drop_path_rate). Default: off.",
+    ),
+    click.option(
+        "--existing",
+        type=click.Choice(["keep", "retarget", "remove"]),
+        default=None,
+        help="Dropout the model already has: keep it, retarget it to the rate, or remove "
+        "it. Default: Dropout layers are kept; dropout settings (a keras-hub model's "
+        "dropout argument, an attention layer's own rate) follow the rate.",
+    ),
+    click.option(
+        "--exact",
+        is_flag=True,
+        help="Refuse every change that is not bit-identical at inference (an attention "
+        "layer whose dropout crosses 0 switches kernels; otherwise warned, with the "
+        "measured difference).",
     ),
 )
 
 
 # The options of `_policy_options` that set a rate, in `Policy`'s names.
 RATE_OPTIONS = ("rate", "recurrent_rate", "attention_rate", "drop_path")
+# The other settings of `_policy_options`, in `Policy`'s names (None / False: not given).
+SETTING_OPTIONS = ("existing", "exact")
 
 
 def _policy(policy_file, preset, options: dict, *, mc=False):
@@ -191,6 +209,8 @@ def _policy(policy_file, preset, options: dict, *, mc=False):
     from regularize.policy import Policy
 
     defaults = {name: options.pop(name) for name in RATE_OPTIONS}
+    settings = {name: options.pop(name) for name in SETTING_OPTIONS}
+    defaults.update({name: value for name, value in settings.items() if value})
     if preset:
         defaults["preset"] = preset
     if mc:

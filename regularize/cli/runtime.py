@@ -170,6 +170,14 @@ _FLAGS = (
     ("Set `to_keras3=False`", "Drop --to-keras3"),
     ("`to_keras3`", "--to-keras3"),
     ("`debug=True`", "--debug"),
+    ("`exact=True`", "--exact"),
+    ("; exact=True", "; --exact"),
+    ("existing='keep'", "--existing keep"),
+    ("existing='remove'", "--existing remove"),
+    ("`rate` not set", "--rate not given"),
+    ("`attention_rate` not set", "--attention-rate not given"),
+    ("`recurrent_rate` not set", "--recurrent-rate not given"),
+    ("`drop_path` not set", "--drop-path not given"),
 )
 
 

@@ -475,7 +475,7 @@ class GraphDropPaths:
 
         wanted = noise_shape(shape)
         same = facts.rate == rate and facts.class_name == "Dropout" and facts.noise_shape == wanted
-        policy = graph.policy.existing
+        policy = graph.policy.layer_existing
         if not facts.is_own_drop_path and policy == "keep":
             return site(
                 facts.class_name, facts.rate, KEEP, "branch already ends in a dropout layer"

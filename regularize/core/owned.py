@@ -28,6 +28,8 @@ from collections.abc import Sequence
 _KEY = re.compile(r"^(?:[a-z0-9]+_)*?(?:dropout(?:_rate|_prob)?|pdrop|(?<=_)drop)$")
 _ATTENTION = re.compile(r"(?:^|_)(?:attention|attn)(?:_|$)")
 _RECURRENT = re.compile(r"(?:^|_)recurrent(?:_|$)")
+# A model constructor's stochastic depth: `drop_path_rate`, `max_drop_path_rate`, `drop_path`.
+_DROP_PATH = re.compile(r"^(?:[a-z0-9]+_)*?drop_path(?:_rate|_prob)?$")
 
 ATTENTION_WARNING = (
     "attention dropout disables fused (flash) attention kernels on GPU: training "
@@ -65,6 +67,7 @@ class Role(enum.StrEnum):
     GENERAL = "rate"
     ATTENTION = "attention_rate"
     RECURRENT = "recurrent_rate"
+    DROP_PATH = "drop_path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,11 @@ def is_dropout_key(name: object) -> bool:
     return isinstance(name, str) and "drop_path" not in name and bool(_KEY.match(name))
 
 
+def is_drop_path_key(name: object) -> bool:
+    """Whether a config key is named like a stochastic-depth rate (`drop_path_rate`)."""
+    return isinstance(name, str) and bool(_DROP_PATH.match(name))
+
+
 def role_of(name: str, *, attention_layer: bool) -> Role:
     """The role of key `name`; the plain `dropout` of an attention layer is attention dropout.
 
@@ -106,17 +114,36 @@ def find_keys(config: object, *, attention_layer: bool = False) -> tuple[Key, ..
     Only the layer's own top-level keys count, each a number in [0, 1]
     (bools and other types are not rates).
     """
+    return _find(config, attention_layer=attention_layer, drop_path=False)
+
+
+def find_arguments(config: object) -> tuple[Key, ...]:
+    """The dropout-like arguments of a model constructor's config (a keras-hub `get_config()`).
+
+    The keys of `find_keys`, and stochastic depth (`drop_path_rate`,
+    `max_drop_path_rate`) with the role `DROP_PATH`: a model-level drop-path
+    argument is the model's own setting, driven by the `drop_path` policy
+    setting (a layer's is not: inside a graph, drop paths are inserted).
+    """
+    return _find(config, attention_layer=False, drop_path=True)
+
+
+def _find(config: object, *, attention_layer: bool, drop_path: bool) -> tuple[Key, ...]:
     if not isinstance(config, Mapping):
         return ()
     keys = []
     for name, value in config.items():
-        if not is_dropout_key(name):
+        if is_dropout_key(name):
+            role = role_of(name, attention_layer=attention_layer)
+        elif drop_path and is_drop_path_key(name):
+            role = Role.DROP_PATH
+        else:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             continue
         if not 0.0 <= float(value) <= 1.0:
             continue
-        keys.append(Key(name, float(value), role_of(name, attention_layer=attention_layer)))
+        keys.append(Key(name, float(value), role))
     return tuple(keys)
 
 

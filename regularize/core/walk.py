@@ -502,7 +502,7 @@ class _GraphWalk:
                 other = self.facts(layer)
                 # A wrapped dropout (QuantizeWrapperV2(Dropout)) stays the user's.
                 if other.is_own_dropout or (
-                    self.policy.existing != "keep" and other.wrapper is None
+                    self.policy.layer_existing != "keep" and other.wrapper is None
                 ):
                     self._retarget(node, op, facts, layer, decision, shape, fmt, reason, existing)
                 else:
@@ -552,7 +552,7 @@ class _GraphWalk:
             else:
                 site(self._wanted_class(done.kind), done.rate, UPDATE, why)
             return
-        if not own and self.policy.existing == "remove":
+        if not own and self.policy.layer_existing == "remove":
             skip_reason = "existing = remove"
         elif not skip_reason and decision.rate == 0:
             skip_reason = decision.reason
@@ -575,7 +575,7 @@ class _GraphWalk:
     def _dropout(self, node, op, facts: LayerFacts) -> None:
         run = self.run_
         strip = run.mode == Mode.STRIP or (
-            self.policy.existing == "remove" and id(op) not in run.fates
+            self.policy.layer_existing == "remove" and id(op) not in run.fates
         )
         if strip:
             if self.view.output_keys(node)[0] in self.final:
@@ -688,7 +688,11 @@ class _GraphWalk:
                 site(top, KEEP, reason, existing)
             return self._call(node, op)
         switch = owned.switches_kernel(facts.attention_kernel, old, values)
-        if switch and run.mode == Mode.ADD and settings[owned.Role.ATTENTION] is None:
+        if (
+            switch
+            and run.mode == Mode.ADD
+            and (settings[owned.Role.ATTENTION] is None or self.policy.exact)
+        ):
             # Only a user who asked for attention dropout accepts the rounding.
             site(None, SKIP, owned.KERNEL_SWITCH_SKIP, existing)
             return self._call(node, op)
