@@ -205,10 +205,15 @@ def test_gpt2_backbone_plan_has_no_activation_site_inside_its_blocks():
         (f"transformer_layer_{i}", "TransformerDecoder", "owned", "update", "dropout 0.1 -> 0.2")
         for i in range(2)
     ]
-    # The public API gives a keras-hub backbone to `regularize.hub` (its class stays): the
-    # constructor's `dropout=0.1` is the model's own, kept by default.
+    # The public API gives a keras-hub backbone to `regularize.hub` (its class stays): an
+    # explicit rate sets the constructor's own `dropout=0.1`; `existing="keep"` keeps it.
     report = Report()
     regularize.plan(backbone, 0.2, report=report)
+    assert [(s.layer, s.kind, s.action) for s in report.sites] == [
+        ("gpt2_backbone", "dropout", "update")
+    ]
+    report = Report()
+    regularize.plan(backbone, policy=Policy(rate=0.2, existing="keep"), report=report)
     assert [(s.layer, s.kind, s.action) for s in report.sites] == [
         ("gpt2_backbone", "dropout", "keep")
     ]
