@@ -349,13 +349,26 @@ def _import_named_packages(text: str) -> None:
     registry as it will be.
     """
     import importlib
+    import importlib.util
+    import os
 
     for package in ("keras_hub", "keras_nlp", "keras_cv"):
-        if f'"{package}.' in text or f'"{package}>' in text:
-            try:
-                importlib.import_module(package)
-            except Exception:  # not installed or broken: Keras fails to load it the same way
+        if f'"{package}.' not in text and f'"{package}>' not in text:
+            continue
+        try:
+            spec = importlib.util.find_spec(package)
+            origin = os.path.realpath(spec.origin) if spec and spec.origin else None
+            # Never one planted in the working folder (`keras_cv.py` or `keras_cv/`, on a
+            # Python user's path); a venv inside it is fine.
+            cwd = os.path.realpath(os.getcwd())
+            if origin is None or cwd in (
+                os.path.dirname(origin),
+                os.path.dirname(os.path.dirname(origin)),
+            ):
                 continue
+            importlib.import_module(package)
+        except Exception:  # not installed or broken: Keras fails to load it the same way
+            continue
 
 
 def _check_weights(path: Path, config: dict, received: str, custom_objects) -> None:

@@ -528,24 +528,13 @@ def format_bytes(size: int) -> str:
     return f"{size} B"
 
 
-def dicts(config):
-    """Every dict in a JSON value, iteratively."""
-    stack = [config]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            yield item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
 def _shown(value, *, quote: bool = True) -> str:
     """A value for a one-line message: repr (control characters escaped), cut short."""
     return short_repr(value) if quote else printable(short_repr(str(value))[1:-1])
 
 
 # Kept here for the callers that check Keras 2 configs through this module.
+dicts = keras2_ops.dicts
 is_pure_function = keras2_ops.is_pure_function
 PURE_FUNCTIONS = keras2_ops.PURE_FUNCTIONS
 TENSOR_ATTRIBUTES = keras2_ops.TENSOR_ATTRIBUTES

@@ -108,6 +108,22 @@ class Merge:
         return self.shortcut == self.fork
 
 
+def index_nodes(view, nodes: list, facts: Callable) -> tuple[dict, dict, Callable]:
+    """Which node makes each tensor, where it stands in `nodes`, and a path weight that
+    does not count dropout layers (shared by the merge and the gate finders)."""
+    producer: dict = {}
+    position: dict = {}
+    for i, node in enumerate(nodes):
+        for key in view.output_keys(node):
+            producer[key] = node
+            position[key] = i
+
+    def weight(node) -> int:
+        return 0 if facts(view.operation(node)).is_dropout else 1
+
+    return producer, position, weight
+
+
 def find_merges(view: GraphView, nodes, facts: Callable[[Any], LayerFacts]) -> list[Merge]:
     """The residual merges among `nodes` (in their order), shortcuts identified.
 
@@ -119,15 +135,7 @@ def find_merges(view: GraphView, nodes, facts: Callable[[Any], LayerFacts]) -> l
         nodes: Its call nodes in topological order (`view.nodes()`).
         facts: The `LayerFacts` of an operation.
     """
-    producer: dict = {}
-    position: dict = {}
-    for i, node in enumerate(nodes):
-        for key in view.output_keys(node):
-            producer[key] = node
-            position[key] = i
-
-    def weight(node) -> int:
-        return 0 if facts(view.operation(node)).is_dropout else 1
+    producer, position, weight = index_nodes(view, nodes, facts)
 
     merges = []
     for node in nodes:

@@ -68,15 +68,7 @@ def find_gate_layers(view: GraphView, nodes, facts: Callable[[Any], LayerFacts])
     Returns:
         `{id(node): SQUEEZE_EXCITATION or GATE}`; empty for a graph without gates.
     """
-    producer: dict = {}
-    position: dict = {}
-    for i, node in enumerate(nodes):
-        for key in view.output_keys(node):
-            producer[key] = node
-            position[key] = i
-
-    def weight(node) -> int:
-        return 0 if facts(view.operation(node)).is_dropout else 1
+    producer, position, weight = droppath.index_nodes(view, nodes, facts)
 
     inside: dict[int, str] = {}
     for node in nodes:

@@ -85,7 +85,7 @@ def is_pure_function(name: str) -> bool:
 def layer_names(config) -> set[str]:
     """Every layer name in a Keras 2 config (the targets of recorded call arguments)."""
     names = set()
-    for node in _dicts(config):
+    for node in dicts(config):
         inner = node.get("config")
         if isinstance(node.get("class_name"), str) and isinstance(inner, dict):
             if isinstance(inner.get("name"), str):
@@ -209,7 +209,8 @@ def _is_numbers(value: list) -> bool:
     return True
 
 
-def _dicts(config):
+def dicts(config):
+    """Every dict in a JSON value, iteratively."""
     stack = [config]
     while stack:
         item = stack.pop()
