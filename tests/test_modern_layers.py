@@ -210,12 +210,12 @@ def test_gpt2_backbone_plan_has_no_activation_site_inside_its_blocks():
     report = Report()
     regularize.plan(backbone, 0.2, report=report)
     assert [(s.layer, s.kind, s.action) for s in report.sites] == [
-        ("gpt2_backbone", "dropout", "update")
+        (backbone.name, "dropout", "update")
     ]
     report = Report()
     regularize.plan(backbone, policy=Policy(rate=0.2, existing="keep"), report=report)
     assert [(s.layer, s.kind, s.action) for s in report.sites] == [
-        ("gpt2_backbone", "dropout", "keep")
+        (backbone.name, "dropout", "keep")
     ]
 
 
