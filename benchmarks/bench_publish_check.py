@@ -78,7 +78,7 @@ def measure(repeat: int) -> dict:
 
 CHECK_ALONE = r"""
 import json, time, keras
-from regularize import io
+from regularize.keras3 import io
 model = keras.saving.load_model("cli.keras", compile=False)
 start = time.perf_counter()
 io.check_reloads(model, "cli.keras")

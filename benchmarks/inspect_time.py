@@ -5,7 +5,7 @@ Run from the repository root:
     python benchmarks/inspect_time.py          # the 8 Applications of the tests
     python benchmarks/inspect_time.py --json results.json
 
-Target (issue 3): planning (what `inspect` does after loading) takes less time
+Target: planning (what `inspect` does after loading) takes less time
 than loading the model, i.e. the ratio plan / load is below 1. Each model is
 built with random weights (weights=None, offline) and saved as `.keras` once;
 then, in this process, the best of 3 of `regularize.load_model(path)` and of

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hub_models import BACKBONES  # noqa: E402
 
 import regularize  # noqa: E402
-from regularize.policy import Policy  # noqa: E402
-from regularize.report import Report  # noqa: E402
+from regularize.core.policy import Policy  # noqa: E402
+from regularize.core.report import Report  # noqa: E402
 
 # The three flags, as the policies they make (rate 0: no general dropout from the tool).
 FLAGS = {

@@ -31,9 +31,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import regularize  # noqa: E402
-from regularize.report import INSERT  # noqa: E402
-from regularize.report import UPDATE  # noqa: E402
-from regularize.report import Report  # noqa: E402
+from regularize.core.report import INSERT  # noqa: E402
+from regularize.core.report import UPDATE  # noqa: E402
+from regularize.core.report import Report  # noqa: E402
 
 IMAGE = (32, 32, 3)
 

@@ -42,7 +42,7 @@ def main() -> None:
 
     import keras
 
-    from regularize import trust
+    from regularize.keras3 import trust
 
     with tempfile.TemporaryDirectory() as folder:
         for name in ("ResNet50", "InceptionResNetV2"):

@@ -8,14 +8,14 @@ import warnings
 
 import keras
 
-from regularize import hub
-from regularize import rewrite
-from regularize.errors import PolicyError
-from regularize.errors import RegularizeWarning
-from regularize.policy import Policy
-from regularize.policy import validate_rate
-from regularize.report import Report
-from regularize.report import Site
+from regularize.core.errors import PolicyError
+from regularize.core.errors import RegularizeWarning
+from regularize.core.policy import Policy
+from regularize.core.policy import validate_rate
+from regularize.core.report import Report
+from regularize.core.report import Site
+from regularize.keras3 import hub
+from regularize.keras3 import rewrite
 
 
 def add_dropout(
@@ -39,7 +39,7 @@ def add_dropout(
 
     A keras-hub `Backbone` or `Task` keeps its class (and a task its
     preprocessor): its constructor's dropout arguments are set and the model
-    is rebuilt with its weights copied (see `regularize.hub`).
+    is rebuilt with its weights copied (see `regularize.keras3.hub`).
 
     Args:
         model: A Functional or built Sequential model.
@@ -154,7 +154,7 @@ def plan(
     warnings (e.g. a rule that matches nothing). A keras-hub model whose
     constructor has dropout arguments is the exception: it is rebuilt once
     from its config, since only running it tells whether an argument keeps
-    inference exact (see `regularize.hub`).
+    inference exact (see `regularize.keras3.hub`).
     """
     policy = resolve_policy(
         policy,

@@ -12,9 +12,9 @@ fitting). Why not `Dropout(...)(x, training=True)` in the graph: in Keras 3
 node with the caller's value, so `predict()` turns it off again. The `MC*`
 classes ignore `training` altogether.
 
-The `MC*` classes are registered with Keras (package "regularize"): a model
-file that holds them loads with `keras.models.load_model` once this module has
-been imported (`import regularize.mc`).
+The `MC*` classes (`regularize.keras3.mc_layers`, re-exported here) are registered
+with Keras (package "regularize"): a model file that holds them loads with
+`keras.models.load_model` once this module has been imported (`import regularize.mc`).
 """
 
 from __future__ import annotations
@@ -27,74 +27,19 @@ import keras
 import numpy as np
 from keras import tree
 
-from regularize import graph
-from regularize.errors import RegularizeWarning
-from regularize.errors import UnsupportedModelError
-
-_PACKAGE = "regularize"
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MCDropout(keras.layers.Dropout):
-    """`Dropout` that stays active at inference (Monte Carlo dropout)."""
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MCSpatialDropout1D(keras.layers.SpatialDropout1D):
-    """`SpatialDropout1D` that stays active at inference."""
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MCSpatialDropout2D(keras.layers.SpatialDropout2D):
-    """`SpatialDropout2D` that stays active at inference."""
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MCSpatialDropout3D(keras.layers.SpatialDropout3D):
-    """`SpatialDropout3D` that stays active at inference."""
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MCGaussianDropout(keras.layers.GaussianDropout):
-    """`GaussianDropout` that stays active at inference."""
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MCAlphaDropout(keras.layers.AlphaDropout):
-    """`AlphaDropout` that stays active at inference."""
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
-
-# Keras class name -> its always-on twin (for `add-dropout --mc`).
-MC_CLASSES: dict[str, type[keras.layers.Layer]] = {
-    "Dropout": MCDropout,
-    "SpatialDropout1D": MCSpatialDropout1D,
-    "SpatialDropout2D": MCSpatialDropout2D,
-    "SpatialDropout3D": MCSpatialDropout3D,
-    "GaussianDropout": MCGaussianDropout,
-    "AlphaDropout": MCAlphaDropout,
-}
-# Exact Keras classes only: a user's own Dropout subclass may do more than
-# drop units, and replacing it by a plain twin would lose that.
-_KERAS_TO_MC = {getattr(keras.layers, name): mc for name, mc in MC_CLASSES.items()}
-_MC_TYPES = tuple(MC_CLASSES.values())
+from regularize.core.errors import RegularizeWarning
+from regularize.core.errors import UnsupportedModelError
+from regularize.keras3 import graph
+from regularize.keras3.mc_layers import _KERAS_TO_MC
+from regularize.keras3.mc_layers import _MC_TYPES
+from regularize.keras3.mc_layers import MC_CLASSES as MC_CLASSES
+from regularize.keras3.mc_layers import MCAlphaDropout as MCAlphaDropout
+from regularize.keras3.mc_layers import MCDropout as MCDropout
+from regularize.keras3.mc_layers import MCGaussianDropout as MCGaussianDropout
+from regularize.keras3.mc_layers import MCSpatialDropout1D as MCSpatialDropout1D
+from regularize.keras3.mc_layers import MCSpatialDropout2D as MCSpatialDropout2D
+from regularize.keras3.mc_layers import MCSpatialDropout3D as MCSpatialDropout3D
+from regularize.keras3.mc_layers import make_mc
 
 # model -> (ids of its layers when the twin was built, twin, any dropout?):
 # building a twin adds one call node to every shared layer, so calls reuse it.
@@ -167,29 +112,6 @@ def mc_predict(
     if not means:
         raise ValueError(f"`x` holds no samples. Received: x={type(x).__name__}")
     return _concat(means), _concat(stds)
-
-
-def make_mc(layer: keras.layers.Layer, seed: int | None = None) -> keras.layers.Layer:
-    """The always-on twin of a Keras dropout-family layer, same config and name.
-
-    Args:
-        layer: A Dropout, SpatialDropout1D/2D/3D, GaussianDropout or
-            AlphaDropout layer (exact Keras class).
-        seed: Overrides the layer's seed.
-
-    Raises:
-        TypeError: `layer` is not one of those classes.
-    """
-    mc_class = _KERAS_TO_MC.get(type(layer))
-    if mc_class is None:
-        raise TypeError(
-            "Expected a Keras Dropout, SpatialDropout1D/2D/3D, GaussianDropout or "
-            f"AlphaDropout layer. Received: layer of type {type(layer).__name__!r}"
-        )
-    config = layer.get_config()
-    if seed is not None:
-        config["seed"] = seed
-    return mc_class.from_config(config)
 
 
 def _check_positive_int(name: str, value: object) -> None:

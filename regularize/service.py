@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from regularize import applications
-from regularize import rules
-from regularize.errors import ModelLoadError
-from regularize.errors import ModelSaveError
-from regularize.paths import check_output_path
-from regularize.policy import Policy
-
-
-class Mode(enum.StrEnum):
-    """What `process` does to the model."""
-
-    ADD = "add"  # add dropout per the policy
-    STRIP = "strip"  # remove every dropout layer, RNN dropout to 0
-    PLAN = "plan"  # decide every site, build and write nothing
-
+from regularize.core import kinds
+from regularize.core import terms
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import ModelSaveError
+from regularize.core.mode import Mode
+from regularize.core.policy import Policy
+from regularize.keras3 import applications
 
 # The default output's suffix per mode: `model.keras` -> `model_dropout.keras`.
 SUFFIXES = {Mode.ADD: "dropout", Mode.STRIP: "nodropout"}
@@ -66,9 +57,7 @@ class Outcome:
 
 def engine_of(input: str | os.PathLike) -> str:
     """ "keras2" for inputs only the Keras 2 engine reads, else "keras3" (no TensorFlow import)."""
-    from regularize import legacy
-
-    return "keras2" if legacy.detect(input) else "keras3"
+    return "keras2" if kinds.detect(input) else "keras3"
 
 
 def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: bool = False) -> Path:
@@ -79,36 +68,17 @@ def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: boo
     `to_keras3`: `model_dropout.keras`); `keras.applications.ResNet50` ->
     `resnet50_dropout.keras` in the working folder.
     """
-    from regularize import legacy
-
     suffix = SUFFIXES[Mode(mode)]
     input = Path(input)
-    if legacy.detect(input):
-        return legacy.default_output(input, suffix, to_keras3=to_keras3)
+    if kinds.detect(input):
+        return kinds.default_output(input, suffix, to_keras3=to_keras3)
     if is_application(input):
         return Path(f"{applications.short_name(input)}_{suffix}.keras")
     return input.with_name(f"{input.stem}_{suffix}.keras")
 
 
-def check_output(
-    input: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    to_keras3: bool = False,
-) -> None:
-    """Raises `ModelSaveError` if `output` may not be written for `input` (no TensorFlow).
-
-    One rule for both engines (`regularize.paths`): the output is never the
-    input or a folder that holds it, a link there is replaced and never
-    followed, `overwrite` replaces only what the tool itself would write.
-    """
-    from regularize import legacy
-
-    if legacy.detect(input):
-        legacy.check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
-    else:
-        check_output_path(output, overwrite=overwrite, source=Path(input))
+# The output rule for any input, both engines (no TensorFlow).
+check_output = kinds.check_output
 
 
 def is_application(input: str | os.PathLike) -> bool:
@@ -206,15 +176,15 @@ def process(
 
 def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, **kwargs):
     if not is_application(input):
-        from regularize import inputs
+        from regularize.core import inputs
 
         inputs.check_readable(input)  # a wrong file is said before the slow import
     step("importing TensorFlow")
     with quiet():
         step(f"loading {input}")
         from regularize import api
-        from regularize import io
-        from regularize.report import Report
+        from regularize.core.report import Report
+        from regularize.keras3 import io
 
         model = io.load_model(
             input,
@@ -224,7 +194,7 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         )
         report = Report()
         if mode is Mode.ADD and _is_keras2_h5(input) and _has_batchnorm(model):
-            report.warnings.append(rules.KERAS2_BATCHNORM)
+            report.warnings.append(terms.KERAS2_BATCHNORM)
         step("rewriting")
         if mode is Mode.PLAN:
             api.plan(model, policy=policy, report=report)
@@ -258,7 +228,7 @@ def _is_keras2_h5(input) -> bool:
 
 def _has_batchnorm(model) -> bool:
     """A BatchNormalization on 4-D or 5-D maps: the ones tf_keras computes fused."""
-    from regularize import graph
+    from regularize.keras3 import graph
 
     for layer in model._flatten_layers(include_self=False):
         if graph.is_batchnorm(layer):
@@ -278,7 +248,7 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
     result is renamed into place here: a policy that puts dropout nowhere, or
     an interrupt, leaves the output as it was.
     """
-    from regularize import legacy
+    from regularize import keras2
 
     if kw["options"]:
         given = ", ".join(f"{k}={v!r}" for k, v in kw["options"].items())
@@ -297,7 +267,7 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
     with quiet() if needs_keras else contextlib.nullcontext():
         if save_to is None:
             request.update(output=None, dry_run=True)
-            return legacy.to_report(legacy.run(request, debug=kw["debug"])), False
+            return keras2.to_report(keras2.run(request, debug=kw["debug"])), False
         output = Path(save_to)
         prefix = f".{output.name[:100]}."
         stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=output.parent))
@@ -305,7 +275,7 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
             staged = stage / output.name
             request.update(output=staged, dry_run=False)
             try:
-                report = legacy.to_report(legacy.run(request, debug=kw["debug"]))
+                report = keras2.to_report(keras2.run(request, debug=kw["debug"]))
             except ModelSaveError as err:
                 # The engine wrote to the staging path; the user named `output`.
                 text = str(err).replace(repr(str(staged)), repr(str(output)))
@@ -320,7 +290,7 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
 
 def _publish(staged: Path, output: Path) -> None:
     """Renames the engine's finished output into place (a SavedModel folder too)."""
-    from regularize import atomic
+    from regularize.core import atomic
 
     if staged.is_dir() and not staged.is_symlink():
         # A folder cannot replace another in one step; `write_folder` moves

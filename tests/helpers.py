@@ -19,9 +19,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from regularize import graph  # noqa: E402
 from regularize.cli import cli  # noqa: E402
-from regularize.rules import dropout_settings  # noqa: E402
+from regularize.core.terms import dropout_settings  # noqa: E402
+from regularize.keras3 import graph  # noqa: E402
 
 L = keras.layers
 
@@ -293,7 +293,7 @@ def masked_sequence():
     x = L.LSTM(3, name="lstm")(x)
     model = keras.Model(inp, x, name="masked")
     tokens = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0]], "int32")
-    # Token states (an Embedding upstream): element-wise Dropout (issue 11).
+    # Token states (an Embedding upstream): element-wise Dropout.
     expected = {"fc__dropout": ("Dropout", 0.3), "lstm": ("recurrent", 0.3)}
     return Case(model, tokens, expected)
 

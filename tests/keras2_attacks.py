@@ -1,4 +1,4 @@
-"""Builds the Keras 2 attack files of tests/test_security.py (issue 10).
+"""Builds the Keras 2 attack files of tests/test_security.py.
 
 Run: python tests/keras2_attacks.py SPEC_JSON
 
@@ -310,7 +310,7 @@ def main() -> None:
     vocab_model(spec["vocab"]).save(out / "vocab_file.h5")
 
     # TensorFlow's old Keras `Lambda` under a dotted class name, nested in a
-    # layer's config (issue 19): the SavedModel's metadata, then an `.h5`.
+    # layer's config: the SavedModel's metadata, then an `.h5`.
     text_model().save(out / "sm_text", save_format="tf")
     for name, key in (("sm_dotted_lambda", "standardize"), ("sm_dotted_split", "split")):
         shutil.copytree(out / "sm_text", out / name)

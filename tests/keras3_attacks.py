@@ -1,4 +1,4 @@
-"""Builds the Keras 3 (`.keras`) attack files of tests/test_security.py (issue 19).
+"""Builds the Keras 3 (`.keras`) attack files of tests/test_security.py.
 
 Imported by the tests (Keras 3 and keras-hub in the pytest process are fine:
 the command line under test runs in its own process). Every attack is a

@@ -29,8 +29,8 @@ from keras.src.backend import config as keras_config
 from keras.src.utils import file_utils
 
 import regularize
-from regularize import applications
-from regularize.errors import ModelLoadError
+from regularize.core.errors import ModelLoadError
+from regularize.keras3 import applications
 
 # name -> input size: the smallest each accepts (InceptionV3 needs 75 px).
 APPS = {
@@ -55,7 +55,7 @@ quiet_input_shape = pytest.mark.filterwarnings("ignore:`input_shape` is undefine
 
 def test_module_imports_no_keras():
     """The CLI checks names and options before the slow TensorFlow import."""
-    code = "import sys, regularize.applications; print('keras' in sys.modules)"
+    code = "import sys, regularize.keras3.applications; print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 import regularize
-from regularize import graph
 from regularize.core import gates
-from regularize.report import INSERT
-from regularize.report import Report
+from regularize.core.report import INSERT
+from regularize.core.report import Report
+from regularize.keras3 import graph
 
 pytestmark = pytest.mark.slow
 

@@ -41,8 +41,8 @@ ROOT = TESTS.parent
 # process) and the sweep's tf.data input and tf.distribute strategies. Every other
 # module of the package is on the Keras 3 path and must not.
 TENSORFLOW_BY_DESIGN = {
-    "regularize.legacy.engine",
-    "regularize.legacy.rewrite",
+    "regularize.keras2.engine",
+    "regularize.keras2.rewrite",
     "regularize.sweep.data",
     "regularize.sweep.distributed",
 }
@@ -214,7 +214,7 @@ def test_keras3_path_imports_no_tensorflow_module():
     each of those must still import it (or the list is stale).
     """
     modules = _modules()
-    assert {"regularize.api", "regularize.rewrite", "regularize.core.walk"} <= set(modules)
+    assert {"regularize.api", "regularize.keras3.rewrite", "regularize.core.walk"} <= set(modules)
     assert TENSORFLOW_BY_DESIGN <= set(modules)
     found = {name: _tensorflow_imports(path) for name, path in modules.items()}
     assert {name for name, imports in found.items() if imports} == TENSORFLOW_BY_DESIGN, found

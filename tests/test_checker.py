@@ -1,6 +1,6 @@
 """The model-file checker's rules, one by one, on configs written as data.
 
-`regularize.core.checker` decides from names; `regularize.trust` reads what
+`regularize.core.checker` decides from names; `regularize.keras3.trust` reads what
 Keras 3 would resolve from Keras' own registries. Each rule is shown to
 refuse what it must and to let through what real models hold, and the real
 configs of Keras' and keras-hub's models pass (the slow suite checks every
@@ -16,9 +16,9 @@ import keras
 import keras_hub
 import pytest
 
-from regularize import trust
 from regularize.core import checker
-from regularize.errors import ModelLoadError
+from regularize.core.errors import ModelLoadError
+from regularize.keras3 import trust
 
 R = "Received: path='m'"
 

@@ -1,4 +1,4 @@
-"""Fuzzing the model-file checker (`regularize.core.checker`, issue 19).
+"""Fuzzing the model-file checker (`regularize.core.checker`).
 
 Real configs, mutated at random, go through `check_config` with each
 engine's allowlist: the checker either passes a config or refuses it with a
@@ -29,11 +29,11 @@ import keras
 import keras_hub
 import pytest
 
-from regularize import safety
-from regularize import trust
 from regularize.core import checker
-from regularize.errors import ModelLoadError
-from regularize.errors import RegularizeError
+from regularize.core import safety
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import RegularizeError
+from regularize.keras3 import trust
 
 L = keras.layers
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "keras2"

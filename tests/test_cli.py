@@ -374,7 +374,7 @@ def test_python_dash_m_runs():
     assert run.stdout.strip() == "regularize, version 0.1.0"
 
 
-# -- every bad path is one line, before TensorFlow (issue 10, item 7) ---------
+# -- every bad path is one line, before TensorFlow -----------------------------
 
 LONG = "n" * 300  # one path component over the 255-byte NAME_MAX
 
@@ -464,12 +464,12 @@ def test_a_deeply_nested_or_huge_policy_is_one_short_line(model_file, tmp_path):
     assert len(line) - len(str(policy)) < 400  # short, whatever the temporary path
 
 
-# -- names from a model file cannot drive the terminal (issue 10, item 9) ------
+# -- names from a model file cannot drive the terminal -------------------------
 
 
 def test_the_error_line_and_the_wrote_line_escape_control_characters(model_file, monkeypatch):
-    from regularize import io as model_io
-    from regularize.errors import ModelLoadError
+    from regularize.core.errors import ModelLoadError
+    from regularize.keras3 import io as model_io
 
     def refuse(*args, **kwargs):
         raise ModelLoadError("Cannot read layer 'a\x1b]0;pwned\x07b\nc\x9b31m': bad")
@@ -487,7 +487,7 @@ def test_the_error_line_and_the_wrote_line_escape_control_characters(model_file,
     )
 
 
-# -- a policy that puts dropout nowhere (issue 13, item 2) -------------------
+# -- a policy that puts dropout nowhere ----------------------------------------
 
 
 @pytest.fixture
@@ -587,7 +587,7 @@ def test_the_models_own_dropout_alone_is_empty_with_its_advice(tmp_path):
     )
 
 
-# -- messages that point the right way (issue 13, item 4) ---------------------
+# -- messages that point the right way -----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -603,11 +603,11 @@ def test_the_models_own_dropout_alone_is_empty_with_its_advice(tmp_path):
     ],
 )  # fmt: skip
 def test_to_keras3_refusal_names_the_way_out_of_each_wrapper_kind(classes, words):
-    from regularize import legacy
-    from regularize.errors import UnsupportedModelError
+    from regularize import keras2
+    from regularize.core.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError) as info:
-        legacy.refuse_keras3(classes | {"Dense"})
+        keras2.refuse_keras3(classes | {"Dense"})
     text = str(info.value)
     assert text.startswith("Cannot convert to Keras 3: the model has tensorflow-model-opt")
     assert words in text

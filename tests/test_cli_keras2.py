@@ -1,6 +1,6 @@
 """The real CLI on Keras 2 inputs: `.h5` files and SavedModel folders.
 
-tests/test_legacy.py drives the Keras 2 engine through `regularize.legacy`;
+tests/test_legacy.py drives the Keras 2 engine through `regularize.keras2`;
 here the commands a user types run on the same inputs: add-dropout,
 remove-dropout, inspect, --json, --dry-run, the policies (preset head, rules,
 schedule, `existing`) on a mixed-precision model, and the errors. Each Keras 2
@@ -26,7 +26,7 @@ import pytest
 from helpers import error_line
 from helpers import invoke
 
-from regularize import rules
+from regularize.core import terms
 
 ROOT = Path(__file__).resolve().parents[1]
 K2 = ROOT / "fixtures" / "keras2"
@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 import tensorflow_model_optimization as tfmot
-from regularize.legacy import engine
+from regularize.keras2 import engine
 
 def load(path):
     with tfmot.sparsity.keras.prune_scope(), tfmot.quantization.keras.quantize_scope():
@@ -273,8 +273,8 @@ def test_keras2_h5_that_keras3_reads_gives_a_keras_file(commands, work):
         f"wrote {out}",
     ]
     # tf_keras computes its 4-D BatchNormalization fused, Keras 3 unfused.
-    assert commands["plain"]["stderr"].splitlines() == [f"Warning: {rules.KERAS2_BATCHNORM}"]
-    from regularize import io
+    assert commands["plain"]["stderr"].splitlines() == [f"Warning: {terms.KERAS2_BATCHNORM}"]
+    from regularize.keras3 import io
 
     old = io.load_model(work / "plain.h5")
     new = keras.models.load_model(out)
@@ -295,7 +295,7 @@ def test_head_preset(commands, checked, work):
         f"wrote {work / 'sm_head'}",
     ]
     layers = _layers(checked["head"])
-    assert [name for name in layers if name.endswith(rules.SUFFIX)] == ["head__dropout"]
+    assert [name for name in layers if name.endswith(terms.SUFFIX)] == ["head__dropout"]
     assert layers["head__dropout"] == ("Dropout", "float32", 0.3)
     _exact(checked["head"])
 
@@ -337,8 +337,8 @@ def test_recurrent_rate_on_a_keras2_lstm(commands, checked, work):
         f"wrote {work / 'rnn_oplambda_dropout.h5'}",
     ]
     assert result["stderr"].splitlines() == [
-        f"Warning: {rules.CUDNN}",
-        f"Warning: {rules.LSTM_KERNEL}",
+        f"Warning: {terms.CUDNN}",
+        f"Warning: {terms.LSTM_KERNEL}",
     ]
     layers = _layers(checked["rnn"])
     assert layers["lstm"] == ("LSTM", "float32", [0.3, 0.1])
@@ -367,7 +367,7 @@ def test_remove_dropout_h5_clears_recurrent_dropout_bit_exact(commands, checked,
     assert result["stderr"] == ""
     layers = _layers(checked["remove_rnn"])
     assert layers["lstm"] == ("LSTM", "float32", [0.0, 0.0])
-    assert not [name for name in layers if name.endswith(rules.SUFFIX)]
+    assert not [name for name in layers if name.endswith(terms.SUFFIX)]
     _exact(checked["remove_rnn"])  # compared with the original input
 
 

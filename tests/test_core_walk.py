@@ -17,9 +17,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from regularize import core
-from regularize.policy import Policy
-from regularize.report import INSERT
-from regularize.report import REMOVE
+from regularize.core.policy import Policy
+from regularize.core.report import INSERT
+from regularize.core.report import REMOVE
 
 KINDS = ("relu", "linear", "dropout", "own_dropout", "bn", "add", "rnn", "nested")
 

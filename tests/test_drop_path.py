@@ -30,17 +30,17 @@ from hypothesis import strategies as st
 
 import regularize
 from regularize import core
-from regularize import graph
 from regularize.cli import cli
 from regularize.core import droppath
-from regularize.errors import PolicyError
-from regularize.policy import Policy
-from regularize.report import INSERT
-from regularize.report import KEEP
-from regularize.report import REMOVE
-from regularize.report import SKIP
-from regularize.report import UPDATE
-from regularize.report import Report
+from regularize.core.errors import PolicyError
+from regularize.core.policy import Policy
+from regularize.core.report import INSERT
+from regularize.core.report import KEEP
+from regularize.core.report import REMOVE
+from regularize.core.report import SKIP
+from regularize.core.report import UPDATE
+from regularize.core.report import Report
+from regularize.keras3 import graph
 
 L = keras.layers
 ROOT = Path(__file__).resolve().parents[1]
@@ -820,7 +820,7 @@ else:
 
 @pytest.mark.slow
 def test_keras2_resnet50_through_the_engine(tmp_path):
-    from regularize import legacy
+    from regularize import keras2
 
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("PYTHONPATH", None)
@@ -839,9 +839,9 @@ def test_keras2_resnet50_through_the_engine(tmp_path):
     child("make")
     policy = {"rate": 0.0, "drop_path": 0.2}
     job = dict(mode="add", input=tmp_path / "resnet50.h5", output=tmp_path / "dp.h5")
-    first = legacy.run_many([dict(job, policy=policy)])[0]
+    first = keras2.run_many([dict(job, policy=policy)])[0]
     assert not isinstance(first, Exception), first
-    again = legacy.run_many(
+    again = keras2.run_many(
         [
             dict(mode="plan", input=tmp_path / "dp.h5", policy=policy),
             dict(mode="strip", input=tmp_path / "dp.h5", output=tmp_path / "bare.h5"),

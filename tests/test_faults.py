@@ -43,8 +43,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import regularize
-from regularize import io as rio
-from regularize.errors import ModelSaveError
+from regularize.core.errors import ModelSaveError
+from regularize.keras3 import io as rio
 
 L = keras.layers
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
@@ -551,7 +551,7 @@ _WORKER = """
 import faulthandler, json, sys, warnings
 import keras
 import regularize
-from regularize.errors import RegularizeError
+from regularize.core.errors import RegularizeError
 warnings.simplefilter("ignore")
 log = open(sys.argv[1], "a")
 faulthandler.enable(log)

@@ -26,12 +26,12 @@ from helpers import snapshot
 
 import regularize
 from regularize.core import gates
-from regularize.policy import Policy
-from regularize.policy import Rule
-from regularize.report import INSERT
-from regularize.report import REMOVE
-from regularize.report import SKIP
-from regularize.report import Report
+from regularize.core.policy import Policy
+from regularize.core.policy import Rule
+from regularize.core.report import INSERT
+from regularize.core.report import REMOVE
+from regularize.core.report import SKIP
+from regularize.core.report import Report
 
 L = keras.layers
 SE = gates.SQUEEZE_EXCITATION
@@ -277,7 +277,7 @@ m.save(sys.argv[1])
 
 @pytest.mark.slow
 def test_keras2_engine_skips_gates_and_finds_scaled_merges(tmp_path):
-    from regularize import legacy
+    from regularize import keras2
 
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("PYTHONPATH", None)
@@ -286,9 +286,9 @@ def test_keras2_engine_skips_gates_and_finds_scaled_merges(tmp_path):
         [sys.executable, "-c", _KERAS2_SE, str(path)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert legacy.detect(path) == "keras2-h5"
+    assert keras2.detect(path) == "keras2-h5"
     policy = {"rate": 0.2, "drop_path": 0.1}
-    result = legacy.run(dict(mode="plan", input=path, policy=policy))
+    result = keras2.run(dict(mode="plan", input=path, policy=policy))
     sites = {(s["layer"], s["kind"]): (s["action"], s["reason"]) for s in result["sites"]}
     assert sites[("reduce", "SpatialDropout2D")] == (SKIP, SE)
     assert sites[("gate_relu6", "SpatialDropout2D")] == (SKIP, SE)

@@ -4,7 +4,7 @@ The twin of tests/test_golden.py for the tf_keras adapter of the rewrite
 core. A case is a file `fixtures/golden/keras2/<model>.<policy name>.txt`:
 the model is `fixtures/keras2/<model>`, the policy
 `fixtures/policies/<policy name>.toml`. All plans run in one engine child
-(`legacy.run_many`), so any drift between the two adapters, or in the core,
+(`keras2.run_many`), so any drift between the two adapters, or in the core,
 shows as a diff in a text file. Set REGULARIZE_UPDATE_GOLDEN=1 to (re)write
 them after a deliberate change, and review the diff.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from regularize import legacy
-from regularize.policy import Policy
+from regularize import keras2
+from regularize.core.policy import Policy
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 K2 = FIXTURES / "keras2"
@@ -47,14 +47,14 @@ def _request(model: str, policy: str) -> dict:
 def _render(result) -> str:
     if isinstance(result, Exception):
         return f"error: {type(result).__name__}: {result}\n"
-    report = legacy.to_report(result)
+    report = keras2.to_report(result)
     warnings = "".join(f"warning: {line}\n" for line in report.warnings)
     return report.render_plan() + "\n" + warnings
 
 
 @pytest.fixture(scope="module")
 def plans() -> dict[tuple[str, str], str]:
-    answers = legacy.run_many([_request(model, policy) for model, policy in CASES])
+    answers = keras2.run_many([_request(model, policy) for model, policy in CASES])
     return {case: _render(answer) for case, answer in zip(CASES, answers, strict=True)}
 
 

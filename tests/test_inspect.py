@@ -54,7 +54,7 @@ def test_inspect_prints_every_site_and_writes_nothing(model_file):
         ["insert", "fc"],
     ]
     assert "SpatialDropout2D(0.25)" in lines[2]
-    # A plan: what would be done, not what was done (issue 13, item 4).
+    # A plan: what would be done, not what was done.
     assert lines[-2:] == [
         "would insert 4 sites: 3 SpatialDropout2D, 1 Dropout",
         "would skip 1 site: 1 feeds BatchNormalization",
@@ -236,7 +236,7 @@ def test_quiet_hides_the_progress_line(model_file, monkeypatch, flags, drawn):
     assert result.stdout.rstrip().endswith("would skip 1 site: 1 feeds BatchNormalization")
 
 
-# -- names from a model file cannot drive the terminal (issue 10, item 9) ------
+# -- names from a model file cannot drive the terminal -------------------------
 
 # ESC sequences (colour, OSC title and hyperlink), BEL, newline, tab, carriage
 # return, DEL, the 8-bit CSI, a bidirectional override, rich markup and emoji codes.
@@ -268,13 +268,13 @@ def evil_model(tmp_path):
 
 
 def _escaped(name):
-    from regularize.text import printable
+    from regularize.core.text import printable
 
     return printable(name)
 
 
 def test_printable_escapes_controls_and_keeps_the_rest():
-    from regularize.text import printable
+    from regularize.core.text import printable
 
     assert printable("block1_conv/relu é 中") == "block1_conv/relu é 中"
     assert printable(EVIL["colour"]) == "d\\x1b[31mred"
@@ -289,7 +289,7 @@ def test_inspect_escapes_names_in_plain_columns(evil_model):
     assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
     lines = result.stdout.splitlines()
     # Header, one line per site, the summary: the nested model's output feeds
-    # a layer of its caller, so it is a site like any other (issue 11).
+    # a layer of its caller, so it is a site like any other.
     assert len(lines) == 1 + 5 + 1
     layers = [re.split(r"\s{2,}", line)[1] for line in lines[1:-1]]
     assert layers == [
@@ -329,7 +329,7 @@ def test_dry_run_and_warnings_escape_names(evil_model, capsys):
     assert result.exit_code == 0, result.output
     assert _escaped(EVIL["colour"]) in result.stdout
     assert not any(ch in result.stdout.replace("\n", "") for ch in UNSAFE)
-    from regularize.report import Report
+    from regularize.core.report import Report
 
     cli_module._print_warnings(Report(warnings=["layer 'x\x1b[8m' is \n odd"]))
     assert capsys.readouterr().err == "Warning: layer 'x\\x1b[8m' is \\n odd\n"

@@ -14,8 +14,8 @@ from helpers import assert_exact
 from helpers import mlp_sequential
 
 import regularize
-from regularize.errors import ModelLoadError
-from regularize.errors import ModelSaveError
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import ModelSaveError
 
 
 def _one_line(err):

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 import regularize
-from regularize import hub
-from regularize import io
-from regularize.policy import Policy
-from regularize.report import KEEP
-from regularize.report import SKIP
-from regularize.report import UPDATE
-from regularize.report import Report
+from regularize.core.policy import Policy
+from regularize.core.report import KEEP
+from regularize.core.report import SKIP
+from regularize.core.report import UPDATE
+from regularize.core.report import Report
+from regularize.keras3 import hub
+from regularize.keras3 import io
 
 pytestmark = pytest.mark.slow
 

@@ -20,13 +20,13 @@ import pytest
 from hub_models import BACKBONES
 
 import regularize
-from regularize import hub
-from regularize import io
-from regularize.policy import Policy
-from regularize.report import INSERT
-from regularize.report import REMOVE
-from regularize.report import UPDATE
-from regularize.report import Report
+from regularize.core.policy import Policy
+from regularize.core.report import INSERT
+from regularize.core.report import REMOVE
+from regularize.core.report import UPDATE
+from regularize.core.report import Report
+from regularize.keras3 import hub
+from regularize.keras3 import io
 
 FLAGS = {
     "rate": Policy(rate=0.2),

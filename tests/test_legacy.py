@@ -23,14 +23,15 @@ import keras
 import numpy as np
 import pytest
 
-from regularize import io
-from regularize import legacy
-from regularize.errors import ModelLoadError
-from regularize.errors import ModelSaveError
-from regularize.errors import PolicyError
-from regularize.errors import RegularizeError
-from regularize.errors import UnsupportedModelError
-from regularize.policy import Policy
+from regularize import keras2
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import ModelSaveError
+from regularize.core.errors import PolicyError
+from regularize.core.errors import RegularizeError
+from regularize.core.errors import UnsupportedModelError
+from regularize.core.paths import output_format
+from regularize.core.policy import Policy
+from regularize.keras3 import io
 
 K2 = Path(__file__).resolve().parents[1] / "fixtures" / "keras2"
 FIXTURES = K2.parent
@@ -42,10 +43,10 @@ ROOT = FIXTURES.parent
 _PARENT = """
 import json, sys
 from pathlib import Path
-from regularize import legacy
+from regularize import keras2
 out, k2 = Path(sys.argv[1]), Path(sys.argv[2])
 data = {"detect": {
-    p.name: legacy.detect(p) for p in sorted(k2.iterdir()) if p.name != "__pycache__"
+    p.name: keras2.detect(p) for p in sorted(k2.iterdir()) if p.name != "__pycache__"
 }}
 data["tf_after_detect"] = "tensorflow" in sys.modules
 jobs = {
@@ -63,12 +64,12 @@ jobs = {
 }
 for job in jobs.values():
     job.setdefault("policy", {"rate": 0.2})
-answers = legacy.run_many(list(jobs.values()))
+answers = keras2.run_many(list(jobs.values()))
 data["results"] = {
     key: {"error": str(a), "type": type(a).__name__} if isinstance(a, Exception) else a
     for key, a in zip(jobs, answers)
 }
-again = legacy.run_many([
+again = keras2.run_many([
     dict(mode="plan", input=out / "pruned_dropout.h5", policy={"rate": 0.2}),
     dict(mode="add", input=out / "qat_dropout.h5", output=out / "qat_again.h5",
          policy={"rate": 0.4}),
@@ -91,7 +92,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 import tensorflow_model_optimization as tfmot
-from regularize.legacy import engine
+from regularize.keras2 import engine
 
 pairs, reference = json.loads(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, sys.argv[3])
@@ -226,8 +227,8 @@ def test_detect_sorts_files_into_keras3_and_legacy(parent_run):
         "rnn_oplambda.h5": "keras2-h5",  # TFOpLambda, LSTM's `time_major`
         "savedmodel": "savedmodel",
     }
-    assert legacy.detect(FIXTURES / "cnn.keras") is None
-    assert legacy.detect(FIXTURES / "mlp.h5") is None  # written by Keras 3
+    assert keras2.detect(FIXTURES / "cnn.keras") is None
+    assert keras2.detect(FIXTURES / "mlp.h5") is None  # written by Keras 3
 
 
 @pytest.mark.slow
@@ -239,27 +240,27 @@ def test_parent_never_imports_tf_keras_or_tfmot(parent_run):
 
 def test_folder_that_is_not_a_savedmodel(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    assert legacy.detect(tmp_path) is None
+    assert keras2.detect(tmp_path) is None
     with pytest.raises(ModelLoadError, match="not a SavedModel") as info:
-        legacy.run({"mode": "plan", "input": tmp_path})
+        keras2.run({"mode": "plan", "input": tmp_path})
     assert "\n" not in str(info.value)
     assert f"Received: path={str(tmp_path)!r}" in str(info.value)
 
 
 def test_savedmodel_without_keras_metadata(tmp_path):
     (tmp_path / "saved_model.pb").write_bytes(b"")
-    assert legacy.detect(tmp_path) == "savedmodel"
+    assert keras2.detect(tmp_path) == "savedmodel"
     with pytest.raises(ModelLoadError, match="no `keras_metadata.pb`"):
-        legacy.run({"mode": "plan", "input": tmp_path})
+        keras2.run({"mode": "plan", "input": tmp_path})
 
 
 def test_weights_only_h5_is_refused(tmp_path):
     path = tmp_path / "weights.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("w", data=np.zeros(2))
-    assert legacy.detect(path) is None
+    assert keras2.detect(path) is None
     with pytest.raises(ModelLoadError, match="weights only"):
-        legacy.run({"mode": "plan", "input": path})
+        keras2.run({"mode": "plan", "input": path})
 
 
 def test_output_checks_before_the_child(tmp_path):
@@ -267,38 +268,38 @@ def test_output_checks_before_the_child(tmp_path):
     taken = tmp_path / "taken.h5"
     taken.write_bytes(b"x")
     with pytest.raises(ModelSaveError, match="already exists. Pass `overwrite=True`"):
-        legacy.run({"mode": "add", "input": source, "output": taken})
+        keras2.run({"mode": "add", "input": source, "output": taken})
     with pytest.raises(ModelSaveError, match="it is the input model"):
-        legacy.run({"mode": "add", "input": source, "output": source})
+        keras2.run({"mode": "add", "input": source, "output": source})
     with pytest.raises(ModelSaveError, match="does not exist"):
-        legacy.run({"mode": "add", "input": source, "output": tmp_path / "no" / "x.h5"})
+        keras2.run({"mode": "add", "input": source, "output": tmp_path / "no" / "x.h5"})
     plain_file = tmp_path / "taken_file"
     plain_file.write_bytes(b"x")
     with pytest.raises(ModelSaveError, match="Expected a folder path for a SavedModel"):
-        legacy.run(
+        keras2.run(
             {"mode": "add", "input": K2 / "savedmodel", "output": plain_file, "overwrite": True}
         )
     with pytest.raises(ModelSaveError, match="ending in `.keras`"):
-        legacy.check_output(source, tmp_path / "x.h5", to_keras3=True)
+        keras2.check_output(source, tmp_path / "x.h5", to_keras3=True)
 
 
 def test_output_format_and_default_paths(tmp_path):
-    assert legacy.output_format("a/b.h5") == "h5"
-    assert legacy.output_format("a/b.keras") == "keras"
-    assert legacy.output_format("a/b") == "savedmodel"
-    assert legacy.default_output(K2 / "pruned.h5", "dropout") == K2 / "pruned_dropout.h5"
-    assert legacy.default_output(K2 / "savedmodel", "dropout") == K2 / "savedmodel_dropout"
-    keras3 = legacy.default_output(K2 / "savedmodel", "x", to_keras3=True)
+    assert output_format("a/b.h5") == "h5"
+    assert output_format("a/b.keras") == "keras"
+    assert output_format("a/b") == "savedmodel"
+    assert keras2.default_output(K2 / "pruned.h5", "dropout") == K2 / "pruned_dropout.h5"
+    assert keras2.default_output(K2 / "savedmodel", "dropout") == K2 / "savedmodel_dropout"
+    keras3 = keras2.default_output(K2 / "savedmodel", "x", to_keras3=True)
     assert keras3 == K2 / "savedmodel_x.keras"
 
 
 def test_to_keras3_refuses_tfmot_and_tfoplambda_without_a_child(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"wrappers \(PruneLowMagnitude\)"):
-        legacy.run(
+        keras2.run(
             {"mode": "add", "input": K2 / "pruned.h5", "output": tmp_path / "p.keras"},
         )
     with pytest.raises(UnsupportedModelError, match="TFOpLambda layers"):
-        legacy.run(
+        keras2.run(
             {
                 "mode": "add",
                 "input": K2 / "rnn_oplambda.h5",
@@ -311,9 +312,9 @@ def test_to_keras3_refuses_tfmot_and_tfoplambda_without_a_child(tmp_path):
 
 def test_bad_mode_and_mc_are_policy_errors():
     with pytest.raises(PolicyError, match="Invalid `mode`"):
-        legacy.run({"mode": "grow", "input": K2 / "qat.h5"})
+        keras2.run({"mode": "grow", "input": K2 / "qat.h5"})
     with pytest.raises(PolicyError, match="MC dropout is not available for Keras 2"):
-        legacy.run(
+        keras2.run(
             {"mode": "add", "input": K2 / "qat.h5", "output": "x.h5", "policy": Policy(mc=True)}
         )
 
@@ -324,9 +325,9 @@ def test_engine_crash_is_one_line(tmp_path, monkeypatch):
         "#!/bin/sh\necho 'boom: out of luck' >&2\necho 'I0000 00:00 log noise' >&2\nexit 3\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setattr(legacy.sys, "executable", str(fake))
+    monkeypatch.setattr(sys, "executable", str(fake))
     with pytest.raises(RegularizeError) as info:
-        legacy.run({"mode": "plan", "input": K2 / "qat.h5"})
+        keras2.run({"mode": "plan", "input": K2 / "qat.h5"})
     message = str(info.value)
     assert "\n" not in message
     assert "exited with code 3 without a result: boom: out of luck" in message
@@ -347,7 +348,7 @@ def test_keras3_fixes_drop_what_keras3_refuses():
             ],
         },
     }
-    fixes, blockers = legacy.keras3_fixes(config)
+    fixes, blockers = keras2.keras3_fixes(config)
     assert blockers == []
     assert fixes == [
         "lstm: dropped `time_major`",
@@ -371,7 +372,7 @@ def test_keras3_fixes_block_what_has_no_equivalent():
             ]
         },
     }
-    _, blockers = legacy.keras3_fixes(config)
+    _, blockers = keras2.keras3_fixes(config)
     assert blockers == [
         "lstm: `time_major=True` has no Keras 3 equivalent",
         "mha (MultiHeadAttention): Keras 3 cannot rebuild it from a Keras 2 `.h5` config",
@@ -397,7 +398,7 @@ def test_keras3_fixes_renumber_nested_model_calls():
             "output_layers": [["d", 0, 0]],
         },
     }
-    fixes, _ = legacy.keras3_fixes(config)
+    fixes, _ = keras2.keras3_fixes(config)
     assert fixes == ["inner: nested-model call indices shifted for Keras 3"]
     assert config["config"]["layers"][2]["inbound_nodes"] == [[["inner", 0, 0, {}]]]
 
@@ -466,7 +467,7 @@ def test_sites_carry_the_report_fields(results):
         "depth",
         "existing",
     }
-    report = legacy.to_report(results["sm"])
+    report = keras2.to_report(results["sm"])
     assert report.summary_lines() == ["inserted 3 sites: 3 Dropout"]
 
 

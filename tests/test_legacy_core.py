@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from regularize import legacy
+from regularize import keras2
 
 _MAKE = textwrap.dedent(
     """
@@ -40,7 +40,7 @@ def test_keras2_strip_keeps_the_cast_of_a_mixed_precision_dropout(tmp_path):
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
     subprocess.run([sys.executable, "-c", _MAKE, str(source)], check=True, env=env)
     stripped, removed = tmp_path / "stripped.h5", tmp_path / "removed.h5"
-    answers = legacy.run_many(
+    answers = keras2.run_many(
         [
             {"mode": "strip", "input": str(source), "output": str(stripped)},
             {

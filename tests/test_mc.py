@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from regularize import mc  # noqa: E402
-from regularize.errors import RegularizeWarning  # noqa: E402
-from regularize.errors import UnsupportedModelError  # noqa: E402
+from regularize.core.errors import RegularizeWarning  # noqa: E402
+from regularize.core.errors import UnsupportedModelError  # noqa: E402
 
 L = keras.layers
 

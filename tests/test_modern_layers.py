@@ -1,4 +1,4 @@
-"""Nested outputs, composite layers, token states, quantized and LoRA models (issue 11).
+"""Nested outputs, composite layers, token states, quantized and LoRA models.
 
 - The output of a nested model that its caller reads further is a site like
   any other; "model output" is only the whole model's output.
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import regularize
-from regularize.report import Report
+from regularize.core.report import Report
 
 L = keras.layers
 
@@ -195,8 +195,8 @@ def test_gpt2_backbone_plan_has_no_activation_site_inside_its_blocks():
     )
     # The graph walk (what a keras-hub block inside a user's own Functional model gets):
     # the blocks are sites through their own dropout key, never activation sites.
-    from regularize import rewrite
-    from regularize.policy import Policy
+    from regularize.core.policy import Policy
+    from regularize.keras3 import rewrite
 
     report = Report()
     rewrite.rewrite(backbone, Policy(rate=0.2), build=False, report=report)
@@ -205,7 +205,7 @@ def test_gpt2_backbone_plan_has_no_activation_site_inside_its_blocks():
         (f"transformer_layer_{i}", "TransformerDecoder", "owned", "update", "dropout 0.1 -> 0.2")
         for i in range(2)
     ]
-    # The public API gives a keras-hub backbone to `regularize.hub` (its class stays): an
+    # The public API gives a keras-hub backbone to `regularize.keras3.hub` (its class stays): an
     # explicit rate sets the constructor's own `dropout=0.1`; `existing="keep"` keeps it.
     report = Report()
     regularize.plan(backbone, 0.2, report=report)

@@ -1,4 +1,4 @@
-"""Layers that own their dropout (issue 11, point 1): rebuilt with new config values.
+"""Layers that own their dropout: rebuilt with new config values.
 
 MultiHeadAttention, GroupedQueryAttention, keras-hub transformer blocks and
 any registered layer with `dropout`-like config keys are rebuilt from their
@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 import regularize
-from regularize import legacy
+from regularize import keras2
 from regularize.core import owned
-from regularize.errors import RegularizeWarning
-from regularize.report import Report
+from regularize.core.errors import RegularizeWarning
+from regularize.core.report import Report
 
 L = keras.layers
 
@@ -420,7 +420,7 @@ def test_keras2_engine_rebuilds_attention_and_places_token_and_nested_sites(tmp_
     source, output = tmp_path / "k2.h5", tmp_path / "k2_dropout.h5"
     subprocess.run([sys.executable, "-c", _MAKE_K2, str(source)], check=True, env=env)
     policy = {"rate": 0.2, "attention_rate": 0.1}
-    (answer,) = legacy.run_many(
+    (answer,) = keras2.run_many(
         [{"mode": "add", "input": str(source), "output": str(output), "policy": policy}]
     )
     assert not isinstance(answer, Exception), answer

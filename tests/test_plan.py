@@ -145,8 +145,8 @@ def test_remove_dropout_strips_every_family_member_and_rnn_settings():
 
 
 def test_remove_recurrent_dropout_from_lstm_warns_of_the_kernel_change(monkeypatch):
-    from regularize import rewrite
-    from regularize import rules
+    from regularize.core import terms
+    from regularize.keras3 import rewrite
 
     # The Python warning fires once per process; another test may have had it.
     monkeypatch.setattr(rewrite, "_warned", set())
@@ -160,7 +160,7 @@ def test_remove_recurrent_dropout_from_lstm_warns_of_the_kernel_change(monkeypat
     report = regularize.Report()
     with pytest.warns(regularize.RegularizeWarning, match="back to its fused kernel"):
         stripped = regularize.remove_dropout(model, report=report)
-    assert report.warnings == [rules.LSTM_KERNEL_BACK]
+    assert report.warnings == [terms.LSTM_KERNEL_BACK]
     lstm = stripped.get_layer("lstm")
     assert (lstm.recurrent_dropout, lstm.cell.implementation) == (0.0, 2)
     # Not bit-exact: the fused kernel rounds differently, by what the warning says.
@@ -176,8 +176,8 @@ def test_remove_recurrent_dropout_from_lstm_warns_of_the_kernel_change(monkeypat
 
 
 def test_recurrent_rate_sets_both_directions_and_warns(monkeypatch):
-    from regularize import rewrite
-    from regularize import rules
+    from regularize.core import terms
+    from regularize.keras3 import rewrite
 
     # The Python warning fires once per process; another test may have had it.
     monkeypatch.setattr(rewrite, "_warned", set())
@@ -190,7 +190,7 @@ def test_recurrent_rate_sets_both_directions_and_warns(monkeypatch):
     for layer in (bi.forward_layer, bi.backward_layer):
         assert (layer.dropout, layer.recurrent_dropout) == (0.25, 0.1)
     assert new.get_layer("gru").recurrent_dropout == 0.1
-    assert report.warnings == [rules.CUDNN, rules.LSTM_KERNEL]
+    assert report.warnings == [terms.CUDNN, terms.LSTM_KERNEL]
     # LSTM switches kernel (implementation=1) with recurrent dropout: equal to
     # float rounding only, by what the warning says (about 1e-7).
     for a, b in zip(expected, _outputs(new, case.x), strict=True):
@@ -275,7 +275,7 @@ def test_sequential_inside_functional_and_back():
     seq = keras.Sequential([keras.Input((6,)), fn_base, L.Dense(2, name="o2")])
     new_seq = regularize.add_dropout(seq, 0.3)
     assert isinstance(new_seq, keras.Sequential)
-    # fn_base's output feeds o2: a site like any other (issue 11), not "model output".
+    # fn_base's output feeds o2: a site like any other, not "model output".
     assert set(inserted(new_seq)) == {"fn_base/f0__dropout", "fn_base/f1__dropout"}
     x = np.random.default_rng(0).normal(size=(2, 6)).astype("float32")
     assert_exact(outer, new, x)

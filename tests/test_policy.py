@@ -8,8 +8,8 @@ from helpers import L
 from helpers import mlp_sequential
 
 import regularize
-from regularize.errors import PolicyError
-from regularize.errors import UnsupportedModelError
+from regularize.core.errors import PolicyError
+from regularize.core.errors import UnsupportedModelError
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan"), "0.3", True, None, [0.1]])
@@ -228,7 +228,7 @@ def test_add_dropout_accepts_a_policy_file_path(tmp_path):
 
 
 def test_decide_is_pure_and_reports_the_rule():
-    from regularize.policy import Candidate
+    from regularize.core.policy import Candidate
 
     policy = regularize.Policy(rate=0.2, rules=[{"match": "x*", "rate": 0.4}])
     site = Candidate("m/x1", "Dense", "relu", 0.5, True, "Dropout")
@@ -240,7 +240,7 @@ def test_decide_is_pure_and_reports_the_rule():
     )
 
 
-# -- files that are not a policy, values too big to echo (issue 10, item 7) ----
+# -- files that are not a policy, values too big to echo -----------------------
 
 
 def test_a_deeply_nested_value_is_one_short_line(tmp_path):
@@ -315,7 +315,7 @@ def test_a_long_rule_match_is_cut_in_every_reason():
 
 
 def test_short_repr_cuts_strings_bytes_and_deep_or_huge_values():
-    from regularize.text import short_repr
+    from regularize.core.text import short_repr
 
     assert short_repr("a" * 52428800, limit=4) == "'aaaa...' (52428800 chars)"
     assert short_repr(b"\x00" * 100, limit=2) == "b'\\x00\\x00...' (100 bytes)"

@@ -16,7 +16,7 @@ from helpers import rnn_dropout
 
 import regularize
 from regularize import mc
-from regularize.policy import Policy
+from regularize.core.policy import Policy
 
 
 def resnet_like():

@@ -58,10 +58,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import regularize
-from regularize import graph
-from regularize.report import INSERT
-from regularize.report import REMOVE
-from regularize.report import UPDATE
+from regularize.core.report import INSERT
+from regularize.core.report import REMOVE
+from regularize.core.report import UPDATE
+from regularize.keras3 import graph
 
 settings.register_profile(
     "ci",
@@ -434,7 +434,7 @@ def expected_sites(
     a model output, feeds a BatchNormalization, is already followed by a
     dropout, or has no reader; nothing inside a nested model that is only
     ever called with `training=False`; nothing at rate 0. A nested model's
-    output is a model output only where its caller's is (issue 11): `exits`
+    output is a model output only where its caller's is: `exits`
     maps each output tensor of a nested spec to (a model output of the whole
     model, the kinds of the caller's layers that read it), from its first call.
     """
@@ -611,7 +611,7 @@ def assert_placement(model, blocks: bool) -> None:
     """
     for prefix, fn in _graphs(model):
         # Only the whole model's outputs: a nested model's output that its
-        # caller reads further is a site like any other (issue 11).
+        # caller reads further is a site like any other.
         outputs = {id(t) for t in fn.outputs} if not prefix else set()
         readers = graph.consumers(fn)
         for node in graph.iter_nodes(fn):

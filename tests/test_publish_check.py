@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from regularize import atomic
-from regularize import io
 from regularize.cli import cli
-from regularize.errors import ModelSaveError
+from regularize.core import atomic
+from regularize.core.errors import ModelSaveError
+from regularize.keras3 import io
 
 
 @keras.saving.register_keras_serializable(package="test_publish")

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 
-from regularize import legacy
+from regularize import keras2
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_fer_emotion_model_through_the_cli(emotion_model, tmp_path):
     with h5py.File(emotion_model) as f:
         assert f.attrs["keras_version"] in ("2.0.5", b"2.0.5")
     # Keras 3 reads this Keras 2 file itself: the in-process engine handles it.
-    assert legacy.detect(emotion_model) is None
+    assert keras2.detect(emotion_model) is None
     original = keras.saving.load_model(emotion_model, compile=False)
     x = np.random.default_rng(0).uniform(0, 1, size=(4, 64, 64, 1)).astype("float32")
     before = keras.ops.convert_to_numpy(original(x, training=False))

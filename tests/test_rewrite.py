@@ -31,7 +31,7 @@ from helpers import rnn_dropout
 from helpers import snapshot
 
 import regularize
-from regularize import graph
+from regularize.keras3 import graph
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests below that run a model. Where this backend cannot run a factory's model on every

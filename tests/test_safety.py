@@ -1,9 +1,9 @@
-"""The pre-load checks of `regularize.safety` and the shared output rule, without TensorFlow.
+"""The pre-load checks of `regularize.core.safety` and the shared output rule, without TensorFlow.
 
 The attacks end to end (real CLI, real Keras 2 files) are in
 `test_security.py`; here each rule is pinned down on plain data, and a fuzz
 of Keras 2 configs goes through the parent's pre-load check
-(`regularize.legacy.check_model_file`): it may only ever raise
+(`regularize.keras2.check_model_file`): it may only ever raise
 `RegularizeError`, and must refuse every config whose op layers call
 anything off the allowlist.
 """
@@ -22,13 +22,13 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from regularize import legacy
-from regularize import safety
+from regularize import keras2
 from regularize.core import checker
-from regularize.errors import ModelLoadError
-from regularize.errors import ModelSaveError
-from regularize.errors import RegularizeError
-from regularize.paths import check_output_path
+from regularize.core import safety
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import ModelSaveError
+from regularize.core.errors import RegularizeError
+from regularize.core.paths import check_output_path
 
 R = "Received: path='m.h5'"
 # How many fuzz cases: a few hundred in CI; `REGULARIZE_FUZZ=10000` by hand.
@@ -214,9 +214,9 @@ def test_deep_keras2_h5_goes_to_the_keras2_engine_and_is_refused(tmp_path):
     with h5py.File(path, "w") as f:
         f.attrs["model_config"] = config
         f.attrs["keras_version"] = "2.15.0"
-    assert legacy.detect(path) == legacy.KERAS2_H5
+    assert keras2.detect(path) == keras2.KERAS2_H5
     with pytest.raises(ModelLoadError, match="nested 5002 levels deep"):
-        legacy.check_model_file(path, unsafe=False)
+        keras2.check_model_file(path, unsafe=False)
 
 
 def test_class_names_are_found_in_text_only_as_keys():
@@ -278,7 +278,7 @@ def test_h5_data_outside_the_file_is_refused(tmp_path, make, words):
     assert words in str(info.value)
     assert "Expected a self-contained `.h5` file" in str(info.value)
     with pytest.raises(ModelLoadError, match="Refusing to read model"):
-        legacy.check_model_file(path, unsafe=True)  # --unsafe does not lift it
+        keras2.check_model_file(path, unsafe=True)  # --unsafe does not lift it
 
 
 def test_plain_h5_passes(tmp_path):
@@ -443,7 +443,7 @@ def test_fuzz_keras2_configs_through_the_parent_check(tmp_path_factory, config):
         f.attrs["keras_version"] = "2.15.0"
     before = sorted(os.listdir(folder))
     try:
-        legacy.check_model_file(path, unsafe=False)
+        keras2.check_model_file(path, unsafe=False)
         accepted = True
     except RegularizeError as err:
         accepted = False
@@ -463,11 +463,11 @@ def test_fuzz_keras2_configs_through_the_parent_check(tmp_path_factory, config):
             module = node.get("module")
             if isinstance(module, str):
                 assert module in checker.KERAS2_MODULES or module.startswith(checker.TFMOT_PREFIX)
-    assert legacy.detect(path) in (legacy.KERAS2_H5, None)
+    assert keras2.detect(path) in (keras2.KERAS2_H5, None)
 
 
 def test_a_named_custom_object_module_is_found_in_the_working_folder_last(tmp_path, monkeypatch):
-    from regularize import custom_objects
+    from regularize.core import custom_objects
 
     (tmp_path / "regularize_test_layers.py").write_text("class Scale:\n    pass\n")
     (tmp_path / "json.py").write_text("raise SystemExit('working-folder json.py imported')\n")
@@ -476,5 +476,5 @@ def test_a_named_custom_object_module_is_found_in_the_working_folder_last(tmp_pa
     before = list(sys.path)
     assert "Scale" in custom_objects.load("regularize_test_layers")
     assert sys.path == before
-    assert legacy._module_folder("regularize_test_layers") == str(tmp_path)
-    assert legacy._module_folder("json") != str(tmp_path)  # installed modules win
+    assert keras2._module_folder("regularize_test_layers") == str(tmp_path)
+    assert keras2._module_folder("json") != str(tmp_path)  # installed modules win

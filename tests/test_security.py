@@ -1,4 +1,4 @@
-"""Safe by default (issue 10): no model file, working folder or path may run code or leak.
+"""Safe by default: no model file, working folder or path may run code or leak.
 
 Each test builds an attack in a temporary folder and runs the real command
 line on it (`python -m regularize`, or the installed `regularize` script),
@@ -935,7 +935,7 @@ def test_vocabulary_file_is_read_with_unsafe(world):
     assert str(world.vocab).encode() in (config if isinstance(config, bytes) else config.encode())
 
 
-# -- 12. what a config names: imports, calls, files, memory (issue 19) ----------
+# -- 12. what a config names: imports, calls, files, memory --------------------
 #
 # Each attack is refused before anything is deserialized, on every command
 # that reads a model (`inspect`, `add-dropout`, `add-dropout --dry-run`), in

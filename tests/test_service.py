@@ -17,11 +17,11 @@ import pytest
 
 import regularize
 from regularize import service
-from regularize.errors import ModelLoadError
-from regularize.errors import ModelSaveError
-from regularize.errors import UnknownApplicationError
-from regularize.policy import Policy
-from regularize.policy import Rule
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import ModelSaveError
+from regularize.core.errors import UnknownApplicationError
+from regularize.core.policy import Policy
+from regularize.core.policy import Rule
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 X = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
@@ -156,7 +156,7 @@ def test_unknown_application_is_its_own_error():
 def test_the_api_warns_when_the_policy_puts_dropout_nowhere(cnn, cnn_before):
     import warnings
 
-    from regularize.errors import RegularizeWarning
+    from regularize.core.errors import RegularizeWarning
 
     x, expected, _ = cnn_before
     model = keras.models.load_model(cnn)

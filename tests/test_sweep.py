@@ -20,7 +20,7 @@ from click.testing import CliRunner  # noqa: E402
 sw = importlib.import_module("regularize.sweep")
 training = importlib.import_module("regularize.sweep.training")
 from regularize.cli.sweep import sweep as sweep_command  # noqa: E402
-from regularize.errors import PolicyError  # noqa: E402
+from regularize.core.errors import PolicyError  # noqa: E402
 
 L = keras.layers
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -537,7 +537,7 @@ def test_keras_tuner_chief_and_two_workers_share_the_variants(files, tmp_path):
     assert [v["rate"] for v in saved["variants"]] == [0.0, 0.2, 0.5]
 
 
-# -- a bad file in an image folder is named (issue 10, item 11) ----------------
+# -- a bad file in an image folder is named ------------------------------------
 
 
 def _copy_images(image_folder, tmp_path):
@@ -602,7 +602,7 @@ def test_a_corrupt_image_is_named_when_training_fails(files, image_folder, tmp_p
     assert "{{" not in line and "[Op:" not in line
 
 
-# -- a failed sweep leaves nothing; -q hides a progress display that shows (issue 12) ----
+# -- a failed sweep leaves nothing; -q hides a progress display that shows -----
 
 
 def test_a_failed_sweep_leaves_no_empty_out_folder(files, tmp_path):

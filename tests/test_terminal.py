@@ -1,4 +1,4 @@
-"""The command on a real terminal and under signals (issue 13, items 1 and 3).
+"""The command on a real terminal and under signals.
 
 Real processes: the progress line needs a pseudo-terminal on stderr, and
 Ctrl-C is SIGINT sent to the process. Nothing here is timed: "at once" is
@@ -276,7 +276,7 @@ import os, sys, time
 from regularize.cli import import_keras_quietly
 import_keras_quietly()
 import keras
-import regularize.report
+import regularize.core.report
 
 def stall(*args, **kwargs):
     {before}
@@ -298,7 +298,7 @@ _STAGES = {
         "keras.Model.save = stall",
     ),
     # After the rename: the summary lines are printed.
-    "print": ("pass", "regularize.report.Report.summary_lines = stall"),
+    "print": ("pass", "regularize.core.report.Report.summary_lines = stall"),
 }
 
 

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import pytest
 
-from regularize import rules
+from regularize.core import terms
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def test_segmentation_models_h5_through_the_cli(built, name):
         ENV,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"Warning: {rules.KERAS2_BATCHNORM}" in run.stderr.splitlines()
+    assert f"Warning: {terms.KERAS2_BATCHNORM}" in run.stderr.splitlines()
     new = keras.models.load_model(out)
     kinds = [type(layer).__name__ for layer in new.layers if layer.name.endswith("__dropout")]
     paths = [layer for layer in new.layers if layer.name.endswith("__droppath")]

@@ -18,10 +18,10 @@ import keras_hub  # noqa: F401  registers its objects, as loading a keras-hub fi
 import numpy as np
 import pytest
 
-from regularize import safety
-from regularize import trust
 from regularize.core import checker
-from regularize.errors import ModelLoadError
+from regularize.core import safety
+from regularize.core.errors import ModelLoadError
+from regularize.keras3 import trust
 
 ROOT = Path(__file__).resolve().parent.parent
 R = "Received: path='m'"
@@ -149,7 +149,7 @@ def test_the_unsafe_hint_ends_every_refusal_it_lifts():
 
 
 def _savedmodel_message(tmp_path: Path) -> str:
-    from regularize import legacy
+    from regularize import keras2
 
     folder = tmp_path / "sm"
     folder.mkdir()
@@ -158,7 +158,7 @@ def _savedmodel_message(tmp_path: Path) -> str:
     node = b"\x1a\x04root" + b"\x2a" + bytes([len(metadata)]) + metadata
     (folder / "keras_metadata.pb").write_bytes(b"\x0a" + bytes([len(node)]) + node)
     with pytest.raises(ModelLoadError) as info:
-        legacy.check_model_file(folder, unsafe=False)
+        keras2.check_model_file(folder, unsafe=False)
     return str(info.value)
 
 

@@ -37,11 +37,11 @@ from regularize.cli.runtime import as_flags
 from regularize.cli.runtime import check_path
 from regularize.cli.runtime import one_line_errors
 from regularize.cli.sweep import sweep
-from regularize.errors import ModelSaveError
-from regularize.errors import UnsupportedModelError
-from regularize.rules import INFERENCE_ONLY
+from regularize.core.errors import ModelSaveError
+from regularize.core.errors import UnsupportedModelError
+from regularize.core.terms import INFERENCE_ONLY
+from regularize.core.text import printable
 from regularize.service import Mode
-from regularize.text import printable
 
 EXIT_EMPTY = 3  # the policy puts dropout nowhere
 
@@ -213,7 +213,7 @@ def _service(
 ):
     """`service.process` with the command line's flags; its errors as one line each."""
     from regularize import service
-    from regularize.errors import UnknownApplicationError
+    from regularize.core.errors import UnknownApplicationError
 
     flags = {"weights": weights, "no_top": no_top or None, "input_shape": input_shape}
     flags["classes"] = classes
@@ -341,7 +341,7 @@ def _print_table(report) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from regularize.report import COLUMNS
+    from regularize.core.report import COLUMNS
 
     table = Table(box=None, header_style="bold")
     for column in COLUMNS:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from regularize import applications
 from regularize.cli.runtime import check_path
 from regularize.cli.runtime import path_callback
-from regularize.errors import ModelLoadError
-from regularize.errors import PolicyError
-from regularize.policy import validate_rate
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import PolicyError
+from regularize.core.policy import validate_rate
+from regularize.keras3 import applications
 
 
 class _Rate(click.ParamType):
@@ -156,26 +156,25 @@ _policy_options = _options(
     click.option(
         "--rate", type=RATE, default=0.3, show_default=True, help="Dropout rate in [0, 1)."
     ),
-    click.option(
-        "--recurrent-rate",
-        type=RATE,
-        default=None,
-        help="recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
-    ),
-    click.option(
-        "--attention-rate",
-        type=RATE,
-        default=None,
-        help="Dropout on attention probabilities (MultiHeadAttention, attention_dropout "
-        "keys; disables fused attention on GPU). Default: unchanged.",
-    ),
-    click.option(
-        "--drop-path",
-        type=RATE,
-        default=None,
-        help="Stochastic depth: drop the residual branch of each residual Add per "
-        "sample, the rate growing with depth up to this at the last block (a keras-hub "
-        "model's drop_path_rate / max_drop_path_rate). Default: off.",
+    *(
+        click.option(flag, type=RATE, default=None, help=text)
+        for flag, text in (
+            (
+                "--recurrent-rate",
+                "recurrent_dropout for RNN layers (disables cuDNN on GPU). Default: unchanged.",
+            ),
+            (
+                "--attention-rate",
+                "Dropout on attention probabilities (MultiHeadAttention, attention_dropout "
+                "keys; disables fused attention on GPU). Default: unchanged.",
+            ),
+            (
+                "--drop-path",
+                "Stochastic depth: drop the residual branch of each residual Add per "
+                "sample, the rate growing with depth up to this at the last block (a "
+                "keras-hub model's drop_path_rate / max_drop_path_rate). Default: off.",
+            ),
+        )
     ),
     click.option(
         "--existing",
@@ -206,7 +205,7 @@ def _policy(policy_file, preset, options: dict, *, mc=False):
 
     Takes the rate options out of `options` (a command's keyword arguments).
     """
-    from regularize.policy import Policy
+    from regularize.core.policy import Policy
 
     defaults = {name: options.pop(name) for name in RATE_OPTIONS}
     settings = {name: options.pop(name) for name in SETTING_OPTIONS}

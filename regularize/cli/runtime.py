@@ -18,9 +18,9 @@ from pathlib import Path
 
 import click
 
-from regularize.errors import RegularizeError
-from regularize.text import printable
-from regularize.text import short_repr
+from regularize.core.errors import RegularizeError
+from regularize.core.text import printable
+from regularize.core.text import short_repr
 
 
 class Interrupted(click.ClickException):
@@ -147,7 +147,7 @@ def _remove_own_temps(output: Path | None) -> None:
     their own; this covers an interrupt between creating one and guarding it)."""
     if output is None:
         return
-    from regularize import atomic
+    from regularize.core import atomic
 
     pattern = atomic.temp_pattern(output)
     with contextlib.suppress(OSError):
@@ -237,7 +237,7 @@ class _Spinner:
     """One self-redrawing line: a spinner, a text and the elapsed time.
 
     Hand-made rather than rich's: importing rich.progress costs about a
-    third of the 0.3 s the first output may take (issue 13).
+    third of the 0.3 s the first output may take.
     """
 
     def __init__(self, stream, text: str):

@@ -33,6 +33,11 @@ def _path(hint: str, *, follow: bool = True):
     return callback
 
 
+def _shown(flag: str, kind, default, text: str):
+    """An option whose default `--help` shows."""
+    return click.option(flag, type=kind, default=default, show_default=True, help=text)
+
+
 @click.command("sweep")
 @click.argument(
     "model", metavar="MODEL", type=click.Path(path_type=Path), callback=_path("'MODEL'")
@@ -85,12 +90,11 @@ def _path(hint: str, *, follow: bool = True):
     help="recurrent_dropout of RNN layers: a rate, or 'same' as the variant's rate. "
     "Default: unchanged.",
 )
-@click.option(
+@_shown(
     "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seeds new layers, dropout masks, batch order and the folder split.",
+    click.IntRange(min=0),
+    0,
+    "Seeds new layers, dropout masks, batch order and the folder split.",
 )
 @click.option(
     "--seeds",
@@ -99,19 +103,12 @@ def _path(hint: str, *, follow: bool = True):
     "each variant's difference to the baseline, paired by seed, with a 95% interval. "
     "Replaces --seed.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Global batch size.",
-)
-@click.option(
+@_shown("--batch-size", click.IntRange(min=1), 32, "Global batch size.")
+@_shown(
     "--validation-split",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.2,
-    show_default=True,
-    help="Fraction of an image folder kept for validation (split by --seed).",
+    click.FloatRange(0, 1, min_open=True, max_open=True),
+    0.2,
+    "Fraction of an image folder kept for validation (split by --seed).",
 )
 @click.option(
     "--out",
@@ -127,12 +124,11 @@ def _path(hint: str, *, follow: bool = True):
     help="Also write the best variant here (.keras or .h5).",
 )
 @click.option("--force", is_flag=True, help="Overwrite the --save-best file if it exists.")
-@click.option(
+@_shown(
     "--strategy",
-    type=click.Choice(["none", "mirrored"]),
-    default="none",
-    show_default=True,
-    help="mirrored: train each variant on every GPU of this machine (tf.distribute).",
+    click.Choice(["none", "mirrored"]),
+    "none",
+    "mirrored: train each variant on every GPU of this machine (tf.distribute).",
 )
 @click.option(
     "--keras-tuner",
@@ -192,16 +188,16 @@ def sweep(
         # `sweep` function under the module's name.
         # The shared command-line plumbing (one-line errors, quiet imports,
         # SIGTERM as Ctrl-C).
-        from regularize.errors import ModelSaveError
-        from regularize.errors import PolicyError
-        from regularize.paths import check_output_path
+        from regularize.core.errors import ModelSaveError
+        from regularize.core.errors import PolicyError
+        from regularize.core.paths import check_output_path
+        from regularize.core.text import printable
         from regularize.sweep import DataError
         from regularize.sweep import SweepError
         from regularize.sweep import check_data
         from regularize.sweep import format_rate
         from regularize.sweep import output_folder
         from regularize.sweep import run_sweep
-        from regularize.text import printable
 
         problem = None
         if not model.exists():
@@ -217,7 +213,7 @@ def sweep(
             )
         recurrent = _recurrent_rate(recurrent_rate)
         if policy is not None:
-            from regularize.policy import Policy
+            from regularize.core.policy import Policy
             from regularize.sweep.variants import check_sweep_policy
 
             if policies is not None:
@@ -305,8 +301,8 @@ def sweep(
 def _recurrent_rate(value: str | None):
     if value is None or value == "same":
         return value
-    from regularize.errors import PolicyError
-    from regularize.policy import validate_rate
+    from regularize.core.errors import PolicyError
+    from regularize.core.policy import validate_rate
 
     try:
         return validate_rate("recurrent_rate", float(value))
@@ -323,7 +319,7 @@ def _variants(rates, policies, drop_path, attention_rate, policy, recurrent):
     A bad rate, preset, policy file or Policy key is a usage error (exit 2), before the
     TensorFlow import.
     """
-    from regularize.errors import PolicyError
+    from regularize.core.errors import PolicyError
     from regularize.sweep import variants as v
 
     hint = "'--rates'"

@@ -2,7 +2,7 @@
 
 One checker for both engines. It imports neither Keras nor TensorFlow: each
 engine's adapter describes what its deserializer would resolve a name to (an
-`Allowlist`: `regularize.trust` for Keras 3, `regularize.legacy.trust` in the
+`Allowlist`: `regularize.keras3.trust` for Keras 3, `regularize.keras2.trust` in the
 Keras 2 engine's child), and `check_config` walks the config, iteratively,
 the way that deserializer would, refusing with one `ModelLoadError` line:
 
@@ -36,9 +36,9 @@ import re
 
 from regularize.core import keras2_ops
 from regularize.core import opsize
-from regularize.errors import ModelLoadError
-from regularize.text import printable
-from regularize.text import short_repr
+from regularize.core.errors import ModelLoadError
+from regularize.core.text import printable
+from regularize.core.text import short_repr
 
 UNSAFE_HINT = "If you trust the file, pass `safe_mode=False`."
 KERAS3 = "keras3"

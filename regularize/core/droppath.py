@@ -35,16 +35,16 @@ from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
 
-from regularize import rules
+from regularize.core import terms
 from regularize.core.actions import Insert
 from regularize.core.actions import Retarget
-from regularize.core.graph import GraphView
-from regularize.core.graph import LayerFacts
-from regularize.report import INSERT
-from regularize.report import KEEP
-from regularize.report import REMOVE
-from regularize.report import SKIP
-from regularize.report import UPDATE
+from regularize.core.protocols import GraphView
+from regularize.core.protocols import LayerFacts
+from regularize.core.report import INSERT
+from regularize.core.report import KEEP
+from regularize.core.report import REMOVE
+from regularize.core.report import SKIP
+from regularize.core.report import UPDATE
 
 # Drop-path layers are named `<anchor>__droppath` (`_<n>` added on a name
 # clash): a second run finds its own, and `remove_dropout` strips them like
@@ -446,7 +446,7 @@ class GraphDropPaths:
         """(site args, Insert) for a drop path after `anchor` (the node `at`)."""
         graph, drop = self.graph, self.graph.run_.drop
         if id(anchor) not in drop.names:
-            name = rules.unique_name(facts.name + SUFFIX, graph.names)
+            name = terms.unique_name(facts.name + SUFFIX, graph.names)
             graph.names.add(name)
             drop.names[id(anchor)] = name
         action = Insert(anchor=anchor, name=drop.names[id(anchor)], **self._new(node, rate, shape))

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 from regularize.core import droppath
-from regularize.core.graph import GraphView
-from regularize.core.graph import LayerFacts
+from regularize.core.protocols import GraphView
+from regularize.core.protocols import LayerFacts
 
 SQUEEZE_EXCITATION = "inside a squeeze-excitation gate"
 GATE = "inside a gate (a branch that scales another tensor)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from regularize.errors import UnsupportedModelError
+from regularize.core.errors import UnsupportedModelError
 
 
 def not_a_model(received: object, expected: str) -> UnsupportedModelError:

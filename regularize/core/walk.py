@@ -16,39 +16,33 @@ same path as a rewrite.
 from __future__ import annotations
 
 import dataclasses
-import enum
 
-from regularize import rules
 from regularize.core import droppath
 from regularize.core import gates
 from regularize.core import owned
+from regularize.core import terms
 from regularize.core.actions import Action
 from regularize.core.actions import Insert
 from regularize.core.actions import Rebuild
 from regularize.core.actions import Remove
 from regularize.core.actions import Retarget
-from regularize.core.graph import Builder
-from regularize.core.graph import GraphView
-from regularize.core.graph import LayerFacts
 from regularize.core.guards import gc_paused
 from regularize.core.guards import recursion_limit
-from regularize.policy import OWNED
-from regularize.policy import RECURRENT
-from regularize.policy import Candidate
-from regularize.policy import Decision
-from regularize.policy import Policy
-from regularize.report import INSERT
-from regularize.report import KEEP
-from regularize.report import REMOVE
-from regularize.report import SKIP
-from regularize.report import UPDATE
-from regularize.report import Site
-
-
-class Mode(enum.StrEnum):
-    ADD = "add"  # insert or re-target dropout per the policy
-    STRIP = "strip"  # remove every dropout (remove_dropout)
-
+from regularize.core.mode import Mode
+from regularize.core.policy import OWNED
+from regularize.core.policy import RECURRENT
+from regularize.core.policy import Candidate
+from regularize.core.policy import Decision
+from regularize.core.policy import Policy
+from regularize.core.protocols import Builder
+from regularize.core.protocols import GraphView
+from regularize.core.protocols import LayerFacts
+from regularize.core.report import INSERT
+from regularize.core.report import KEEP
+from regularize.core.report import REMOVE
+from regularize.core.report import SKIP
+from regularize.core.report import UPDATE
+from regularize.core.report import Site
 
 # The fate of a dropout layer that stays as it is (see `_Run.fates`).
 _KEPT = "kept"
@@ -89,7 +83,9 @@ def walk(
     """
     classes = view.class_names()
     policy.check_classes(lambda name: name in classes or view.is_layer_class(name))
-    run = _Run(policy=policy, mode=Mode(mode), builder=builder)
+    mode = Mode(mode)
+    # A plan decides every site as ADD does; it simply has no builder.
+    run = _Run(policy=policy, mode=Mode.ADD if mode is Mode.PLAN else mode, builder=builder)
     run.total = max(run.length(view), 1)
     run.has_norm = view.contains_normalization()
     if run.mode == Mode.ADD:
@@ -357,6 +353,15 @@ class _GraphWalk:
         if action in (INSERT, UPDATE, REMOVE):
             self.changed = True
 
+    def _decided(self, node, op, facts: LayerFacts, auto_kind: str, site, existing):
+        """The policy's decision for a layer's own settings, or None once `site` says why not."""
+        decision = self._decide(node, op, facts, auto_kind)
+        skip = self.inert or (decision.reason if decision.skipped else None)
+        if skip:
+            site(None, SKIP, skip, existing)
+            return None
+        return decision
+
     def _decide(self, node, op, facts: LayerFacts, auto_kind: str) -> Decision:
         """Asks the policy about the site at `node`; notes which rules matched."""
         shape = self.view.out_shape(node)
@@ -425,7 +430,7 @@ class _GraphWalk:
         inert = self.inert
         if inert is None and run.mode == Mode.ADD and self.policy.skip_inference_only:
             if all(self.view.training_flag(n) is False for n in self.calls[id(op)]):
-                inert = rules.INFERENCE_ONLY
+                inert = terms.INFERENCE_ONLY
         if id(op) not in run.models:
             sub = run.sub_view(self.view, op)
             if sub is None:  # an unbuilt nested Sequential: nothing is known inside
@@ -476,7 +481,7 @@ class _GraphWalk:
             fmt, auto_kind = "channels_last", "Dropout"
         else:
             fmt = self._data_format_near(node)
-            auto_kind = rules.dropout_kind(len(shape), fmt)
+            auto_kind = terms.dropout_kind(len(shape), fmt)
         readers = self.readers.get(key, [])
         dropouts = [
             r
@@ -522,7 +527,7 @@ class _GraphWalk:
             return skip(decision.reason)
         self._site(node, facts, decision.kind, decision.rate, INSERT, decision.reason, existing)
         if id(op) not in self.run_.inserted:
-            name = rules.unique_name(facts.name + rules.SUFFIX, self.names)
+            name = terms.unique_name(facts.name + terms.SUFFIX, self.names)
             self.names.add(name)
             self.run_.inserted[id(op)] = name
         name = self.run_.inserted[id(op)]
@@ -597,7 +602,7 @@ class _GraphWalk:
     def _recurrent(self, node, op, facts: LayerFacts) -> None:
         run = self.run_
         config = self.view.config(op)
-        settings = list(rules.dropout_settings(config))
+        settings = list(terms.dropout_settings(config))
 
         def site(rate, action, reason, existing=""):
             self._site(node, facts, RECURRENT, rate, action, reason, existing)
@@ -606,18 +611,16 @@ class _GraphWalk:
             site(None, SKIP, "cell has no dropout setting")
             return self._call(node, op)
         old = (settings[0]["dropout"], settings[0]["recurrent_dropout"])
-        existing = rules.describe_rnn(old)
+        existing = terms.describe_rnn(old)
         if run.mode == Mode.STRIP:
             new_values = (0.0, 0.0)
         else:
-            decision = self._decide(node, op, facts, RECURRENT)
-            skip = self.inert or (decision.reason if decision.skipped else None)
-            if skip:
-                site(None, SKIP, skip, existing)
+            decision = self._decided(node, op, facts, RECURRENT, site, existing)
+            if decision is None:
                 return self._call(node, op)
             rec = decision.recurrent_rate
             new_values = (decision.rate, old[1] if rec is None else rec)
-        reason = rules.describe_change(old, new_values)
+        reason = terms.describe_change(old, new_values)
         if all((s["dropout"], s["recurrent_dropout"]) == new_values for s in settings):
             action, reason = (SKIP, "rate is 0") if new_values == (0.0, 0.0) else (KEEP, reason)
             site(new_values[0] or None, action, reason, existing)
@@ -633,11 +636,11 @@ class _GraphWalk:
             action = INSERT if old == (0.0, 0.0) else UPDATE
         site(new_values[0], action, reason, existing)
         if new_values[1] > 0 and run.mode == Mode.ADD:
-            run.result.warn(rules.CUDNN)
-            if rules.has_lstm_cell(config):
-                run.result.warn(rules.LSTM_KERNEL)
-        elif old[1] > 0 and new_values[1] == 0 and rules.returns_to_fused_lstm(config, settings):
-            run.result.warn(rules.LSTM_KERNEL_BACK)
+            run.result.warn(terms.CUDNN)
+            if terms.has_lstm_cell(config):
+                run.result.warn(terms.LSTM_KERNEL)
+        elif old[1] > 0 and new_values[1] == 0 and terms.returns_to_fused_lstm(config, settings):
+            run.result.warn(terms.LSTM_KERNEL_BACK)
         for s in settings:
             s["dropout"], s["recurrent_dropout"] = new_values
         self._apply(node, Rebuild(op, config, new_values))
@@ -666,10 +669,8 @@ class _GraphWalk:
         if run.mode == Mode.STRIP:
             settings = dict.fromkeys(owned.Role, 0.0)
         else:
-            decision = self._decide(node, op, facts, OWNED)
-            skip = self.inert or (decision.reason if decision.skipped else None)
-            if skip:
-                site(None, SKIP, skip, existing)
+            decision = self._decided(node, op, facts, OWNED, site, existing)
+            if decision is None:
                 return self._call(node, op)
             settings = {
                 owned.Role.GENERAL: decision.rate,

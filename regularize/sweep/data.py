@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from regularize.errors import RegularizeError
-from regularize.text import short_repr
+from regularize.core.errors import RegularizeError
+from regularize.core.errors import first_line as _first_line
+from regularize.core.text import short_repr
 
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # image_dataset_from_directory's
@@ -368,8 +369,3 @@ def _tf_reason(err: BaseException) -> str:
     """TensorFlow's op error without its "{{function_node ...}}" and "[Op:...]" wrapping."""
     text = re.sub(r"\{\{.*?\}\}", "", _first_line(err)).split(" [Op:")[0].strip()
     return text or type(err).__name__
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return " ".join(text.splitlines()[0].split())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from regularize.errors import RegularizeError
+from regularize.core.errors import RegularizeError
 
 
 class SweepError(RegularizeError):

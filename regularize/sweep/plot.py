@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from regularize import atomic
+from regularize.core import atomic
 from regularize.sweep.variants import format_rate
 
 

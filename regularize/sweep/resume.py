@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 
-from regularize import atomic
+from regularize.core import atomic
 from regularize.sweep.errors import SweepError
 from regularize.sweep.results import VariantResult
 from regularize.sweep.variants import Variant

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from regularize import atomic
-from regularize.errors import PolicyError
-from regularize.policy import Policy
-from regularize.policy import validate_rate
+from regularize.core import atomic
+from regularize.core.errors import PolicyError
+from regularize.core.policy import Policy
+from regularize.core.policy import validate_rate
 from regularize.sweep import distributed
 from regularize.sweep import resume
 from regularize.sweep import training
@@ -131,7 +131,7 @@ def run_sweep(
             f"folder. Received: validation_split={validation_split!r}"
         )
     if save_best is not None:
-        from regularize.paths import check_output_path
+        from regularize.core.paths import check_output_path
 
         check_output_path(Path(save_best), overwrite=overwrite)
     out = resume.output_folder(model, out)
@@ -169,7 +169,7 @@ def _run(*, model, data, kind, variants, notes, seeds, out, progress, **options)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         if isinstance(model, (str, os.PathLike)):
-            from regularize.io import load_model
+            from regularize.keras3.io import load_model
 
             model = load_model(
                 model, custom_objects=options["custom_objects"], safe_mode=options["safe_mode"]
@@ -279,8 +279,8 @@ def _collect(out, variants, seeds, settings, before) -> dict:
 def _write(result: SweepResult, model, options) -> None:
     """results.json, curves.png and the best variant, if asked."""
     if options["save_best"] is not None:
-        from regularize.io import load_model
-        from regularize.io import save_model
+        from regularize.keras3.io import load_model
+        from regularize.keras3.io import save_model
 
         source = result.out / result.best.model_file
         best = load_model(

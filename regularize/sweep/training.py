@@ -61,8 +61,8 @@ def train_variant(
     import keras
 
     from regularize import api
-    from regularize.io import save_model
-    from regularize.report import Report
+    from regularize.core.report import Report
+    from regularize.keras3.io import save_model
 
     # Same starting weights, seed and batch order for every variant: the
     # variants share the model's variables, so training one changes them.

@@ -16,10 +16,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from regularize.errors import PolicyError
-from regularize.policy import PRESETS
-from regularize.policy import Policy
-from regularize.policy import validate_rate
+from regularize.core.errors import PolicyError
+from regularize.core.policy import PRESETS
+from regularize.core.policy import Policy
+from regularize.core.policy import validate_rate
 
 DEFAULT_RATES = (0.0, 0.2, 0.3, 0.5)
 SAME = "same"  # recurrent_rate follows the variant's rate

@@ -13,7 +13,7 @@ import keras
 # itself dispatches on it.
 from keras.src.models.functional import Functional
 
-from regularize import rules
+from regularize.core import terms
 
 DROPOUT_CLASSES = (
     keras.layers.Dropout,  # SpatialDropout1D/2D/3D subclass it
@@ -44,7 +44,7 @@ NORMALIZATION_CLASSES = tuple(
 MERGE_CLASSES = (keras.layers.Add, keras.layers.Concatenate)
 
 # Re-exported: tests and callers know the suffix as `graph.SUFFIX`.
-SUFFIX = rules.SUFFIX
+SUFFIX = terms.SUFFIX
 
 
 def is_graph_model(layer: object) -> bool:
@@ -58,7 +58,7 @@ def is_dropout(op: object) -> bool:
 
 def is_own_dropout(op: object) -> bool:
     """Whether `op` is a dropout layer this tool inserted."""
-    return is_dropout(op) and rules.is_own_name(op.name)
+    return is_dropout(op) and terms.is_own_name(op.name)
 
 
 def is_recurrent(op: object) -> bool:

@@ -13,8 +13,8 @@ import os
 import stat
 from pathlib import Path
 
-from regularize.errors import ModelSaveError
-from regularize.text import short_repr
+from regularize.core.errors import ModelSaveError
+from regularize.core.text import short_repr
 
 SAVE_SUFFIXES = (".keras", ".h5")
 KERAS = "keras"

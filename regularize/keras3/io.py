@@ -18,20 +18,20 @@ from pathlib import Path
 import h5py
 import keras
 
-from regularize import applications
-from regularize import atomic
-from regularize import custom_objects
-from regularize import inputs
-from regularize import safety
-from regularize import training
-from regularize import trust
+from regularize.core import atomic
+from regularize.core import custom_objects
+from regularize.core import inputs
+from regularize.core import safety
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import ModelSaveError
+from regularize.core.errors import RegularizeError
+from regularize.core.errors import RegularizeWarning
+from regularize.core.errors import first_line as _first_line
 from regularize.core.guards import recursion_limit
-from regularize.errors import ModelLoadError
-from regularize.errors import ModelSaveError
-from regularize.errors import RegularizeError
-from regularize.errors import RegularizeWarning
-from regularize.errors import first_line as _first_line
-from regularize.paths import check_output_path
+from regularize.core.paths import check_output_path
+from regularize.keras3 import applications
+from regularize.keras3 import training
+from regularize.keras3 import trust
 
 EXPECTED = inputs.EXPECTED
 _STARTED = time.time()  # temporary files older than this process may be stale
@@ -63,7 +63,7 @@ def load_model(
         **application_options: For a Keras Application only: `weights`
             ("imagenet", the default; None; or a weights file), `include_top`,
             `input_shape`, `classes`, and its other arguments (see
-            `regularize.applications.load_application`).
+            `regularize.keras3.applications.load_application`).
 
     Returns:
         The loaded model.
@@ -87,7 +87,7 @@ def load_model(
             "`keras.applications.NAME` input, not to a model file. "
             f"Received: path={str(path)!r}, {given}"
         )
-    from regularize import mc  # noqa: F401  registers the MC dropout layers of `--mc` files
+    from regularize.keras3 import mc_layers  # noqa: F401  registers the MC dropout layers of `--mc` files
 
     path = Path(path)
     inputs.check_readable(path)

@@ -1,7 +1,7 @@
 """The tf_keras adapter of the rewrite core: a `GraphView` and a `Builder` over tf_keras nodes.
 
 The decisions are `regularize.core.walk`'s, the same as for Keras 3 models
-(`regularize.rewrite`); this module reads tf_keras graphs for it and builds
+(`regularize.keras3.rewrite`); this module reads tf_keras graphs for it and builds
 the new model.
 
 How: the recorded nodes are replayed the way tf_keras'
@@ -24,13 +24,13 @@ import tensorflow as tf
 import tf_keras
 
 from regularize import core
-from regularize import rules
 from regularize.core import droppath
 from regularize.core import owned
 from regularize.core import refusals
 from regularize.core import replay
-from regularize.legacy import TFMOT_CLASSES
-from regularize.policy import Policy
+from regularize.core import terms
+from regularize.core.policy import Policy
+from regularize.keras2 import TFMOT_CLASSES
 
 L = tf_keras.layers
 ADD = core.Mode.ADD
@@ -72,7 +72,7 @@ def is_dropout(layer) -> bool:
 
 
 def is_own_dropout(layer) -> bool:
-    return isinstance(layer, DROPOUT_CLASSES) and rules.is_own_name(layer.name)
+    return isinstance(layer, DROPOUT_CLASSES) and terms.is_own_name(layer.name)
 
 
 def is_recurrent(layer) -> bool:

@@ -1,7 +1,7 @@
 """What the parent and the Keras 2 engine's child say to each other. No Keras import.
 
 A `Job` is one checked request: the parent builds it from the user's request
-(`regularize.legacy._validate`), sends `to_dict()` as JSON, and the child
+(`regularize.keras2._validate`), sends `to_dict()` as JSON, and the child
 rebuilds it with `from_dict()`, which refuses anything else (a wrong type, a
 missing or unknown key) in one line. The child answers with a `Result` or a
 `Failure` per job.
@@ -10,15 +10,9 @@ missing or unknown key) in one line. The child answers with a `Result` or a
 from __future__ import annotations
 
 import dataclasses
-import enum
 
-from regularize.errors import RegularizeError
-
-
-class Mode(enum.StrEnum):
-    ADD = "add"
-    STRIP = "strip"
-    PLAN = "plan"  # ADD without writing; a Job holds ADD with `dry_run`
+from regularize.core.errors import RegularizeError
+from regularize.core.mode import Mode
 
 
 def _check(cls, data, types: dict) -> dict:

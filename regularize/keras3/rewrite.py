@@ -27,15 +27,15 @@ from keras import tree
 from keras.src.ops.numpy import Add as _AddOp
 
 from regularize import core
-from regularize import graph
-from regularize import training
 from regularize.core import droppath
 from regularize.core import owned
 from regularize.core import refusals
 from regularize.core import replay
-from regularize.errors import RegularizeWarning
-from regularize.policy import Policy
-from regularize.report import Report
+from regularize.core.errors import RegularizeWarning
+from regularize.core.policy import Policy
+from regularize.core.report import Report
+from regularize.keras3 import graph
+from regularize.keras3 import training
 
 ADD = core.Mode.ADD
 STRIP = core.Mode.STRIP
@@ -377,7 +377,7 @@ def _make(action: core.Insert | core.Retarget, name: str) -> keras.Layer:
         common["dtype"] = _float_policy(action.anchor)
     classes = keras.layers
     if action.mc:
-        from regularize import mc as mc_layers
+        from regularize.keras3 import mc_layers
 
         classes = mc_layers
         kind = "MC" + kind

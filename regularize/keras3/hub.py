@@ -24,18 +24,18 @@ import dataclasses
 import keras
 import numpy as np
 
-from regularize import rewrite as graph_rewrite
-from regularize import training
 from regularize.core import Mode
 from regularize.core import owned
-from regularize.errors import UnsupportedModelError
-from regularize.policy import Policy
-from regularize.report import KEEP
-from regularize.report import REMOVE
-from regularize.report import SKIP
-from regularize.report import UPDATE
-from regularize.report import Report
-from regularize.report import Site
+from regularize.core.errors import UnsupportedModelError
+from regularize.core.policy import Policy
+from regularize.core.report import KEEP
+from regularize.core.report import REMOVE
+from regularize.core.report import SKIP
+from regularize.core.report import UPDATE
+from regularize.core.report import Report
+from regularize.core.report import Site
+from regularize.keras3 import rewrite as graph_rewrite
+from regularize.keras3 import training
 
 _PACKAGE = "keras_hub"
 

@@ -1,8 +1,8 @@
 """What both engines share, without Keras: names, dropout kinds, RNN settings, texts.
 
 The decision core (`regularize.core.walk`) places and names dropout by these
-rules for both Keras APIs; its adapters (`regularize.rewrite` for Keras 3,
-`regularize.legacy.rewrite` for tf_keras in its own process) and the MC and
+rules for both Keras APIs; its adapters (`regularize.keras3.rewrite` for Keras 3,
+`regularize.keras2.rewrite` for tf_keras in its own process) and the MC and
 CLI code use them too.
 """
 

@@ -44,8 +44,8 @@ import tomllib
 from collections.abc import Callable
 from collections.abc import Mapping
 
-from regularize.errors import PolicyError
-from regularize.text import short_repr
+from regularize.core.errors import PolicyError
+from regularize.core.text import short_repr
 
 PRESETS = ("all", "head", "blocks")
 KINDS = ("auto", "dropout", "spatial", "gaussian", "alpha")

@@ -28,9 +28,9 @@ import keras
 from keras.src import api_export
 from keras.src.saving import object_registration
 
-from regularize import safety
 from regularize.core import checker
-from regularize.errors import ModelLoadError
+from regularize.core import safety
+from regularize.core.errors import ModelLoadError
 
 # Public namespaces whose classes a model config may name.
 _CLASS_NAMESPACES = (

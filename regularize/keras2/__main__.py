@@ -1,13 +1,13 @@
-"""`python -m regularize.legacy [REQUEST [RESULT]]`: the Keras 2 engine's entry point.
+"""`python -m regularize.keras2 [REQUEST [RESULT]]`: the Keras 2 engine's entry point.
 
 Reads a JSON request from the file REQUEST (or stdin, for "-" or none) and
 writes a JSON answer to the file RESULT (or stdout). A request is one job
-(see `regularize.legacy.run`) or `{"requests": [job, ...], "debug": bool}`;
+(see `regularize.keras2.run`) or `{"requests": [job, ...], "debug": bool}`;
 the answer is then `{"results": [result or error, ...]}`. Each error, and a
 request that cannot be read at all, is one line of JSON:
 `{"error": "...", "type": "ModelLoadError"}`.
 
-Run it with `TF_USE_LEGACY_KERAS=1` (`regularize.legacy.run` does): the
+Run it with `TF_USE_LEGACY_KERAS=1` (`regularize.keras2.run` does): the
 engine imports tf_keras and tensorflow-model-optimization.
 """
 
@@ -20,7 +20,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from regularize import atomic
+from regularize.core import atomic
+from regularize.core.errors import first_line as _first_line
 
 
 def main(argv: list[str]) -> int:
@@ -66,8 +67,8 @@ def _answer(source: str) -> dict:
             "error": "Cannot read the request: expected JSON objects.",
             "type": "RegularizeError",
         }
-    from regularize.legacy import engine
-    from regularize.legacy.protocol import Job
+    from regularize.keras2 import engine
+    from regularize.keras2.protocol import Job
 
     results = []
     for data in jobs:
@@ -81,8 +82,8 @@ def _answer(source: str) -> dict:
 
 
 def _error(err: BaseException, *, debug: bool) -> dict:
-    from regularize.errors import RegularizeError
-    from regularize.legacy.protocol import Failure
+    from regularize.core.errors import RegularizeError
+    from regularize.keras2.protocol import Failure
 
     if isinstance(err, RegularizeError):
         return Failure(str(err), type(err).__name__).to_dict()
@@ -92,11 +93,6 @@ def _error(err: BaseException, *, debug: bool) -> dict:
         f"internal error in the Keras 2 engine: {type(err).__name__}: "
         f"{_first_line(err)} (run again with `debug=True` for the traceback)"
     ).to_dict()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return " ".join(text.splitlines()[0].split())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ nested config nor Python's recursion limit decides what happens.
 
 The config checks themselves (classes, functions, file arguments, Keras 2
 op layers, resource bounds) live once, in `regularize.core.checker`;
-`check_keras2_config` applies its Keras 2 rules, `regularize.trust` its
+`check_keras2_config` applies its Keras 2 rules, `regularize.keras3.trust` its
 Keras 3 ones. Here: parsing a config safely (`parse_config`: depth first),
 HDF5 files whose datasets live in other files (external storage, external
 links, virtual datasets) or need filter plugins (`check_h5_storage`, refused
@@ -23,10 +23,10 @@ import re
 from pathlib import Path
 
 from regularize.core import checker
-from regularize.errors import ModelLoadError
-from regularize.errors import first_line as _first
-from regularize.text import printable
-from regularize.text import short_repr
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import first_line as _first
+from regularize.core.text import printable
+from regularize.core.text import short_repr
 
 MAX_CONFIG_DEPTH = 256
 UNSAFE_HINT = checker.UNSAFE_HINT

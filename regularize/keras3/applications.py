@@ -25,8 +25,8 @@ import urllib.error
 import warnings
 from pathlib import Path
 
-from regularize.errors import ModelLoadError
-from regularize.errors import UnknownApplicationError
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import UnknownApplicationError
 
 IMAGENET = "imagenet"
 # What `keras.Model.load_weights` reads: Keras 3 weights files, whole `.keras`

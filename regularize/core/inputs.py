@@ -1,6 +1,6 @@
 """Checks of a Keras 3 input file that need no TensorFlow: the CLI runs them first.
 
-`regularize.io.load_model` runs them too, before Keras reads the file.
+`regularize.keras3.io.load_model` runs them too, before Keras reads the file.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import h5py
 
-from regularize import safety
-from regularize.errors import ModelLoadError
-from regularize.errors import first_line as _first_line
+from regularize.core import safety
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import first_line as _first_line
 
 EXPECTED = "a `.keras` file or a Keras `.h5` file"
 
@@ -30,7 +30,7 @@ def check_readable(path: Path) -> None:
         if (path / "saved_model.pb").exists():
             raise ModelLoadError(
                 "Cannot read model: Keras 3 cannot load a SavedModel folder; the "
-                "`regularize` command (or `regularize.legacy.run`) rewrites Keras 2 "
+                "`regularize` command (or `regularize.keras2.run`) rewrites Keras 2 "
                 f"SavedModels. Expected {EXPECTED}. {received}"
             )
         raise ModelLoadError(

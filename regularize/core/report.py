@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from regularize.text import printable
+from regularize.core.text import printable
 
 # `Site.action` values.
 INSERT = "insert"  # a new dropout layer goes after the layer

@@ -1,7 +1,7 @@
 """Custom layers from a `.py` file or a module name, for `--custom-objects`.
 
-Imports no Keras: the Keras 3 loader (`regularize.io`) and the Keras 2
-engine's child process (`regularize.legacy.engine`) both use it.
+Imports no Keras: the Keras 3 loader (`regularize.keras3.io`) and the Keras 2
+engine's child process (`regularize.keras2.engine`) both use it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from regularize.errors import ModelLoadError
-from regularize.errors import first_line
+from regularize.core.errors import ModelLoadError
+from regularize.core.errors import first_line
 
 
 def load(spec: str | os.PathLike | None) -> dict:

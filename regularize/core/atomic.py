@@ -1,7 +1,7 @@
 """Atomic writes: a file or folder at its path is whole or absent. No Keras import.
 
-Both engines write through these: the Keras 3 saver (`regularize.io`) and
-the Keras 2 engine's child (`regularize.legacy.engine`). The new content goes
+Both engines write through these: the Keras 3 saver (`regularize.keras3.io`) and
+the Keras 2 engine's child (`regularize.keras2.engine`). The new content goes
 to a temporary name beside the output, then is renamed over it. A rename
 replaces a symbolic link at the output itself, never what the link points
 to, so an output symlink is never followed.

@@ -1,9 +1,9 @@
 """The Keras 2 engine, child side: one request in, one result out.
 
-Runs only under `TF_USE_LEGACY_KERAS=1` (see `regularize.legacy`), imports
+Runs only under `TF_USE_LEGACY_KERAS=1` (see `regularize.keras2`), imports
 tf_keras and, for wrapped models, tensorflow-model-optimization. Loads the
 model (inside tfmot's scopes and the user's custom objects), rewrites it
-(`regularize.legacy.rewrite`), checks that inference is unchanged, and saves
+(`regularize.keras2.rewrite`), checks that inference is unchanged, and saves
 it atomically in the input's family: `.h5` file or SavedModel folder.
 """
 
@@ -31,28 +31,28 @@ from tf_keras.src.saving.legacy.saved_model import json_utils  # noqa: E402
 from tf_keras.src.saving.legacy.saved_model import utils as saved_model_utils  # noqa: E402
 from tf_keras.src.saving.serialization_lib import SafeModeScope  # noqa: E402
 
-from regularize import atomic  # noqa: E402
-from regularize import rules  # noqa: E402
-from regularize import safety  # noqa: E402
+from regularize.core import atomic  # noqa: E402
 from regularize.core import checker  # noqa: E402
-from regularize.custom_objects import load as load_custom_objects  # noqa: E402
-from regularize.errors import ModelLoadError  # noqa: E402
-from regularize.errors import ModelSaveError  # noqa: E402
-from regularize.errors import PolicyError  # noqa: E402
-from regularize.errors import RegularizeError  # noqa: E402
-from regularize.errors import UnsupportedModelError  # noqa: E402
-from regularize.errors import first_line as _first_line  # noqa: E402
-from regularize.legacy import TFMOT_CLASSES  # noqa: E402
-from regularize.legacy import check_model_file  # noqa: E402
-from regularize.legacy import refuse_keras3  # noqa: E402
-from regularize.legacy.keras3 import compare_outputs  # noqa: E402
-from regularize.legacy.protocol import Job  # noqa: E402
-from regularize.legacy.protocol import Result  # noqa: E402
-from regularize.legacy.rewrite import STRIP  # noqa: E402
-from regularize.legacy.rewrite import all_layers  # noqa: E402
-from regularize.legacy.rewrite import class_name  # noqa: E402
-from regularize.legacy.rewrite import rewrite  # noqa: E402
-from regularize.policy import Policy  # noqa: E402
+from regularize.core import safety  # noqa: E402
+from regularize.core import terms  # noqa: E402
+from regularize.core.custom_objects import load as load_custom_objects  # noqa: E402
+from regularize.core.errors import ModelLoadError  # noqa: E402
+from regularize.core.errors import ModelSaveError  # noqa: E402
+from regularize.core.errors import PolicyError  # noqa: E402
+from regularize.core.errors import RegularizeError  # noqa: E402
+from regularize.core.errors import UnsupportedModelError  # noqa: E402
+from regularize.core.errors import first_line as _first_line  # noqa: E402
+from regularize.core.policy import Policy  # noqa: E402
+from regularize.keras2 import TFMOT_CLASSES  # noqa: E402
+from regularize.keras2 import check_model_file  # noqa: E402
+from regularize.keras2 import refuse_keras3  # noqa: E402
+from regularize.keras2.protocol import Job  # noqa: E402
+from regularize.keras2.protocol import Result  # noqa: E402
+from regularize.keras2.rewrite import STRIP  # noqa: E402
+from regularize.keras2.rewrite import all_layers  # noqa: E402
+from regularize.keras2.rewrite import class_name  # noqa: E402
+from regularize.keras2.rewrite import rewrite  # noqa: E402
+from regularize.keras2.to_keras3 import compare_outputs  # noqa: E402
 
 EXPECTED = "a Keras 2 `.h5` file or a Keras 2 SavedModel folder"
 
@@ -61,7 +61,7 @@ EXPECTED = "a Keras 2 `.h5` file or a Keras 2 SavedModel folder"
 
 
 def handle(job: Job) -> Result:
-    """Runs one job (see `regularize.legacy.run`)."""
+    """Runs one job (see `regularize.keras2.run`)."""
     policy = _policy(job.policy, job.mode, job.policy_source)
     model = load(
         Path(job.input),
@@ -78,7 +78,7 @@ def handle(job: Job) -> Result:
         return Result(sites, list(done.warnings))
     inputs = probe_inputs(model)
     # The walk warns when it rebuilds an LSTM with recurrent dropout.
-    expected = check_inference(model, new, inputs, lstm_rebuilt=rules.LSTM_KERNEL in done.warnings)
+    expected = check_inference(model, new, inputs, lstm_rebuilt=terms.LSTM_KERNEL in done.warnings)
     output = Path(job.output)
     save(new, output, overwrite=job.overwrite)
     if job.reference:
@@ -111,7 +111,7 @@ def load(
 ) -> tf_keras.Model:
     """Loads a Keras 2 `.h5` file or SavedModel folder with tf_keras.
 
-    The file is checked as data first (`regularize.legacy.check_model_file`).
+    The file is checked as data first (`regularize.keras2.check_model_file`).
     With `safe_mode`, Python-lambda `Lambda` layers are refused, as on the
     Keras 3 path (tf_keras' own `.h5` loader would run their bytecode
     unasked), and a SavedModel is rebuilt from its Keras config and its
@@ -165,7 +165,7 @@ def _load_savedmodel(path: Path) -> tf_keras.Model:
     `tf_keras.models.load_model` restores the SavedModel's object graph, and
     that runs graph functions stored in the file (a tracked resource's
     initializer can write or copy any file). Here the model is built from
-    the config in `keras_metadata.pb` (checked by `regularize.safety`), and
+    the config in `keras_metadata.pb` (checked by `regularize.core.safety`), and
     its variables are read from the `variables/` checkpoint, which restores
     tensors and runs nothing from the file. The compile config is applied
     as the `.h5` loader does it.
@@ -370,7 +370,7 @@ def check_inference(old, new, inputs, *, lstm_rebuilt: bool) -> list[np.ndarray]
     expected = [np.asarray(t) for t in tf.nest.flatten(old(feed, training=False))]
     got = [np.asarray(t) for t in tf.nest.flatten(new(feed, training=False))]
     worst, close = compare_outputs(expected, got)
-    if worst == 0 or (close and lstm_rebuilt):  # rules.LSTM_KERNEL warned about this
+    if worst == 0 or (close and lstm_rebuilt):  # terms.LSTM_KERNEL warned about this
         return got
     raise UnsupportedModelError(
         "Refusing to write the rewritten model: its inference differs from the "
@@ -385,7 +385,7 @@ def check_inference(old, new, inputs, *, lstm_rebuilt: bool) -> list[np.ndarray]
 def save(model, output: Path, *, overwrite: bool) -> None:
     """Saves atomically at `output`: `.h5` as a file, anything else as a SavedModel.
 
-    A link at `output` is replaced, never written through (`regularize.atomic`).
+    A link at `output` is replaced, never written through (`regularize.core.atomic`).
     """
     if os.path.lexists(output) and not overwrite:
         raise ModelSaveError(
