@@ -11,9 +11,9 @@ import keras
 from regularize.core.errors import PolicyError
 from regularize.core.errors import RegularizeWarning
 from regularize.core.policy import Policy
-from regularize.core.policy import validate_rate
 from regularize.core.report import Report
 from regularize.core.report import Site
+from regularize.core.rules import validate_rate
 from regularize.keras3 import hub
 from regularize.keras3 import rewrite
 

@@ -16,7 +16,9 @@ import keras
 import keras_hub
 import pytest
 
+from regularize.core import budget
 from regularize.core import checker
+from regularize.core.allowlist import keras2_allowlist
 from regularize.core.errors import ModelLoadError
 from regularize.keras3 import trust
 
@@ -150,13 +152,13 @@ def test_keras2_constant_bound_is_not_lifted_by_unsafe():
     }
     for unsafe in (False, True):
         with pytest.raises(ModelLoadError, match="'big' \\(TFOpLambda\\) would make a constant"):
-            checker.check_config(_model(op), checker.keras2_allowlist(), received=R, unsafe=unsafe)
+            checker.check_config(_model(op), keras2_allowlist(), received=R, unsafe=unsafe)
     small = dict(op, inbound_nodes=[["_CONSTANT_VALUE", -1, [300, 200], {}]])
-    checker.check_config(_model(small), checker.keras2_allowlist(), received=R)
+    checker.check_config(_model(small), keras2_allowlist(), received=R)
 
 
 def test_keras2_functions_named_by_module():
-    allow = checker.keras2_allowlist(custom_module="mine")
+    allow = keras2_allowlist(custom_module="mine")
     ok = [_fn("relu", "keras.activations"), _fn("mse", "keras.losses"), _fn("f", "mine.fns")]
     for function in ok:
         checker.check_config(
@@ -168,7 +170,7 @@ def test_keras2_functions_named_by_module():
 
 
 def test_keras2_modules_are_exact():
-    allow = checker.keras2_allowlist(modules=frozenset({"tfmot_like.quantizers"}))
+    allow = keras2_allowlist(modules=frozenset({"tfmot_like.quantizers"}))
     layer = {"module": "tfmot_like.quantizers", "class_name": "Q", "config": {"name": "q"}}
     checker.check_config(_model(layer), allow, received=R)
     for module in ("tfmot_like", "tfmot_like.quantizers.x", "tensorflow.python.keras.layers"):
@@ -178,14 +180,14 @@ def test_keras2_modules_are_exact():
 
 
 def test_weight_budget():
-    weights = [checker.LayerWeights("fc", "Dense", 10 << 20)]
-    checker.check_weight_budget(weights, stored=10 << 20, available=None, received=R)
+    weights = [budget.LayerWeights("fc", "Dense", 10 << 20)]
+    budget.check_weight_budget(weights, stored=10 << 20, available=None, received=R)
     with pytest.raises(ModelLoadError, match="'fc' \\(Dense\\) would allocate 209.7 MB"):
-        checker.check_weight_budget(
-            [checker.LayerWeights("fc", "Dense", 200 << 20)], stored=1, available=None, received=R
+        budget.check_weight_budget(
+            [budget.LayerWeights("fc", "Dense", 200 << 20)], stored=1, available=None, received=R
         )
     with pytest.raises(ModelLoadError, match="more than the 1.0 kB of memory available"):
-        checker.check_weight_budget(weights, stored=10 << 20, available=1000, received=R)
+        budget.check_weight_budget(weights, stored=10 << 20, available=1000, received=R)
 
 
 @pytest.mark.slow

@@ -31,6 +31,9 @@ import pytest
 
 from regularize.core import checker
 from regularize.core import safety
+from regularize.core.allowlist import KERAS2
+from regularize.core.allowlist import KERAS3
+from regularize.core.allowlist import keras2_allowlist
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import RegularizeError
 from regularize.keras3 import trust
@@ -126,8 +129,8 @@ def corpus() -> dict:
     keras2 = _keras2_configs()
     assert len(keras3) >= 8 and len(keras2) >= 6, (len(keras3), len(keras2))
     return {
-        checker.KERAS3: (keras3, trust.keras3_allowlist()),
-        checker.KERAS2: (keras2, checker.keras2_allowlist()),
+        KERAS3: (keras3, trust.keras3_allowlist()),
+        KERAS2: (keras2, keras2_allowlist()),
     }
 
 
@@ -332,7 +335,7 @@ def test_real_configs_pass(corpus):
         with h5py.File(FIXTURES / name, "r") as f:
             config = safety.parse_config(f.attrs["model_config"], RECEIVED)
         with pytest.raises(ModelLoadError, match="Python-lambda"):
-            _check(config, checker.keras2_allowlist(), unsafe=False)
+            _check(config, keras2_allowlist(), unsafe=False)
 
 
 def _plants(engine: str) -> list[tuple[str, dict]]:
@@ -375,7 +378,7 @@ def _plants(engine: str) -> list[tuple[str, dict]]:
         "class_name": "Lambda",
         "config": {"name": "lam", "function": ["4wEAAAAA", None, None], "function_type": "lambda"},
     }
-    if engine == checker.KERAS3:
+    if engine == KERAS3:
         return [
             ("dotted class", dotted),
             ("private module", private),

@@ -27,11 +27,11 @@ from helpers import snapshot
 import regularize
 from regularize.core import gates
 from regularize.core.policy import Policy
-from regularize.core.policy import Rule
 from regularize.core.report import INSERT
 from regularize.core.report import REMOVE
 from regularize.core.report import SKIP
 from regularize.core.report import Report
+from regularize.core.rules import Rule
 
 L = keras.layers
 SE = gates.SQUEEZE_EXCITATION

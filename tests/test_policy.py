@@ -228,7 +228,7 @@ def test_add_dropout_accepts_a_policy_file_path(tmp_path):
 
 
 def test_decide_is_pure_and_reports_the_rule():
-    from regularize.core.policy import Candidate
+    from regularize.core.rules import Candidate
 
     policy = regularize.Policy(rate=0.2, rules=[{"match": "x*", "rate": 0.4}])
     site = Candidate("m/x1", "Dense", "relu", 0.5, True, "Dropout")

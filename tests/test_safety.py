@@ -23,8 +23,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from regularize import keras2
-from regularize.core import checker
 from regularize.core import safety
+from regularize.core.allowlist import KERAS2_MODULES
+from regularize.core.allowlist import TFMOT_PREFIX
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import ModelSaveError
 from regularize.core.errors import RegularizeError
@@ -462,7 +463,7 @@ def test_fuzz_keras2_configs_through_the_parent_check(tmp_path_factory, config):
                 assert not isinstance(inner.get("vocabulary"), str)
             module = node.get("module")
             if isinstance(module, str):
-                assert module in checker.KERAS2_MODULES or module.startswith(checker.TFMOT_PREFIX)
+                assert module in KERAS2_MODULES or module.startswith(TFMOT_PREFIX)
     assert keras2.detect(path) in (keras2.KERAS2_H5, None)
 
 

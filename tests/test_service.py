@@ -21,7 +21,7 @@ from regularize.core.errors import ModelLoadError
 from regularize.core.errors import ModelSaveError
 from regularize.core.errors import UnknownApplicationError
 from regularize.core.policy import Policy
-from regularize.core.policy import Rule
+from regularize.core.rules import Rule
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 X = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")

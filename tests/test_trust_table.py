@@ -18,8 +18,10 @@ import keras_hub  # noqa: F401  registers its objects, as loading a keras-hub fi
 import numpy as np
 import pytest
 
+from regularize.core import budget
 from regularize.core import checker
 from regularize.core import safety
+from regularize.core.allowlist import keras2_allowlist
 from regularize.core.errors import ModelLoadError
 from regularize.keras3 import trust
 
@@ -111,7 +113,7 @@ def _messages() -> list[str]:
             checker.check_config(_model(layer), allow3, received=R)
         messages.append(str(info.value))
         checker.check_config(_model(layer), allow3, received=R, unsafe=True)  # lifted
-    allow2 = checker.keras2_allowlist()
+    allow2 = keras2_allowlist()
     for layer in KERAS2.values():
         with pytest.raises(ModelLoadError) as info:
             checker.check_config(_model(layer), allow2, received=R)
@@ -123,8 +125,8 @@ def _messages() -> list[str]:
             checker.check_config(_model(big), allow2, received=R, unsafe=unsafe)
     messages.append(str(info.value))
     with pytest.raises(ModelLoadError) as info:
-        checker.check_weight_budget(
-            [checker.LayerWeights("x", "Dense", 14_400_240_000)],
+        budget.check_weight_budget(
+            [budget.LayerWeights("x", "Dense", 14_400_240_000)],
             stored=11_200,
             available=None,
             received=R,

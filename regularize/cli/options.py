@@ -10,7 +10,7 @@ from regularize.cli.runtime import check_path
 from regularize.cli.runtime import path_callback
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import PolicyError
-from regularize.core.policy import validate_rate
+from regularize.core.rules import validate_rate
 from regularize.keras3 import applications
 
 

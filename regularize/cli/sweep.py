@@ -302,7 +302,7 @@ def _recurrent_rate(value: str | None):
     if value is None or value == "same":
         return value
     from regularize.core.errors import PolicyError
-    from regularize.core.policy import validate_rate
+    from regularize.core.rules import validate_rate
 
     try:
         return validate_rate("recurrent_rate", float(value))

@@ -30,24 +30,21 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
 from regularize.core import keras2_ops
 from regularize.core import opsize
+from regularize.core.allowlist import KERAS2
+from regularize.core.allowlist import Allowlist
 from regularize.core.errors import ModelLoadError
+from regularize.core.text import format_bytes
 from regularize.core.text import printable
 from regularize.core.text import short_repr
 
 UNSAFE_HINT = "If you trust the file, pass `safe_mode=False`."
-KERAS3 = "keras3"
-KERAS2 = "keras2"
 # One constant tensor a Keras 2 op layer may make while the model loads.
 MAX_CONSTANT_BYTES = 1 << 30
-# A model may allocate this much more than its file stores (optimizer-free
-# builds allocate exactly what is stored; seed states and the like are tiny).
-WEIGHT_SLACK_BYTES = 64 << 20
 
 # Keras 3's own markers for values that are no classes (serialization_lib).
 _KERAS3_VALUES = frozenset(
@@ -78,75 +75,9 @@ _PRESET_CONFIG = re.compile(r"[\w-]+\.json")
 _FILE_EXEMPT = frozenset({"name", "class_name", "module", "registered_name", "function_type"})
 
 
-@dataclasses.dataclass(frozen=True)
-class Allowlist:
-    """What one engine's deserializer may resolve, described as names (no Keras here).
-
-    Attributes:
-        engine: `KERAS3` or `KERAS2`: which deserializer's rules apply.
-        registry: Every name in the engine's global registry of serializable
-            objects (`package>Name`) and in the user's custom objects: the
-            deserializer looks a name up there first.
-        registry_ok: The subset that may be loaded (keras-hub classes, tfmot
-            wrappers, pure registered functions, the user's objects).
-        registry_functions: The names in `registry` that are functions.
-        api: Every public API name (`keras.layers.Dense`, `keras.ops.add`).
-        api_ok: The public classes a model may name.
-        functions_ok: The public functions a model may name (pure tensor ones).
-        builtins_ok: Names a `module: "builtins"` function may take (Keras
-            looks them up in its built-in modules: `relu`, `mse`, ...).
-        modules_ok: `(module, class_name)` pairs the deserializer imports for
-            allowed classes that are not public or registered (Keras writes
-            `keras.src.models.functional` for `Functional`).
-        api_modules: The public API modules (`keras.layers`): a name missing
-            there is unknown, not something else.
-        custom_module: The module the user named for custom objects.
-    """
-
-    engine: str
-    registry: frozenset[str] = frozenset()
-    registry_ok: frozenset[str] = frozenset()
-    registry_functions: frozenset[str] = frozenset()
-    api: frozenset[str] = frozenset()
-    api_ok: frozenset[str] = frozenset()
-    functions_ok: frozenset[str] = frozenset()
-    builtins_ok: frozenset[str] = frozenset()
-    modules_ok: frozenset[tuple[str, str]] = frozenset()
-    api_modules: frozenset[str] = frozenset()
-    custom_module: str | None = None
-    keras2_modules: frozenset[str] = frozenset()
-    keras2_module_prefixes: tuple[str, ...] = ()
-
-
-# The modules tf_keras writes in a config's `module` keys: its public
-# namespaces (`keras.layers`, ...), under the name `keras`.
-KERAS2_NAMESPACES = frozenset(
-    """
-    layers initializers regularizers constraints activations losses metrics optimizers
-    optimizers.legacy optimizers.experimental optimizers.schedules mixed_precision models
-    layers.experimental layers.experimental.preprocessing
-    """.split()
-)
-KERAS2_MODULES = frozenset({"keras", "builtins"} | {f"keras.{ns}" for ns in KERAS2_NAMESPACES})
 _KERAS2_FUNCTION_MODULES = frozenset(
     {"builtins", "keras.activations", "keras.losses", "keras.metrics"}
 )
-# tfmot writes its own (private) module paths; the Keras 2 engine's child
-# replaces this prefix by the exact modules of tfmot's classes.
-TFMOT_PREFIX = "tensorflow_model_optimization.python.core."
-
-
-def keras2_allowlist(
-    custom_module: str | None = None, *, modules: frozenset[str] | None = None
-) -> Allowlist:
-    """The Keras 2 engine's allowlist: exact `modules` where known (the child), else the
-    modules tf_keras writes and tfmot's package (the parent, which cannot import tf_keras)."""
-    return Allowlist(
-        engine=KERAS2,
-        custom_module=custom_module,
-        keras2_modules=KERAS2_MODULES | (modules or frozenset()),
-        keras2_module_prefixes=() if modules is not None else (TFMOT_PREFIX,),
-    )
 
 
 def check_config(
@@ -459,73 +390,6 @@ def _is_file_argument(key: str, value: str) -> bool:
 
 def _in_module(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
-
-
-# -- the weight budget ---------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerWeights:
-    """What one layer of a model built without memory would allocate."""
-
-    name: str
-    class_name: str
-    bytes: int
-
-
-def check_weight_budget(
-    layers: list[LayerWeights], *, stored: int, available: int | None, received: str
-) -> None:
-    """Raises `ModelLoadError` if a model's weights are far more than its file stores.
-
-    A model file stores every weight its config declares; a config that
-    declares gigabytes its file does not hold would only make the loader
-    allocate (and randomly initialize) them before it fails. Not lifted by
-    `unsafe`: no legitimate file needs it.
-
-    Args:
-        layers: Each layer's weight bytes, from a build that allocated nothing.
-        stored: The bytes of weight data the file holds.
-        available: The machine's available memory (None: unknown).
-    """
-    total = sum(layer.bytes for layer in layers)
-    biggest = max(layers, key=lambda layer: layer.bytes, default=None)
-    if biggest is None:
-        return
-    where = f"layer {_shown(biggest.name)} ({_shown(biggest.class_name, quote=False)})"
-    if total > 2 * stored + WEIGHT_SLACK_BYTES:
-        raise ModelLoadError(
-            f"Refusing to load model: {where} would allocate {format_bytes(biggest.bytes)} "
-            f"of weights ({format_bytes(total)} for the whole model), but the file stores "
-            f"{format_bytes(stored)} of weights in all. Expected a config whose weights the "
-            f"file holds. {received}"
-        )
-    if available is not None and total > available:
-        raise ModelLoadError(
-            f"Refusing to load model: its weights need {format_bytes(total)} ({where}: "
-            f"{format_bytes(biggest.bytes)}), more than the {format_bytes(available)} of "
-            f"memory available. {received}"
-        )
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def format_bytes(size: int) -> str:
-    """`14.4 GB`, `64 B`: decimal units, one decimal place."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
 
 
 def _shown(value, *, quote: bool = True) -> str:

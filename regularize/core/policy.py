@@ -34,26 +34,29 @@ A policy file (TOML):
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fnmatch
-import math
 import numbers
 import os
-import stat
-import tomllib
 from collections.abc import Callable
 from collections.abc import Mapping
 
 from regularize.core.errors import PolicyError
+from regularize.core.policy_file import check_choice
+from regularize.core.policy_file import check_flag
+from regularize.core.policy_file import check_no_unknown
+from regularize.core.policy_file import check_rate
+from regularize.core.policy_file import check_schedule
+from regularize.core.policy_file import read_toml
+from regularize.core.rules import EXISTING
+from regularize.core.rules import KIND_CLASS
+from regularize.core.rules import KINDS
+from regularize.core.rules import OWNED
+from regularize.core.rules import PRESETS
+from regularize.core.rules import RECURRENT
+from regularize.core.rules import Candidate
+from regularize.core.rules import Decision
+from regularize.core.rules import Rule
 from regularize.core.text import short_repr
 
-PRESETS = ("all", "head", "blocks")
-KINDS = ("auto", "dropout", "spatial", "gaussian", "alpha")
-EXISTING = ("keep", "retarget", "remove")
-RECURRENT = "recurrent"
-# A layer that applies dropout inside, from its own config keys (core.owned).
-OWNED = "owned"
-_KIND_CLASS = {"dropout": "Dropout", "gaussian": "GaussianDropout", "alpha": "AlphaDropout"}
 _POLICY_KEYS = (
     "preset",
     "rate",
@@ -78,135 +81,6 @@ _RULE_KEYS = (
     "kind",
     "skip",
 )
-
-
-def validate_rate(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    """Returns `value` as a float in [0, 1), or raises `PolicyError`.
-
-    Keras clamps `recurrent_dropout` into [0, 1] silently and accepts 1.0 for
-    Dropout (which then zeroes everything), so rates are checked here.
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise PolicyError(
-            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={short_repr(value)}"
-        )
-    rate = float(value)
-    if math.isnan(rate) or not 0.0 <= rate < 1.0:
-        raise PolicyError(
-            f"Invalid `{name}`. Expected a float in [0, 1). Received: {name}={short_repr(value)}"
-        )
-    return rate
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """Plain facts about one site, computed by the engine that walks the graph.
-
-    Attributes:
-        path: The anchor layer's path, nested models joined by "/".
-        layer_class: Keras class name of the anchor layer.
-        activation: Its non-linearity ("relu", "selu", ...); None for RNNs.
-        depth: Position in the graph, 0 at the inputs, 1 at the outputs.
-        trainable: The anchor layer's `trainable` flag.
-        auto_kind: The dropout class the rank calls for ("Dropout",
-            "SpatialDropout1D/2D/3D"), "recurrent" for an RNN layer, or
-            "owned" for a layer with dropout settings of its own.
-        in_head: No normalization layer lies between the site and any output
-            (in a model without normalization: the output is at most rank 2).
-        block_output: The site follows a residual `Add` or a `Concatenate`.
-        gate: Why the site lies inside a gate (`regularize.core.gates`: a
-            squeeze-excitation or sigmoid branch that scales another tensor),
-            else None. Only a rule that names the layer (`match` or `class`)
-            puts dropout there.
-    """
-
-    path: str
-    layer_class: str
-    activation: str | None
-    depth: float
-    trainable: bool
-    auto_kind: str
-    in_head: bool = False
-    block_output: bool = False
-    gate: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """What the policy wants at one site.
-
-    Attributes:
-        rate: Dropout rate (RNN input dropout); 0 means nothing goes there.
-        kind: Keras class to insert ("Dropout", "SpatialDropout2D",
-            "GaussianDropout", "AlphaDropout"), "recurrent" or "owned".
-        reason: Why, in a few words.
-        recurrent_rate: RNN `recurrent_dropout`; None leaves it unchanged.
-        attention_rate: Dropout on attention probabilities; None leaves it
-            unchanged.
-        rule: Index of the last rule that matched, or None.
-        skipped: The preset or a rule leaves the site out (rate is then 0).
-    """
-
-    rate: float
-    kind: str
-    reason: str
-    recurrent_rate: float | None = None
-    rule: int | None = None
-    skipped: bool = False
-    attention_rate: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One `[[rule]]`: which sites it matches and what it sets there.
-
-    Unset fields (None) neither filter nor set anything. A matching rule
-    that sets `rate` or `kind` without `skip = true` includes the site even
-    where the preset leaves it out.
-    """
-
-    match: str | None = None
-    layer_class: str | None = None
-    depth: tuple[float, float] | None = None
-    trainable: bool | None = None
-    rate: float | None = None
-    recurrent_rate: float | None = None
-    attention_rate: float | None = None
-    kind: str | None = None
-    skip: bool | None = None
-
-    def matches(self, c: Candidate) -> bool:
-        if self.match is not None and not _glob(self.match, c.path):
-            return False
-        if self.layer_class is not None and self.layer_class != c.layer_class:
-            return False
-        if self.depth is not None and not self.depth[0] <= c.depth <= self.depth[1]:
-            return False
-        return self.trainable is None or self.trainable == c.trainable
-
-    def describe(self, index: int) -> str:
-        what = [
-            f"{k}={short_repr(v, limit=40)}"
-            for k, v in (("match", self.match), ("class", self.layer_class))
-            if v is not None
-        ]
-        return f"rule {index + 1}" + (f" ({', '.join(what)})" if what else "")
-
-    def to_dict(self) -> dict:
-        data = {
-            "match": self.match,
-            "class": self.layer_class,
-            "depth": list(self.depth) if self.depth else None,
-            "trainable": self.trainable,
-            "rate": self.rate,
-            "recurrent_rate": self.recurrent_rate,
-            "attention_rate": self.attention_rate,
-            "kind": self.kind,
-            "skip": self.skip,
-        }
-        return {k: v for k, v in data.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,19 +140,19 @@ class Policy:
     def __post_init__(self):
         where = f" in {self.source}" if self.source else ""
         _set = object.__setattr__
-        _set(self, "rate", _rate("rate", self.rate, where))
-        _set(self, "recurrent_rate", _rate("recurrent_rate", self.recurrent_rate, where, True))
-        _set(self, "attention_rate", _rate("attention_rate", self.attention_rate, where, True))
-        _set(self, "preset", _choice("preset", self.preset, PRESETS, where))
+        _set(self, "rate", check_rate("rate", self.rate, where))
+        _set(self, "recurrent_rate", check_rate("recurrent_rate", self.recurrent_rate, where, True))
+        _set(self, "attention_rate", check_rate("attention_rate", self.attention_rate, where, True))
+        _set(self, "preset", check_choice("preset", self.preset, PRESETS, where))
         if self.existing is not None:
-            _set(self, "existing", _choice("existing", self.existing, EXISTING, where))
-        _set(self, "exact", _flag("exact", self.exact, where))
-        _set(self, "mc", _flag("mc", self.mc, where))
-        _set(self, "drop_path", _rate("drop_path", self.drop_path, where, True))
-        inference_only = _flag("skip_inference_only", self.skip_inference_only, where)
+            _set(self, "existing", check_choice("existing", self.existing, EXISTING, where))
+        _set(self, "exact", check_flag("exact", self.exact, where))
+        _set(self, "mc", check_flag("mc", self.mc, where))
+        _set(self, "drop_path", check_rate("drop_path", self.drop_path, where, True))
+        inference_only = check_flag("skip_inference_only", self.skip_inference_only, where)
         _set(self, "skip_inference_only", inference_only)
         if self.schedule is not None:
-            _set(self, "schedule", _schedule(self.schedule, where))
+            _set(self, "schedule", check_schedule(self.schedule, where))
         rules = self.rules
         if isinstance(rules, Rule) or not isinstance(rules, (list, tuple)):
             raise PolicyError(
@@ -302,7 +176,7 @@ class Policy:
                 f"Invalid policy{where}. Expected a table of settings. "
                 f"Received: {type(data).__name__}"
             )
-        _no_unknown(data, _POLICY_KEYS, "policy key", where)
+        check_no_unknown(data, _POLICY_KEYS, "policy key", where)
         values = {k: v for k, v in defaults.items() if v is not None}
         values.update({k: v for k, v in data.items() if k not in ("rule", "schedule")})
         if "schedule" in data:
@@ -314,7 +188,7 @@ class Policy:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **defaults) -> Policy:
         """Reads a TOML policy file; `defaults` fill in what it does not state."""
-        return cls.from_dict(_read_toml(path), source=str(path), **defaults)
+        return cls.from_dict(read_toml(path), source=str(path), **defaults)
 
     def to_dict(self) -> dict:
         """JSON-able settings; `Policy.from_dict(p.to_dict()) == p`."""
@@ -433,7 +307,7 @@ class Policy:
             return "AlphaDropout" if c.activation == "selu" else c.auto_kind
         if kind == "spatial":
             return c.auto_kind  # Dropout where the tensor is not a feature map
-        return _KIND_CLASS[kind]
+        return KIND_CLASS[kind]
 
     def check_classes(self, is_known: Callable[[str], bool]) -> None:
         """Raises `PolicyError` for a rule `class` that `is_known` rejects."""
@@ -447,123 +321,6 @@ class Policy:
                 )
 
 
-def _read_toml(path: str | os.PathLike) -> dict:
-    """The TOML table in the regular file at `path`; every failure a one-line `PolicyError`."""
-    received = f"Expected a TOML file. Received: {short_repr(os.fspath(path), 300)}"
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise PolicyError(f"Cannot read policy file: {_not_a_file(mode)}. {received}")
-        # O_NONBLOCK: a FIFO swapped in after the stat must not block the open.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise PolicyError(f"Cannot read policy file: no such file. {received}") from None
-    except OSError as err:
-        raise PolicyError(f"Cannot read policy file: {_os_reason(err)}. {received}") from None
-    with open(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise PolicyError(f"Cannot read policy file: {_not_a_file(mode)}. {received}")
-        try:
-            return tomllib.load(f)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise PolicyError(
-                f"Cannot read policy file {str(path)!r}: not valid TOML ({err}). "
-                "Expected `key = value` lines and [[rule]] tables."
-            ) from err
-        except RecursionError:
-            # tomllib parses nested arrays and inline tables recursively.
-            raise PolicyError(
-                f"Cannot read policy file {str(path)!r}: it nests arrays or tables too "
-                "deeply to parse. Expected `key = value` lines and [[rule]] tables."
-            ) from None
-        except OSError as err:
-            raise PolicyError(f"Cannot read policy file: {_os_reason(err)}. {received}") from None
-
-
-def _not_a_file(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "it is a folder"
-    kinds = (
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    )
-    kind = next((name for test, name in kinds if test(mode)), "a special file")
-    return f"it is {kind}, not a regular file"
-
-
-def _os_reason(err: OSError) -> str:
-    if err.errno == errno.ENAMETOOLONG:
-        return "a name in its path is too long for the file system (at most 255 bytes)"
-    if err.errno == errno.ELOOP:
-        return "its path is a symlink loop"
-    return (err.strerror or type(err).__name__).lower()
-
-
-def _glob(pattern: str, path: str) -> bool:
-    """A bare glob matches a layer at any depth; one with "/" the whole path."""
-    if "/" in pattern:
-        return fnmatch.fnmatchcase(path, pattern)
-    return fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
-
-
-def _rate(name: str, value, where: str, allow_none: bool = False) -> float | None:
-    try:
-        return validate_rate(name, value, allow_none=allow_none)
-    except PolicyError:
-        raise PolicyError(
-            f"Invalid `{name}`{where}. Expected a float in [0, 1). "
-            f"Received: {name}={short_repr(value)}"
-        ) from None
-
-
-def _choice(name: str, value, allowed: tuple, where: str) -> str:
-    if value not in allowed:
-        raise PolicyError(
-            f"Invalid `{name}`{where}. Expected one of {', '.join(map(repr, allowed))}. "
-            f"Received: {name}={short_repr(value)}"
-        )
-    return value
-
-
-def _flag(name: str, value, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyError(
-            f"Invalid `{name}`{where}. Expected true or false. Received: {name}={short_repr(value)}"
-        )
-    return value
-
-
-def _no_unknown(data: Mapping, known: tuple, what: str, where: str) -> None:
-    for key in data:
-        if key not in known:
-            bare = isinstance(key, str) and key.isidentifier() and len(key) <= 40
-            name = key if bare else short_repr(key, 40)
-            raise PolicyError(
-                f"Unknown {what} {short_repr(key, 40)}{where}. Expected one of "
-                f"{', '.join(known)}. Received: {name}={short_repr(data[key])}"
-            )
-
-
-def _schedule(value, where: str) -> tuple[float, float]:
-    if isinstance(value, Mapping):
-        _no_unknown(value, ("start", "end"), "schedule key", where)
-        if set(value) != {"start", "end"}:
-            raise PolicyError(
-                f"Invalid `schedule`{where}. Expected both `start` and `end`. "
-                f"Received: schedule={short_repr(dict(value))}"
-            )
-        value = (value["start"], value["end"])
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise PolicyError(
-            f"Invalid `schedule`{where}. Expected start and end rates. "
-            f"Received: schedule={short_repr(value)}"
-        )
-    return (_rate("schedule.start", value[0], where), _rate("schedule.end", value[1], where))
-
-
 def _rule(value, index: int, where: str) -> Rule:
     label = f"rule {index + 1}{where}"
     if isinstance(value, Rule):
@@ -572,7 +329,7 @@ def _rule(value, index: int, where: str) -> Rule:
         raise PolicyError(
             f"Invalid {label}. Expected a table of rule keys. Received: {short_repr(value)}"
         )
-    _no_unknown(value, _RULE_KEYS, "key", f" in {label}")
+    check_no_unknown(value, _RULE_KEYS, "key", f" in {label}")
     out = {}
     for key in ("match", "class"):
         if key in value:
@@ -598,10 +355,10 @@ def _rule(value, index: int, where: str) -> Rule:
         out["depth"] = (float(depth[0]), float(depth[1]))
     for key in ("trainable", "skip"):
         if key in value:
-            out[key] = _flag(key, value[key], f" in {label}")
+            out[key] = check_flag(key, value[key], f" in {label}")
     for key in ("rate", "recurrent_rate", "attention_rate"):
         if key in value:
-            out[key] = _rate(key, value[key], f" in {label}")
+            out[key] = check_rate(key, value[key], f" in {label}")
     if "kind" in value:
-        out["kind"] = _choice("kind", value["kind"], KINDS, f" in {label}")
+        out["kind"] = check_choice("kind", value["kind"], KINDS, f" in {label}")
     return Rule(**out)

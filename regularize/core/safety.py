@@ -22,7 +22,9 @@ import os
 import re
 from pathlib import Path
 
+from regularize.core import budget
 from regularize.core import checker
+from regularize.core.allowlist import keras2_allowlist
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import first_line as _first
 from regularize.core.text import printable
@@ -116,7 +118,7 @@ def check_keras2_config(
         modules: The exact modules of tfmot's classes (the child knows them).
         root: The SavedModel folder, whose own files (`assets/`) a config may name.
     """
-    allowlist = checker.keras2_allowlist(custom_module, modules=modules)
+    allowlist = keras2_allowlist(custom_module, modules=modules)
     root = None if root is None else str(root)
     checker.check_config(config, allowlist, received=received, unsafe=unsafe, root=root)
 
@@ -226,8 +228,8 @@ def _dataset_problem(f, name: str) -> str | None:
     stored = obj.id.get_storage_size()
     if logical > MAX_INFLATION * stored + _INFLATION_FLOOR:
         return (
-            f"dataset {shown} holds {checker.format_bytes(logical)} that the file stores "
-            f"in {checker.format_bytes(stored)} (compressed or never written)"
+            f"dataset {shown} holds {budget.format_bytes(logical)} that the file stores "
+            f"in {budget.format_bytes(stored)} (compressed or never written)"
         )
     return None
 

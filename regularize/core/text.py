@@ -79,3 +79,11 @@ def _short_repr_lib() -> reprlib.Repr:
 
 
 _SHORT = _short_repr_lib()
+
+
+def format_bytes(size: int) -> str:
+    """`14.4 GB`, `64 B`: decimal units, one decimal place."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"

@@ -29,10 +29,6 @@ from regularize.core.actions import Retarget
 from regularize.core.guards import gc_paused
 from regularize.core.guards import recursion_limit
 from regularize.core.mode import Mode
-from regularize.core.policy import OWNED
-from regularize.core.policy import RECURRENT
-from regularize.core.policy import Candidate
-from regularize.core.policy import Decision
 from regularize.core.policy import Policy
 from regularize.core.protocols import Builder
 from regularize.core.protocols import GraphView
@@ -43,6 +39,10 @@ from regularize.core.report import REMOVE
 from regularize.core.report import SKIP
 from regularize.core.report import UPDATE
 from regularize.core.report import Site
+from regularize.core.rules import OWNED
+from regularize.core.rules import RECURRENT
+from regularize.core.rules import Candidate
+from regularize.core.rules import Decision
 
 # The fate of a dropout layer that stays as it is (see `_Run.fates`).
 _KEPT = "kept"

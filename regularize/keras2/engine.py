@@ -32,6 +32,7 @@ from tf_keras.src.saving.legacy.saved_model import utils as saved_model_utils  #
 from tf_keras.src.saving.serialization_lib import SafeModeScope  # noqa: E402
 
 from regularize.core import atomic  # noqa: E402
+from regularize.core import budget
 from regularize.core import checker  # noqa: E402
 from regularize.core import safety  # noqa: E402
 from regularize.core import terms  # noqa: E402
@@ -258,9 +259,9 @@ def _check_weight_budget(path: Path, received: str) -> None:
                 size *= dim if dim is not None and dim > 0 else 1
             layer = op.name.split("/")[0]
             sizes[layer] = sizes.get(layer, 0) + size
-    layers = [checker.LayerWeights(name, _class_of(config, name), n) for name, n in sizes.items()]
-    checker.check_weight_budget(
-        layers, stored=stored, available=checker.available_memory(), received=received
+    layers = [budget.LayerWeights(name, _class_of(config, name), n) for name, n in sizes.items()]
+    budget.check_weight_budget(
+        layers, stored=stored, available=budget.available_memory(), received=received
     )
 
 

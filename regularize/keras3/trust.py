@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
-import zipfile
 from pathlib import Path
 
-import h5py
 import keras
 from keras.src import api_export
 from keras.src.saving import object_registration
 
+from regularize.core import budget
 from regularize.core import checker
 from regularize.core import safety
-from regularize.core.errors import ModelLoadError
+from regularize.core.allowlist import KERAS3
+from regularize.core.allowlist import Allowlist
+from regularize.keras3 import archive
 
 # Public namespaces whose classes a model config may name.
 _CLASS_NAMESPACES = (
@@ -91,7 +91,7 @@ _PURE_REGISTERED = frozenset({"keras_hub>gelu_approximate", "keras_nlp>gelu_appr
 _cache: dict = {}
 
 
-def keras3_allowlist(custom_objects: dict | None = None) -> checker.Allowlist:
+def keras3_allowlist(custom_objects: dict | None = None) -> Allowlist:
     """What Keras 3 may resolve in a config loaded here, with `custom_objects` allowed."""
     registry = object_registration.GLOBAL_CUSTOM_OBJECTS
     key = (frozenset(registry), len(api_export.REGISTERED_NAMES_TO_OBJS))
@@ -107,8 +107,8 @@ def keras3_allowlist(custom_objects: dict | None = None) -> checker.Allowlist:
             names.add(object_registration.get_registered_name(obj))
             pairs.add((obj.__module__, obj.__name__))
     functions = {n for n, obj in custom_objects.items() if inspect.isfunction(obj)}
-    return checker.Allowlist(
-        engine=checker.KERAS3,
+    return Allowlist(
+        engine=KERAS3,
         registry=base.registry | names,
         registry_ok=base.registry_ok | names,
         registry_functions=base.registry_functions | functions,
@@ -121,7 +121,7 @@ def keras3_allowlist(custom_objects: dict | None = None) -> checker.Allowlist:
     )
 
 
-def _base_allowlist() -> checker.Allowlist:
+def _base_allowlist() -> Allowlist:
     api = api_export.REGISTERED_NAMES_TO_OBJS
     classes_ok, functions_ok, pairs = set(), set(), set()
     for name, obj in api.items():
@@ -164,8 +164,8 @@ def _base_allowlist() -> checker.Allowlist:
             for m in _BUILTIN_MODULES
         )
     }
-    return checker.Allowlist(
-        engine=checker.KERAS3,
+    return Allowlist(
+        engine=KERAS3,
         registry=frozenset(registry),
         registry_ok=frozenset(registry_ok),
         registry_functions=frozenset(n for n, o in registry.items() if not inspect.isclass(o)),
@@ -242,8 +242,8 @@ def check_file(path: Path, *, custom_objects: dict | None = None, safe_mode: boo
     allocate far more memory than it stores. Reads the config as data first."""
     received = f"Received: path={str(path)!r}"
     if path.suffix == ".keras":
-        _check_archive(path, received)
-    text = _config_text(path)
+        archive.check_archive(path, received)
+    text = archive.config_text(path)
     config = safety.parse_config(text, received)
     _import_named_packages(text)
     allowlist = keras3_allowlist(custom_objects)
@@ -253,94 +253,6 @@ def check_file(path: Path, *, custom_objects: dict | None = None, safe_mode: boo
 
 # A `config.json` larger than this is no model config (InceptionResNetV2's
 # is 0.8 MB): reading it would inflate a small archive into memory.
-MAX_CONFIG_BYTES = 64 << 20
-
-
-def _check_archive(path: Path, received: str) -> None:
-    """A `.keras` archive's members: a config of sane size, weights kept inside the file.
-
-    The HDF5 rules of `.h5` inputs (`safety.check_h5_storage`: no external
-    storage or links, no inflating datasets) apply to the archive's weights
-    files too: Keras reads them as it would an `.h5` file.
-    """
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo("config.json")
-        if info.file_size > MAX_CONFIG_BYTES:
-            raise ModelLoadError(
-                f"Refusing to read model: its `config.json` is "
-                f"{checker.format_bytes(info.file_size)}. Expected at most "
-                f"{checker.format_bytes(MAX_CONFIG_BYTES)}. {received}"
-            )
-        for member in archive.infolist():
-            if member.filename.endswith(".h5"):
-                with _open_member(path, archive, member) as stream:
-                    safety.check_h5_storage(stream, received)
-
-
-def _open_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo):
-    """A seekable file object over one archive member.
-
-    A member stored as is is read in place through `_Window`: `zipfile`'s
-    own stream seeks backwards by reading again from the start, which makes
-    HDF5's many small reads take longer than loading the model.
-    """
-    if member.compress_type != zipfile.ZIP_STORED:
-        return archive.open(member)
-    with open(path, "rb") as raw:
-        raw.seek(member.header_offset)
-        header = raw.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        return archive.open(member)
-    name_length = int.from_bytes(header[26:28], "little")
-    extra_length = int.from_bytes(header[28:30], "little")
-    start = member.header_offset + 30 + name_length + extra_length
-    return _Window(path, start, member.file_size)
-
-
-class _Window(io.RawIOBase):
-    """Bytes `start` to `start + size` of a file, as a read-only seekable file."""
-
-    def __init__(self, path: Path, start: int, size: int):
-        super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115  closed by close()
-        self._start, self._size, self._pos = start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        count = max(0, min(len(buffer), self._size - self._pos))
-        self._file.seek(self._start + self._pos)
-        data = self._file.read(count)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _config_text(path: Path) -> str:
-    if path.suffix == ".keras":
-        with zipfile.ZipFile(path) as archive:
-            return archive.read("config.json").decode("utf-8", errors="replace")
-    with h5py.File(path, "r") as f:
-        text = f.attrs.get("model_config", "")
-    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-
-
 def _import_named_packages(text: str) -> None:
     """Imports keras-hub (or keras-nlp / keras-cv) when the config names it.
 
@@ -375,12 +287,15 @@ def _check_weights(path: Path, config: dict, received: str, custom_objects) -> N
     layers = _dry_build(path, config, custom_objects)
     if layers is None:
         return
-    checker.check_weight_budget(
-        layers, stored=_stored_bytes(path), available=checker.available_memory(), received=received
+    budget.check_weight_budget(
+        layers,
+        stored=archive.stored_bytes(path),
+        available=budget.available_memory(),
+        received=received,
     )
 
 
-def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWeights] | None:
+def _dry_build(path: Path, config: dict, custom_objects) -> list[budget.LayerWeights] | None:
     """Each layer's weight bytes, from the model built with no variable initialized.
 
     Inside `StatelessScope(initialize_variables=False)` Keras creates each
@@ -413,9 +328,7 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[checker.LayerWe
         global_state.set_global_attribute("uninitialized_variables", pending)
     if not sizes:
         return None
-    return [
-        checker.LayerWeights(name, classes.get(name, "?"), size) for name, size in sizes.items()
-    ]
+    return [budget.LayerWeights(name, classes.get(name, "?"), size) for name, size in sizes.items()]
 
 
 def _layer_classes(config) -> dict[str, str]:
@@ -449,27 +362,3 @@ def _itemsize(dtype) -> int:
         if str(bits) in name:
             return bits // 8
     return 4
-
-
-def _stored_bytes(path: Path) -> int:
-    """The bytes of weight data a `.keras` archive or `.h5` file holds.
-
-    An archive member stored as is (Keras writes them so) counts its size on
-    disk: reading a member's HDF5 headers through `zipfile` takes longer than
-    loading the model. A compressed member (a hand-made archive) counts the
-    data of its datasets, since a few kilobytes can inflate to gigabytes of
-    zeros.
-    """
-    if path.suffix != ".keras":
-        return safety.h5_dataset_bytes(path)
-    total = 0
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if not info.filename.endswith((".h5", ".npz", ".json")):
-                continue
-            if info.compress_type == zipfile.ZIP_STORED or not info.filename.endswith(".h5"):
-                total += min(info.file_size, max(info.compress_size, 0) or info.file_size)
-                continue
-            with archive.open(info) as member:
-                total += safety.h5_dataset_bytes(member)
-    return total

@@ -14,7 +14,7 @@ import numpy as np
 from regularize.core import atomic
 from regularize.core.errors import PolicyError
 from regularize.core.policy import Policy
-from regularize.core.policy import validate_rate
+from regularize.core.rules import validate_rate
 from regularize.sweep import distributed
 from regularize.sweep import resume
 from regularize.sweep import training

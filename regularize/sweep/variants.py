@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from regularize.core.errors import PolicyError
-from regularize.core.policy import PRESETS
 from regularize.core.policy import Policy
-from regularize.core.policy import validate_rate
+from regularize.core.rules import PRESETS
+from regularize.core.rules import validate_rate
 
 DEFAULT_RATES = (0.0, 0.2, 0.3, 0.5)
 SAME = "same"  # recurrent_rate follows the variant's rate
