@@ -2,8 +2,9 @@
 
 One checker for both engines. It imports neither Keras nor TensorFlow: each
 engine's adapter describes what its deserializer would resolve a name to (an
-`Allowlist`: `regularize.keras3.trust` for Keras 3, `regularize.keras2.trust` in the
-Keras 2 engine's child), and `check_config` walks the config, iteratively,
+`Allowlist`, `regularize.core.allowlist`: `regularize.keras3.trust` fills it for
+Keras 3, `keras2_allowlist` with tfmot's exact modules in the Keras 2 engine's
+child), and `check_config` walks the config, iteratively,
 the way that deserializer would, refusing with one `ModelLoadError` line:
 
 - a class the config names (`module`, `class_name`, `registered_name`) that

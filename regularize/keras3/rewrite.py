@@ -115,7 +115,8 @@ def _warn(report: Report, text: str) -> None:
         warnings.warn(text, RegularizeWarning, stacklevel=_caller_level())
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../regularize/
+# .../regularize/ (this module is regularize/keras3/rewrite.py)
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _caller_level() -> int:
