@@ -535,6 +535,27 @@ def _flux():
     )  # fmt: skip
 
 
+def _stable_diffusion_3():
+    from keras_hub.src.models.vae.vae_backbone import VAEBackbone
+
+    vae = VAEBackbone(
+        encoder_num_filters=[32], encoder_num_blocks=[1], decoder_num_filters=[32],
+        decoder_num_blocks=[1], sample_channels=8,
+    )  # fmt: skip
+
+    def clip():
+        return M.CLIPTextEncoder(
+            vocabulary_size=50, embedding_dim=16, hidden_dim=16, num_layers=1, num_heads=2,
+            intermediate_dim=32, max_sequence_length=8, intermediate_output_index=0,
+        )  # fmt: skip
+
+    return M.StableDiffusion3Backbone(
+        mmdit_patch_size=2, mmdit_hidden_dim=16, mmdit_num_layers=1, mmdit_num_heads=2,
+        mmdit_position_size=8, mmdit_qk_norm=None, mmdit_dual_attention_indices=None, vae=vae,
+        clip_l=clip(), clip_g=clip(), latent_channels=4, image_shape=(16, 16, 3),
+    )  # fmt: skip
+
+
 BACKBONES = {
     "BERT": _bert,
     "DistilBERT": _distil_bert,
@@ -608,4 +629,5 @@ BACKBONES = {
     "PARSeq": _parseq,
     "BLIP2": _blip2,
     "Flux": _flux,
+    "StableDiffusion3": _stable_diffusion_3,
 }
