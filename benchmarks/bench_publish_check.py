@@ -37,7 +37,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
 PLAIN = "import keras; keras.applications.ResNet50(weights=None).save('plain.keras')"
 # The CLI's own entry point with the reload check switched off.
 NO_CHECK = (
-    "import sys; from regularize import io; io.check_reloads = lambda *a, **k: None; "
+    "import sys; from regularize.keras3 import io; io.check_reloads = lambda *a, **k: None; "
     "from regularize.cli import main; sys.argv[0] = 'regularize'; main()"
 )
 CLI_ARGS = ["add-dropout", "keras.applications.ResNet50", "--weights", "none", "--force"]

@@ -11,6 +11,7 @@ why nothing changed. docs/keras-hub.md holds the table this prints.
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -20,6 +21,7 @@ from hub_models import BACKBONES  # noqa: E402
 import regularize  # noqa: E402
 from regularize.core.policy import Policy  # noqa: E402
 from regularize.core.report import Report  # noqa: E402
+from regularize.keras3 import io  # noqa: E402
 
 # The three flags, as the policies they make (rate 0: no general dropout from the tool).
 FLAGS = {
@@ -41,18 +43,29 @@ def outcome(model, policy: Policy) -> tuple[str, object]:
     switch = any("crossed 0" in w for w in report.warnings)
     if changed and not inserted:
         text = ", ".join(f"`{s.kind}` {s.existing.split('=')[1]} → {s.rate:g}" for s in changed)
-        return text + (" (kernel switch, warned)" if switch else ""), new
+        return text + (" (kernel switch, warned)" if switch else "") + _unsaved(new), new
     if inserted:
         kept = type(new).__name__ == type(model).__name__
         return (
             f"{len(inserted)} layer{'s' if len(inserted) != 1 else ''} in the graph "
-            f"({'class kept' if kept else 'Functional'})",
+            f"({'class kept' if kept else 'Functional'})" + _unsaved(new),
             new,
         )
     reasons = "; ".join(sorted({s.reason for s in report.sites})) or "no candidate site"
     if report.with_dropout():
         return f"unchanged: {reasons}", None
     return f"exit 3: {reasons}", None
+
+
+def _unsaved(model) -> str:
+    """Empty if `model` saves (its file would load again); else why not."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            io.save_model(model, Path(folder) / "model.keras")
+        except regularize.ModelSaveError as err:
+            why = str(err).split("cannot be rebuilt from its saved config (")[-1].split(")")[0]
+            return f"; not saved: the file would not load again ({why[:60]})"
+    return ""
 
 
 def main() -> None:

@@ -98,6 +98,23 @@ def test_keys_are_found_by_name_with_their_roles():
     assert key.role == owned.Role.ATTENTION
 
 
+def test_arguments_of_a_sub_model_argument_are_found_by_path_and_set_in_a_copy():
+    # A SegFormer's `image_encoder` argument is a serialized MiT: its arguments are the
+    # SegFormer's too, named by their path; a task's `backbone` is left out with nested=False.
+    encoder = {"class_name": "MiTBackbone", "config": {"max_drop_path_rate": 0.0, "x": 1}}
+    config = {"dropout": 0.1, "image_encoder": encoder, "image_shape": [32, 32, 3]}
+    keys = {k.name: (k.value, k.role) for k in owned.find_arguments(config)}
+    assert keys == {
+        "dropout": (0.1, owned.Role.GENERAL),
+        "image_encoder.max_drop_path_rate": (0.0, owned.Role.DROP_PATH),
+    }
+    assert [k.name for k in owned.find_arguments(config, nested=False)] == ["dropout"]
+    new = owned.with_arguments(config, {"image_encoder.max_drop_path_rate": 0.1, "dropout": 0.2})
+    assert new["dropout"] == 0.2
+    assert new["image_encoder"]["config"] == {"max_drop_path_rate": 0.1, "x": 1}
+    assert encoder["config"]["max_drop_path_rate"] == 0.0  # the input is not changed
+
+
 def test_attention_rate_in_policy_files_rules_and_round_trips(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(

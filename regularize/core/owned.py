@@ -117,15 +117,52 @@ def find_keys(config: object, *, attention_layer: bool = False) -> tuple[Key, ..
     return _find(config, attention_layer=attention_layer, drop_path=False)
 
 
-def find_arguments(config: object) -> tuple[Key, ...]:
+def find_arguments(config: object, *, nested: bool = True) -> tuple[Key, ...]:
     """The dropout-like arguments of a model constructor's config (a keras-hub `get_config()`).
 
     The keys of `find_keys`, and stochastic depth (`drop_path_rate`,
     `max_drop_path_rate`) with the role `DROP_PATH`: a model-level drop-path
     argument is the model's own setting, driven by the `drop_path` policy
     setting (a layer's is not: inside a graph, drop paths are inserted).
+
+    A constructor argument that is itself a serialized Keras object (the
+    `image_encoder` of a SegFormer or DepthAnything backbone, the sub-models
+    of BLIP2) is the config that object is rebuilt from: with `nested`, its
+    arguments count too, named by their path (`image_encoder.drop_path_rate`).
     """
-    return _find(config, attention_layer=False, drop_path=True)
+    keys = list(_find(config, attention_layer=False, drop_path=True))
+    if nested and isinstance(config, Mapping):
+        for name, value in config.items():
+            if _is_serialized(value):
+                for key in find_arguments(value["config"]):
+                    keys.append(dataclasses.replace(key, name=f"{name}.{key.name}"))
+    return tuple(keys)
+
+
+def with_arguments(config: Mapping, values: Mapping[str, float]) -> dict:
+    """A copy of `config` with each argument of `values` (named as `find_arguments` does) set.
+
+    The dicts on the path of a nested argument are copied, not changed.
+    """
+    new = dict(config)
+    for name, value in values.items():
+        head, _, rest = name.partition(".")
+        if not rest:
+            new[head] = value
+            continue
+        inner = dict(new[head])
+        inner["config"] = with_arguments(inner["config"], {rest: value})
+        new[head] = inner
+    return new
+
+
+def _is_serialized(value: object) -> bool:
+    """Whether `value` is a serialized Keras object (`keras.saving.serialize_keras_object`)."""
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("class_name"), str)
+        and isinstance(value.get("config"), Mapping)
+    )
 
 
 def _find(config: object, *, attention_layer: bool, drop_path: bool) -> tuple[Key, ...]:

@@ -20,6 +20,7 @@ keras-hub itself is never imported here: the model's own class is used.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import keras
 import numpy as np
@@ -49,7 +50,8 @@ def dropout_arguments(config: dict) -> dict[str, float]:
     """The constructor's dropout-like arguments in a `get_config()` dict: name → value.
 
     One definition for the whole tool: `core.owned.find_arguments` (dropout
-    keys by name, and stochastic depth such as `drop_path_rate`).
+    keys by name, and stochastic depth such as `drop_path_rate`; those of a
+    sub-model argument named by their path, `image_encoder.dropout_rate`).
     """
     return {key.name: key.value for key in owned.find_arguments(config)}
 
@@ -106,12 +108,13 @@ def _rewrite_task(task, policy, mode, build, report):
             backbone, policy, mode, build, report, prefix=f"{task.name}/", switched=switched
         )
     config = task.get_config()
-    changes, sites = _decide(task, config, policy, mode, report, prefix="")
+    # The task's `backbone` argument is rewritten above, not as a nested argument.
+    changes, sites = _decide(task, config, policy, mode, report, prefix="", nested=False)
     for site in sites:
         report.add(site)
     if not build:
         return None
-    config.update(changes)
+    config = owned.with_arguments(config, changes)
     config["backbone"] = new_backbone
     config["preprocessor"] = task.preprocessor
     new = _from_config(task, config)
@@ -168,7 +171,7 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
     new = _rebuilt(model, config, changes)
     if _is_exact(model, new):
         return new, sites, []
-    old = {key.name: key.value for key in owned.find_arguments(config)}
+    old = dropout_arguments(config)
     crossing = [key for key in changes if (old[key] == 0) != (changes[key] == 0)]
     kept = {key: value for key, value in changes.items() if key not in crossing}
     base = _rebuilt(model, config, kept) if kept != changes else new
@@ -241,8 +244,7 @@ def _check_training(model, changes) -> None:
 
 
 def _rebuilt(model, config, changes):
-    config = dict(config, **changes)
-    new = _from_config(model, config)
+    new = _from_config(model, owned.with_arguments(config, changes))
     _copy_state(model, new)
     return new
 
@@ -276,13 +278,37 @@ def _attention_dropout(layer) -> float:
 
 
 def _probe(model: keras.Model):
-    """A small input batch matching `model.inputs`: masks of ones, ids of 0 and 1, floats."""
+    """A small input batch `model` runs on: masks of ones, ids of 0 and 1, floats.
+
+    Unknown sizes: a batch of 2, 32 pixels of an image, and 8 steps of a
+    sequence (ids, or features as Whisper's: its position embedding holds no
+    more) unless the model fails on 8 steps: a raw waveform (Moonshine's
+    stem strides 64, then 3 and 2, so it needs 895 samples) gets 1024.
+    """
+    length = _PROBE_LENGTHS.get(model)
+    if length is None:
+        length = _SEQUENCE_LENGTHS[-1]
+        for candidate in _SEQUENCE_LENGTHS[:-1]:
+            try:
+                model(_probe_batch(model, candidate), training=False)
+            except Exception:  # the model's own error on too short an input; try longer
+                continue
+            length = candidate
+            break
+        _PROBE_LENGTHS[model] = length
+    return _probe_batch(model, length)
+
+
+_SEQUENCE_LENGTHS = (8, 1024)
+# The sequence length each model was found to run on (checked once per model object).
+_PROBE_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe_batch(model: keras.Model, length: int):
     rng = np.random.default_rng(0)
     arrays = []
     for tensor in model.inputs:
-        # Unknown sizes: a batch of 2, 8 steps of a sequence (ids, or features as
-        # Whisper's: its position embedding holds no more), 32 pixels of an image.
-        size = 8 if len(tensor.shape) <= 3 else 32
+        size = length if len(tensor.shape) <= 3 else 32
         shape = [2 if i == 0 else size for i in range(len(tensor.shape))]
         shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
         name = str(getattr(tensor, "name", "") or "")
@@ -346,6 +372,15 @@ def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
     for site in inner.sites:
         report.add(dataclasses.replace(site, layer=f"{where}{site.layer}"))
     report.warnings.extend(w for w in inner.warnings if w not in report.warnings)
+    if not inner.sites:
+        # keras-hub blocks that are custom layers (HGNetV2, ViTDet, SAM) leave the graph
+        # walk no candidate: without a site the report would not say why nothing changed.
+        cls = type(backbone).__name__
+        reason = (
+            f"{cls} has no constructor dropout argument and its layer graph no candidate "
+            "site: no dropout setting to change"
+        )
+        report.add(Site(f"{prefix}{backbone.name}", cls, "owned", None, SKIP, reason))
     if inner.changed():
         graph_rewrite._warn(
             report,
@@ -356,13 +391,13 @@ def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
     return new
 
 
-def _decide(model, config, policy, mode, report, *, prefix) -> tuple[dict, list[Site]]:
+def _decide(model, config, policy, mode, report, *, prefix, nested=True) -> tuple[dict, list[Site]]:
     """The new value of each dropout-like argument of `model`, and one `Site` each."""
     changes = {}
     sites = []
     name = f"{prefix}{model.name}"
     cls = type(model).__name__
-    for key in owned.find_arguments(config):
+    for key in owned.find_arguments(config, nested=nested):
         old = key.value
         new, action, reason = _target(key, policy, mode)
         existing = f"{key.name}={old:g}"
