@@ -26,9 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regularize import applications
+from regularize import preset_folder
 from regularize import rules
 from regularize.errors import ModelLoadError
 from regularize.errors import ModelSaveError
+from regularize.paths import PRESET
+from regularize.paths import SAVE_SUFFIXES
 from regularize.paths import check_output_path
 from regularize.policy import Policy
 
@@ -76,12 +79,19 @@ def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: boo
 
     `model.keras` -> `model_dropout.keras`; a Keras 2 `model.h5` ->
     `model_dropout.h5` and a SavedModel `model/` -> `model_dropout/` (with
-    `to_keras3`: `model_dropout.keras`); `keras.applications.ResNet50` ->
+    `to_keras3`: `model_dropout.keras`); a keras-hub preset folder `bert/` ->
+    `bert_dropout/` (a handle `kaggle://.../bert_base_en/2` -> `bert_base_en_dropout/`
+    in the working folder); `keras.applications.ResNet50` ->
     `resnet50_dropout.keras` in the working folder.
     """
     from regularize import legacy
 
     suffix = SUFFIXES[Mode(mode)]
+    if is_preset(input):
+        if preset_folder.is_preset_folder(input):
+            input = Path(input)
+            return input.with_name(f"{input.name}_{suffix}")
+        return Path(f"{preset_folder.handle_name(os.fspath(input))}_{suffix}")
     input = Path(input)
     if legacy.detect(input):
         return legacy.default_output(input, suffix, to_keras3=to_keras3)
@@ -107,8 +117,18 @@ def check_output(
 
     if legacy.detect(input):
         legacy.check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
+    elif is_preset(input) and Path(output).suffix not in SAVE_SUFFIXES:
+        # A preset in, a preset folder out (or, named so, a `.keras` / `.h5` file).
+        check_output_path(Path(output), overwrite=overwrite, source=Path(input), fmt=PRESET)
     else:
         check_output_path(output, overwrite=overwrite, source=Path(input))
+
+
+def is_preset(input: str | os.PathLike) -> bool:
+    """Whether `input` is a keras-hub preset folder or handle (no Keras import)."""
+    if preset_folder.is_preset_folder(input):
+        return True
+    return not os.path.lexists(input) and preset_folder.is_handle(input)
 
 
 def is_application(input: str | os.PathLike) -> bool:
@@ -136,8 +156,12 @@ def process(
     """Loads `input`, rewrites it per `mode` and `policy`, and writes the result atomically.
 
     Args:
-        input: A `.keras` / `.h5` file, a SavedModel folder, or a Keras
-            Application by name ("keras.applications.ResNet50").
+        input: A `.keras` / `.h5` file, a SavedModel folder, a keras-hub
+            preset folder or handle, or a Keras Application by name
+            ("keras.applications.ResNet50"). A keras-hub model whose rewrite
+            only changes constructor arguments is written with one copy of
+            its weights in memory, the output's weights the input's bytes
+            (`regularize.hub_edit`).
         mode: "add" (dropout per `policy`), "strip" (remove it) or "plan"
             (decide every site; nothing is built or written).
         policy: For "add" and "plan"; default `Policy()`.
@@ -205,7 +229,7 @@ def process(
 
 
 def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, **kwargs):
-    if not is_application(input):
+    if not is_application(input) and not is_preset(input):
         from regularize import inputs
 
         inputs.check_readable(input)  # a wrong file is said before the slow import
@@ -226,6 +250,28 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         if mode is Mode.ADD and _is_keras2_h5(input) and _has_batchnorm(model):
             report.warnings.append(rules.KERAS2_BATCHNORM)
         step("rewriting")
+        if mode is not Mode.PLAN and save_to is not None:
+            from regularize import hub_edit
+
+            input_path = hub_preset_folder(input)
+            edit = None
+            if hub_edit.kind_of(input_path, Path(save_to)):
+                edit = hub_edit.plan(model, policy, mode, report)
+            if edit is not None:
+                # One copy of the weights: the input model goes before the output loads.
+                del model
+                if not keep(report):
+                    return report, False
+                step(f"writing {save_to}")
+                hub_edit.write(
+                    input_path,
+                    Path(save_to),
+                    edit,
+                    report,
+                    custom_objects=kwargs["custom_objects"],
+                    safe_mode=kwargs["safe_mode"],
+                )
+                return report, True
         if mode is Mode.PLAN:
             api.plan(model, policy=policy, report=report)
             return report, False
@@ -238,6 +284,15 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         step(f"writing {save_to}")
         io.save_model(new, save_to, overwrite=overwrite)
     return report, True
+
+
+def hub_preset_folder(input) -> Path:
+    """The local folder of a preset handle (keras-hub's download); any other input as is."""
+    if is_preset(input) and not preset_folder.is_preset_folder(input):
+        from regularize import hub_preset
+
+        return hub_preset.resolve(input)
+    return Path(input)
 
 
 def _is_keras2_h5(input) -> bool:

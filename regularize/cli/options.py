@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from regularize import applications
+from regularize import preset_folder
 from regularize.cli.runtime import check_path
 from regularize.cli.runtime import path_callback
 from regularize.errors import ModelLoadError
@@ -233,19 +234,23 @@ def _check_input(input: Path) -> Path:
     are checked here, at once, like a missing file.
     """
     if input.is_dir():
-        if (input / "saved_model.pb").is_file():
+        if (input / "saved_model.pb").is_file() or preset_folder.is_preset_folder(input):
             return input
-        problem = "it is a folder, and not a SavedModel (no `saved_model.pb`)"
+        problem = (
+            "it is a folder, and neither a SavedModel (no `saved_model.pb`) nor a keras-hub "
+            "preset (no `config.json`)"
+        )
     elif input.exists():
         if input.suffix in MODEL_SUFFIXES:
             return input
         problem = f"unsupported file type {input.suffix or '(none)'!r}"
-    elif applications.is_application_name(input):
-        return input
+    elif applications.is_application_name(input) or preset_folder.is_handle(input):
+        return input  # a keras-hub handle is keras-hub's to resolve (exit 1 if it cannot)
     else:
         problem = "no such file"
     raise click.BadParameter(
-        f"{problem}. Expected a `.keras` or `.h5` model or a SavedModel folder. "
+        f"{problem}. Expected a `.keras` or `.h5` model, a SavedModel folder or a keras-hub "
+        "preset folder. "
         f"Received: {str(input)!r}",
         param_hint="'INPUT'",
     )
