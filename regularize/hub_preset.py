@@ -73,8 +73,15 @@ def resolve(preset: str | os.PathLike) -> Path:
             f"Cannot read preset: no such folder, and not a preset handle. Expected "
             f"{preset_folder.EXPECTED}, or a keras-hub handle. Received: path={text!r}"
         )
+    import keras_hub  # noqa: F401  registers the built-in presets
     from keras_hub.src.utils import preset_utils
 
+    if "://" not in text and text not in preset_utils.BUILTIN_PRESETS:
+        raise ModelLoadError(
+            f"Cannot read model: no such file or folder, and no keras-hub preset of that name. "
+            f"Expected a model file, {preset_folder.EXPECTED}, or a keras-hub handle. "
+            f"Received: path={text!r}"
+        )
     try:
         config = preset_utils.get_file(text, preset_folder.CONFIG_FILE)
     except Exception as err:  # unknown name, no network, ...: keras-hub's own words

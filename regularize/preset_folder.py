@@ -54,6 +54,11 @@ def is_preset_folder(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_remote(name: str | os.PathLike) -> bool:
+    """Whether `name` is a remote preset handle (`kaggle://...`, `hf://...`): kept as a string."""
+    return isinstance(name, str) and name.startswith(HANDLE_SCHEMES)
+
+
 def is_handle(name: str | os.PathLike) -> bool:
     """Whether `name` is a remote preset handle (`kaggle://...`, `hf://...`) or a built-in name.
 

@@ -190,7 +190,7 @@ def process(
             one line each, nothing written.
     """
     mode = Mode(mode)
-    input = Path(input)
+    input = input if preset_folder.is_remote(input) else Path(input)
     policy = policy if policy is not None else Policy()
     step = step or (lambda text: None)
     quiet = quiet or contextlib.nullcontext

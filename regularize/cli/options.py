@@ -44,7 +44,9 @@ def _input_shape(ctx, param, value):
 
 
 def _input_callback(ctx, param, value):
-    return _check_input(check_path(value, "'INPUT'"))
+    if preset_folder.is_remote(value):
+        return value  # `hf://org/name`: a Path would fold the `//`
+    return _check_input(check_path(Path(value), "'INPUT'"))
 
 
 def _options(*options):
@@ -60,7 +62,7 @@ _input_options = _options(
     click.argument(
         "input",
         metavar="INPUT",
-        type=click.Path(path_type=Path),
+        type=click.Path(),
         callback=_input_callback,
     ),
     click.option(
@@ -256,8 +258,8 @@ def _check_input(input: Path) -> Path:
     )
 
 
-def _is_application(input: Path) -> bool:
-    return applications.is_application_name(input) and not input.exists()
+def _is_application(input: Path | str) -> bool:
+    return applications.is_application_name(input) and not Path(input).exists()
 
 
 def _application_options(input: Path, flags: dict) -> dict:
