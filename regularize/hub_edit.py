@@ -191,6 +191,45 @@ def write(
         raise ModelSaveError(f"Cannot write model to {str(output)!r}: {first_line(err)}") from err
 
 
+def save_preset(model: keras.Model, output: Path) -> None:
+    """Writes a rewritten keras-hub model as a preset folder with keras-hub's `save_to_preset`.
+
+    The path where `plan` gave no `Edit` (`--exact` with an argument
+    crossing 0, ...): the model was rebuilt in memory, and keras-hub writes
+    its weights again and a new `metadata.json`. The folder is loaded back
+    with `from_preset` before it is published.
+
+    Raises:
+        UnsupportedModelError: The model is no longer a keras-hub model (its
+            dropout went into its layer graph): a preset cannot hold it.
+    """
+    if not hub.is_hub_model(model) or not hasattr(model, "save_to_preset"):
+        raise UnsupportedModelError(
+            f"Cannot write {model.name!r} as a keras-hub preset: its dropout went into its "
+            f"layer graph, so it is a plain {type(model).__name__} model, which a preset "
+            "cannot hold. Expected a `.keras` output path for it. Received: output="
+            f"{str(output)!r}"
+        )
+
+    def check(tmp: str) -> None:
+        from regularize import hub_preset
+
+        try:
+            hub_preset._from_preset(Path(tmp))
+        except Exception as err:  # keras-hub raises many types
+            raise ModelSaveError(
+                f"Cannot write model to {str(output)!r}: the written preset would not load "
+                f"again ({type(err).__name__}: {first_line(err)[:300]}); nothing was written."
+            ) from err
+
+    try:
+        atomic.write_folder(output, lambda tmp: model.save_to_preset(tmp), check=check)
+    except RegularizeError:
+        raise
+    except Exception as err:  # OS errors of the write: one line, nothing written
+        raise ModelSaveError(f"Cannot write model to {str(output)!r}: {first_line(err)}") from err
+
+
 def _edited(config: dict, edit: Edit, *, holds_task: bool) -> dict:
     """A serialized model config (`config.json`, `task.json`) with the new arguments."""
     config = json.loads(json.dumps(config))

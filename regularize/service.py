@@ -282,7 +282,12 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         if save_to is None or not keep(report):
             return report, False
         step(f"writing {save_to}")
-        io.save_model(new, save_to, overwrite=overwrite)
+        if is_preset(input) and Path(save_to).suffix not in SAVE_SUFFIXES:
+            from regularize import hub_edit
+
+            hub_edit.save_preset(new, Path(save_to))
+        else:
+            io.save_model(new, save_to, overwrite=overwrite)
     return report, True
 
 

@@ -539,3 +539,106 @@ def test_each_attack_on_a_preset_is_one_line_and_unsafe_does_what_is_documented(
         else:
             assert lines[0].startswith("Error: Cannot read preset: keras-hub could not load it")
         assert not out.exists()
+
+
+# -- what the docs promise besides -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_link_inside_the_folder_is_read_and_written_as_a_file(bert_task):
+    vocabulary = bert_task / "assets" / "tokenizer" / "vocabulary.txt"
+    vocabulary.rename(bert_task / "vocabulary_copy.txt")
+    vocabulary.symlink_to(Path("..") / ".." / "vocabulary_copy.txt")
+    run = _regularize("add-dropout", bert_task, "--rate", "0.2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = bert_task.with_name("bert_task_dropout") / "assets" / "tokenizer" / "vocabulary.txt"
+    assert not written.is_symlink()
+    assert written.read_text().split() == VOCABULARY
+
+
+@pytest.mark.slow
+def test_a_name_that_is_no_file_and_no_preset_is_one_line(tmp_path):
+    run = _regularize("inspect", "no_such_preset_here", cwd=tmp_path)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "Error: Cannot read model: no such file or folder, and no keras-hub preset of that "
+        "name. Expected a model file, a keras-hub preset folder (written by `save_to_preset`), "
+        "or a keras-hub handle. Received: path='no_such_preset_here'"
+    ]
+
+
+def test_the_working_folder_is_never_replaced(bert, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    run = _regularize("add-dropout", bert, "-o", ".", "--force", cwd=work)
+    assert run.returncode == 2
+    assert "it is the working folder or a folder above it" in run.stderr
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_handle_is_resolved_by_keras_hub_and_its_copy_checked(bert, monkeypatch, tmp_path):
+    """keras-hub's own `get_file` resolves the handle (here to a local copy: no network)."""
+    from keras_hub.src.utils import preset_utils
+
+    asked = []
+
+    def get_file(preset, path):
+        asked.append(preset)
+        return str(bert / path)
+
+    monkeypatch.setattr(preset_utils, "get_file", get_file)
+    monkeypatch.setitem(preset_utils.BUILTIN_PRESETS, "tiny_bert_test", {})
+    for handle in ("tiny_bert_test", "kaggle://someone/bert/keras/tiny_bert_test/1"):
+        model = regularize.load_model(handle)
+        assert type(model) is keras_hub.models.BertBackbone
+    assert asked[0] == "tiny_bert_test"
+    assert any(preset.startswith("kaggle://") for preset in asked)
+    (bert / "extra.txt").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(regularize.ModelLoadError, match="outside the preset folder"):
+        regularize.load_model("tiny_bert_test")
+
+
+def test_a_transformers_config_is_refused(tmp_path):
+    folder = tmp_path / "hf_bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 16}))
+    with pytest.raises(regularize.ModelLoadError, match="not a serialized Keras object"):
+        regularize.load_model(folder)
+
+
+@pytest.mark.slow
+def test_a_backbone_whose_dropout_goes_into_its_graph_needs_a_keras_output(tmp_path):
+    folder = tmp_path / "resnet"
+    keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64],
+        stackwise_num_blocks=[1],
+        stackwise_num_strides=[1],
+        block_type="basic_block",
+        image_shape=(32, 32, 3),
+    ).save_to_preset(str(folder))
+    run = _regularize("add-dropout", folder, "--rate", "0.2")
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: Cannot write 'res_net_backbone' as a keras-hub preset")
+    assert "Expected a `.keras` output path for it" in lines[-1]
+    assert not (tmp_path / "resnet_dropout").exists()
+    out = tmp_path / "resnet_dropout.keras"
+    run = _regularize("add-dropout", folder, "--rate", "0.2", "-o", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert type(keras.saving.load_model(out)).__name__ == "Functional"  # not a ResNetBackbone
+
+
+@pytest.mark.slow
+def test_exact_writes_the_preset_with_keras_hubs_own_saver(bert, tmp_path):
+    config = _config(bert)
+    config["config"]["dropout"] = 0.0
+    (bert / "config.json").write_text(json.dumps(config, indent=4))
+    out = tmp_path / "out"
+    run = _regularize("add-dropout", bert, "--rate", "0.2", "--exact", "--allow-empty", "-o", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _config(out)["config"]["dropout"] == 0.0  # --exact left it at 0
+    result = _reload("backbone", bert, out)
+    assert result["equal"] and result["class"] == "BertBackbone"
