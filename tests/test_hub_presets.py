@@ -642,3 +642,24 @@ def test_exact_writes_the_preset_with_keras_hubs_own_saver(bert, tmp_path):
     assert _config(out)["config"]["dropout"] == 0.0  # --exact left it at 0
     result = _reload("backbone", bert, out)
     assert result["equal"] and result["class"] == "BertBackbone"
+
+
+@pytest.mark.slow
+def test_an_output_that_predicts_otherwise_is_never_published(saved, tmp_path):
+    """The check compares the written output with the input's outputs recorded before."""
+    import dataclasses
+
+    from regularize import hub_edit
+    from regularize.report import Report
+
+    source = saved / "bert.keras"
+    model = keras.saving.load_model(source)
+    edit = hub_edit.plan(model, Policy(rate=0.2), "add", Report())
+    assert edit.backbone == {"dropout": 0.2} and edit.crossing == ()
+    off = dataclasses.replace(edit, outputs=tuple(a + 1 for a in edit.outputs))
+    out = tmp_path / "out.keras"
+    with pytest.raises(regularize.UnsupportedModelError, match="bit-identical outputs"):
+        hub_edit.write(source, out, off, Report())
+    assert list(tmp_path.iterdir()) == []  # nothing published, no temporary file left
+    hub_edit.write(source, out, edit, Report())
+    assert json.loads(zipfile.ZipFile(out).read("config.json"))["config"]["dropout"] == 0.2
