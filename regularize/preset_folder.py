@@ -108,6 +108,12 @@ def check_tree(folder: Path, received: str, *, unsafe: bool) -> list[Path]:
                         f"into the model. Expected files inside the folder. {UNSAFE_HINT} "
                         f"{received}"
                     )
+                if os.path.isdir(entry):
+                    # Not walked (a link can loop), so not copied: the output would miss it.
+                    raise ModelLoadError(
+                        f"Refusing to read preset: {str(relative)!r} is a symbolic link to a "
+                        f"folder. Expected plain folders inside the preset. {received}"
+                    )
                 if os.path.isfile(entry):
                     files.append(relative)
             elif stat.S_ISREG(info.st_mode):

@@ -663,3 +663,14 @@ def test_an_output_that_predicts_otherwise_is_never_published(saved, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing published, no temporary file left
     hub_edit.write(source, out, edit, Report())
     assert json.loads(zipfile.ZipFile(out).read("config.json"))["config"]["dropout"] == 0.2
+
+
+def test_a_link_to_a_folder_inside_the_preset_is_refused(tmp_path):
+    folder = tmp_path / "preset"
+    (folder / "assets" / "tokenizer").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "assets" / "again").symlink_to(folder / "assets" / "tokenizer")
+    with pytest.raises(regularize.ModelLoadError, match="is a symbolic link to a folder") as info:
+        preset_folder.check_tree(folder, "Received: path='preset'", unsafe=True)
+    expected = "Expected plain folders inside the preset. Received: path='preset'"
+    assert str(info.value).endswith(expected)
