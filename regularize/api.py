@@ -19,7 +19,7 @@ from regularize.keras3 import rewrite
 
 
 def add_dropout(
-    model: keras.Model,
+    model: keras.Model | str | os.PathLike,
     rate: float = 0.3,
     *,
     recurrent_rate: float | None = None,
@@ -42,7 +42,10 @@ def add_dropout(
     is rebuilt with its weights copied (see `regularize.keras3.hub`).
 
     Args:
-        model: A Functional or built Sequential model.
+        model: A Functional or built Sequential model; or the path of a model
+            file or a keras-hub preset folder (or handle), loaded with
+            `regularize.load_model` and its checks (`safe_mode=True`, no
+            custom objects: load it yourself for those).
         rate: Dropout rate, a float in [0, 1). 0 inserts nothing and removes
             dropout this tool inserted earlier.
         recurrent_rate: `recurrent_dropout` for LSTM/GRU/SimpleRNN/ConvLSTM
@@ -63,7 +66,12 @@ def add_dropout(
 
     Returns:
         A new `keras.Model` (Sequential stays Sequential), compiled like the
-        input if the input was compiled.
+        input if the input was compiled. For a path, the new model too, in
+        memory; nothing is written. To write it, `regularize.save_model(new,
+        "out.keras")`, or for a keras-hub model `new.save_to_preset("out")`
+        (keras-hub's own). `regularize.process(path, "add", output=...)` does
+        what the command line does: a preset folder in, a preset folder out,
+        with the input's weights files copied as they are.
 
     Raises:
         PolicyError: A rate is not a float in [0, 1), or the policy (file)
@@ -84,6 +92,7 @@ def add_dropout(
         drop_path=drop_path,
     )
     report = report if report is not None else Report()
+    model = _loaded(model)
     new = _engine(model).rewrite(model, policy, report=report)
     if policy.asks_for_dropout() and report.with_dropout() == 0:
         warnings.warn(
@@ -126,8 +135,13 @@ def resolve_policy(
     )
 
 
-def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras.Model:
+def remove_dropout(
+    model: keras.Model | str | os.PathLike, *, report: Report | None = None
+) -> keras.Model:
     """Returns a new model without Dropout-family layers and with RNN dropout at 0.
+
+    `model` may be a path, as for `add_dropout` (the new model is returned,
+    nothing is written).
 
     Removes Dropout, SpatialDropout1D/2D/3D, GaussianDropout and AlphaDropout
     layers (a dropout layer that is itself a model output stays, to keep the
@@ -135,7 +149,17 @@ def remove_dropout(model: keras.Model, *, report: Report | None = None) -> keras
     the dropout keys of layers that own their dropout (MultiHeadAttention,
     transformer blocks).
     """
+    model = _loaded(model)
     return _engine(model).rewrite(model, Policy(rate=0.0), mode=rewrite.STRIP, report=report)
+
+
+def _loaded(model: keras.Model | str | os.PathLike) -> keras.Model:
+    """`model`, or the model at the path `model` (checked and loaded by `io.load_model`)."""
+    if isinstance(model, (str, os.PathLike)):
+        from regularize.keras3 import io
+
+        return io.load_model(model)
+    return model
 
 
 def plan(

@@ -25,10 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regularize.core import kinds
+from regularize.core import preset_folder
 from regularize.core import terms
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import ModelSaveError
 from regularize.core.mode import Mode
+from regularize.core.paths import PRESET
+from regularize.core.paths import SAVE_SUFFIXES
+from regularize.core.paths import check_output_path
 from regularize.core.policy import Policy
 from regularize.keras3 import applications
 
@@ -65,10 +69,17 @@ def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: boo
 
     `model.keras` -> `model_dropout.keras`; a Keras 2 `model.h5` ->
     `model_dropout.h5` and a SavedModel `model/` -> `model_dropout/` (with
-    `to_keras3`: `model_dropout.keras`); `keras.applications.ResNet50` ->
+    `to_keras3`: `model_dropout.keras`); a keras-hub preset folder `bert/` ->
+    `bert_dropout/` (a handle `kaggle://.../bert_base_en/2` -> `bert_base_en_dropout/`
+    in the working folder); `keras.applications.ResNet50` ->
     `resnet50_dropout.keras` in the working folder.
     """
     suffix = SUFFIXES[Mode(mode)]
+    if is_preset(input):
+        if preset_folder.is_preset_folder(input):
+            input = Path(input)
+            return input.with_name(f"{input.name}_{suffix}")
+        return Path(f"{preset_folder.handle_name(os.fspath(input))}_{suffix}")
     input = Path(input)
     if kinds.detect(input):
         return kinds.default_output(input, suffix, to_keras3=to_keras3)
@@ -77,8 +88,30 @@ def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: boo
     return input.with_name(f"{input.stem}_{suffix}.keras")
 
 
-# The output rule for any input, both engines (no TensorFlow).
-check_output = kinds.check_output
+def check_output(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    to_keras3: bool = False,
+) -> None:
+    """Raises `ModelSaveError` if `output` may not be written for `input` (no TensorFlow).
+
+    One rule for every input (`regularize.core.kinds.check_output`, on
+    `regularize.core.paths`); a preset in gives a preset folder out, unless the
+    output is named as a `.keras` / `.h5` file.
+    """
+    if is_preset(input) and Path(output).suffix not in SAVE_SUFFIXES and not kinds.detect(input):
+        check_output_path(Path(output), overwrite=overwrite, source=Path(input), fmt=PRESET)
+    else:
+        kinds.check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
+
+
+def is_preset(input: str | os.PathLike) -> bool:
+    """Whether `input` is a keras-hub preset folder or handle (no Keras import)."""
+    if preset_folder.is_preset_folder(input):
+        return True
+    return not os.path.lexists(input) and preset_folder.is_handle(input)
 
 
 def is_application(input: str | os.PathLike) -> bool:
@@ -106,8 +139,12 @@ def process(
     """Loads `input`, rewrites it per `mode` and `policy`, and writes the result atomically.
 
     Args:
-        input: A `.keras` / `.h5` file, a SavedModel folder, or a Keras
-            Application by name ("keras.applications.ResNet50").
+        input: A `.keras` / `.h5` file, a SavedModel folder, a keras-hub
+            preset folder or handle, or a Keras Application by name
+            ("keras.applications.ResNet50"). A keras-hub model whose rewrite
+            only changes constructor arguments is written with one copy of
+            its weights in memory, the output's weights the input's bytes
+            (`regularize.keras3.hub_edit`).
         mode: "add" (dropout per `policy`), "strip" (remove it) or "plan"
             (decide every site; nothing is built or written).
         policy: For "add" and "plan"; default `Policy()`.
@@ -136,7 +173,7 @@ def process(
             one line each, nothing written.
     """
     mode = Mode(mode)
-    input = Path(input)
+    input = input if preset_folder.is_remote(input) else Path(input)
     policy = policy if policy is not None else Policy()
     step = step or (lambda text: None)
     quiet = quiet or contextlib.nullcontext
@@ -175,7 +212,7 @@ def process(
 
 
 def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, **kwargs):
-    if not is_application(input):
+    if not is_application(input) and not is_preset(input):
         from regularize.core import inputs
 
         inputs.check_readable(input)  # a wrong file is said before the slow import
@@ -196,6 +233,28 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         if mode is Mode.ADD and _is_keras2_h5(input) and _has_batchnorm(model):
             report.warnings.append(terms.KERAS2_BATCHNORM)
         step("rewriting")
+        if mode is not Mode.PLAN and save_to is not None:
+            from regularize.keras3 import hub_edit
+
+            input_path = hub_preset_folder(input)
+            edit = None
+            if hub_edit.kind_of(input_path, Path(save_to)):
+                edit = hub_edit.plan(model, policy, mode, report)
+            if edit is not None:
+                # One copy of the weights: the input model goes before the output loads.
+                del model
+                if not keep(report):
+                    return report, False
+                step(f"writing {save_to}")
+                hub_edit.write(
+                    input_path,
+                    Path(save_to),
+                    edit,
+                    report,
+                    custom_objects=kwargs["custom_objects"],
+                    safe_mode=kwargs["safe_mode"],
+                )
+                return report, True
         if mode is Mode.PLAN:
             api.plan(model, policy=policy, report=report)
             return report, False
@@ -206,8 +265,22 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         if save_to is None or not keep(report):
             return report, False
         step(f"writing {save_to}")
-        io.save_model(new, save_to, overwrite=overwrite)
+        if is_preset(input) and Path(save_to).suffix not in SAVE_SUFFIXES:
+            from regularize.keras3 import hub_edit
+
+            hub_edit.save_preset(new, Path(save_to))
+        else:
+            io.save_model(new, save_to, overwrite=overwrite)
     return report, True
+
+
+def hub_preset_folder(input) -> Path:
+    """The local folder of a preset handle (keras-hub's download); any other input as is."""
+    if is_preset(input) and not preset_folder.is_preset_folder(input):
+        from regularize.keras3 import hub_preset
+
+        return hub_preset.resolve(input)
+    return Path(input)
 
 
 def _is_keras2_h5(input) -> bool:

@@ -214,7 +214,11 @@ def test_the_import_hook_sees_a_tensorflow_import(work):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        ("folder", "it is a folder, and not a SavedModel (no `saved_model.pb`)"),
+        (
+            "folder",
+            "it is a folder, and neither a SavedModel (no `saved_model.pb`) nor a keras-hub "
+            "preset (no `config.json`)",
+        ),
         ("suffix", "unsupported file type '.pt'"),
         ("missing", "no such file"),
     ],
@@ -228,8 +232,8 @@ def test_a_bad_input_is_a_usage_error_before_tensorflow_is_imported(work, make, 
     run = _runs_without_tensorflow(work, "add-dropout", name)
     assert run.returncode == 2
     assert run.stderr.splitlines() == [
-        f"Error: Invalid value for 'INPUT': {message}. Expected a `.keras` or `.h5` model "
-        f"or a SavedModel folder. Received: '{name}'"
+        f"Error: Invalid value for 'INPUT': {message}. Expected a `.keras` or `.h5` model, "
+        f"a SavedModel folder or a keras-hub preset folder. Received: '{name}'"
     ]
 
 

@@ -8,6 +8,7 @@ import click
 
 from regularize.cli.runtime import check_path
 from regularize.cli.runtime import path_callback
+from regularize.core import preset_folder
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import PolicyError
 from regularize.core.rules import validate_rate
@@ -43,7 +44,9 @@ def _input_shape(ctx, param, value):
 
 
 def _input_callback(ctx, param, value):
-    return _check_input(check_path(value, "'INPUT'"))
+    if preset_folder.is_remote(value):
+        return value  # `hf://org/name`: a Path would fold the `//`
+    return _check_input(check_path(Path(value), "'INPUT'"))
 
 
 def _options(*options):
@@ -59,7 +62,7 @@ _input_options = _options(
     click.argument(
         "input",
         metavar="INPUT",
-        type=click.Path(path_type=Path),
+        type=click.Path(),
         callback=_input_callback,
     ),
     click.option(
@@ -232,26 +235,30 @@ def _check_input(input: Path) -> Path:
     are checked here, at once, like a missing file.
     """
     if input.is_dir():
-        if (input / "saved_model.pb").is_file():
+        if (input / "saved_model.pb").is_file() or preset_folder.is_preset_folder(input):
             return input
-        problem = "it is a folder, and not a SavedModel (no `saved_model.pb`)"
+        problem = (
+            "it is a folder, and neither a SavedModel (no `saved_model.pb`) nor a keras-hub "
+            "preset (no `config.json`)"
+        )
     elif input.exists():
         if input.suffix in MODEL_SUFFIXES:
             return input
         problem = f"unsupported file type {input.suffix or '(none)'!r}"
-    elif applications.is_application_name(input):
-        return input
+    elif applications.is_application_name(input) or preset_folder.is_handle(input):
+        return input  # a keras-hub handle is keras-hub's to resolve (exit 1 if it cannot)
     else:
         problem = "no such file"
     raise click.BadParameter(
-        f"{problem}. Expected a `.keras` or `.h5` model or a SavedModel folder. "
+        f"{problem}. Expected a `.keras` or `.h5` model, a SavedModel folder or a keras-hub "
+        "preset folder. "
         f"Received: {str(input)!r}",
         param_hint="'INPUT'",
     )
 
 
-def _is_application(input: Path) -> bool:
-    return applications.is_application_name(input) and not input.exists()
+def _is_application(input: Path | str) -> bool:
+    return applications.is_application_name(input) and not Path(input).exists()
 
 
 def _application_options(input: Path, flags: dict) -> dict:

@@ -6,8 +6,8 @@ What it owns:
 - the walk that decides every site for dropout (`walk`) and drop path (`droppath`),
   with its helpers (`replay`, `gates`, `owned`, `guards`, `refusals`, `actions`) and the
   protocols an engine implements to be walked (`protocols`);
-- the model-file checker (`checker`, `keras2_ops`, `opsize`, `safety`), input kinds
-  (`inputs`), the output rule (`paths`), atomic writes (`atomic`) and `--custom-objects`
+- the model-file checker (`checker`, `allowlist`, `budget`, `keras2_ops`, `opsize`, `safety`),
+  input kinds (`kinds`, `inputs`, `preset_folder` for keras-hub preset folders), the output rule (`paths`), atomic writes (`atomic`) and `--custom-objects`
   (`custom_objects`).
 
 What it may import: the standard library, numpy-free pure Python, h5py (to read file

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 
+from regularize.core import preset_folder
 from regularize.core import safety
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import first_line as _first_line
@@ -26,6 +27,9 @@ def check_readable(path: Path) -> None:
     received = f"Received: path={str(path)!r}"
     if not path.exists():
         raise ModelLoadError(f"Cannot read model: no such file. Expected {EXPECTED}. {received}")
+    if preset_folder.is_preset_folder(path):
+        # Its files are checked by `regularize.keras3.hub_preset`, before keras-hub reads them.
+        return
     if path.is_dir():
         if (path / "saved_model.pb").exists():
             raise ModelLoadError(
@@ -34,7 +38,8 @@ def check_readable(path: Path) -> None:
                 f"SavedModels. Expected {EXPECTED}. {received}"
             )
         raise ModelLoadError(
-            "Cannot read model: it is a folder, and not a SavedModel (no `saved_model.pb`). "
+            "Cannot read model: it is a folder, and neither a SavedModel (no `saved_model.pb`) "
+            "nor a keras-hub preset (no `config.json`). "
             f"Expected {EXPECTED}. {received}"
         )
     size = path.stat().st_size

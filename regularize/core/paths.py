@@ -2,7 +2,9 @@
 
 What an output may replace (with `overwrite`, the CLI's `--force`): a file
 of its own kind, a symbolic link (the link itself: it is never followed), or
-for a SavedModel output a folder that is itself a SavedModel. Never the
+for a SavedModel output a folder that is itself a SavedModel, for a keras-hub
+preset output a folder that is itself a preset (`preset_folder.is_preset_folder`).
+Never the
 input, a folder that holds the input, the working folder or one above it,
 nor any other folder.
 """
@@ -14,12 +16,15 @@ import stat
 from pathlib import Path
 
 from regularize.core.errors import ModelSaveError
+from regularize.core.preset_folder import is_preset_folder
 from regularize.core.text import short_repr
 
 SAVE_SUFFIXES = (".keras", ".h5")
 KERAS = "keras"
 H5 = "h5"
 SAVEDMODEL = "savedmodel"
+PRESET = "preset"
+FOLDER_FORMATS = (SAVEDMODEL, PRESET)
 
 
 def output_format(path: str | os.PathLike) -> str:
@@ -39,7 +44,7 @@ def check_output_path(
         path: Where the model would go.
         overwrite: Whether an existing output may be replaced (see the module).
         source: The input model's path, which is never overwritten.
-        fmt: "keras", "h5" or "savedmodel"; None: a `.keras` / `.h5` file
+        fmt: "keras", "h5", "savedmodel" or "preset"; None: a `.keras` / `.h5` file
             (the Keras 3 engine), told by the suffix.
     """
     path = Path(path)
@@ -65,11 +70,12 @@ def _check(path: Path, where: str, *, overwrite: bool, source: Path | None, fmt)
                 f"`.h5`. Received: suffix={path.suffix!r}"
             )
         fmt = output_format(path)
-    if fmt != SAVEDMODEL and is_dir:
+    if fmt not in FOLDER_FORMATS and is_dir:
         raise ModelSaveError(f"{where}: it is a folder. Expected a file path.")
-    if fmt == SAVEDMODEL and info is not None and stat.S_ISREG(info.st_mode):
+    if fmt in FOLDER_FORMATS and info is not None and stat.S_ISREG(info.st_mode):
+        what = "a SavedModel" if fmt == SAVEDMODEL else "a keras-hub preset"
         raise ModelSaveError(
-            f"{where}: it is a file. Expected a folder path for a SavedModel "
+            f"{where}: it is a file. Expected a folder path for {what} "
             "(or a path ending in `.h5` or `.keras`)."
         )
     if source is not None:
@@ -94,7 +100,7 @@ def _check(path: Path, where: str, *, overwrite: bool, source: Path | None, fmt)
     if is_link:
         return  # the link itself is replaced, its target untouched
     if is_dir:
-        _check_replaceable_folder(path, where)
+        _check_replaceable_folder(path, where, fmt)
     elif not stat.S_ISREG(info.st_mode):
         raise ModelSaveError(
             f"{where}: it is not a regular file (a device, pipe or socket). Expected a file path."
@@ -112,8 +118,9 @@ def _check_source(path: Path, source: Path, where: str, info, is_link: bool) -> 
     real_source = source.resolve()
     real_parent = path.parent.resolve()
     if source.is_dir() and (real_parent == real_source or real_source in real_parent.parents):
+        what = "SavedModel" if (source / "saved_model.pb").exists() else "folder"
         raise ModelSaveError(
-            f"{where}: it is inside the input SavedModel {_shown(source)}, which is never "
+            f"{where}: it is inside the input {what} {_shown(source)}, which is never "
             "changed. Expected a path outside it."
         )
     if info is not None and not is_link and stat.S_ISDIR(info.st_mode):
@@ -125,7 +132,7 @@ def _check_source(path: Path, source: Path, where: str, info, is_link: bool) -> 
             )
 
 
-def _check_replaceable_folder(path: Path, where: str) -> None:
+def _check_replaceable_folder(path: Path, where: str, fmt: str) -> None:
     real = path.resolve()
     try:
         cwd = Path.cwd().resolve()
@@ -134,8 +141,16 @@ def _check_replaceable_folder(path: Path, where: str) -> None:
     if cwd is not None and (real == cwd or real in cwd.parents):
         raise ModelSaveError(
             f"{where}: it is the working folder or a folder above it, which is never "
-            "replaced. Expected a SavedModel folder path."
+            f"replaced. Expected a {'SavedModel' if fmt == SAVEDMODEL else 'preset'} folder path."
         )
+    if fmt == PRESET:
+        if not is_preset_folder(path):
+            raise ModelSaveError(
+                f"{where}: it is a folder that is not a keras-hub preset (no `config.json`), "
+                "and only a preset folder may be replaced. Expected a new path or a "
+                "preset folder."
+            )
+        return
     if not (path / "saved_model.pb").is_file():
         raise ModelSaveError(
             f"{where}: it is a folder that is not a SavedModel (no `saved_model.pb`), "

@@ -183,19 +183,7 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
             f"{sorted(kept or changes)}"
         )
     if not policy.exact:
-        difference = max_difference(model, new)
-        measured = (
-            f"inference differs by at most {difference:.3g} on a probe batch"
-            if difference
-            else "inference is bit-identical on a probe batch, but other inputs or devices "
-            "may round differently"
-        )
-        graph_rewrite._warn(
-            report,
-            f"{name}: {', '.join(sorted(crossing))} crossed 0, so its attention runs Keras' "
-            f"other kernel (fused at 0, explicit above): {measured} (set `exact=True` to "
-            "refuse this)",
-        )
+        _warn_crossing(report, name, crossing, max_difference(model, new))
         return new, sites, crossing
     # One argument at a time: those that keep inference exact are set (`new`
     # is always the last model built with exactly `kept`).
@@ -215,6 +203,22 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
         for site in sites
     ]
     return new, sites, []
+
+
+def _warn_crossing(report, name: str, crossing, difference: float) -> None:
+    """The warning of arguments that crossed 0 and so switched an attention kernel."""
+    measured = (
+        f"inference differs by at most {difference:.3g} on a probe batch"
+        if difference
+        else "inference is bit-identical on a probe batch, but other inputs or devices "
+        "may round differently"
+    )
+    graph_rewrite._warn(
+        report,
+        f"{name}: {', '.join(sorted(crossing))} crossed 0, so its attention runs Keras' "
+        f"other kernel (fused at 0, explicit above): {measured} (set `exact=True` to "
+        "refuse this)",
+    )
 
 
 def _check_training(model, changes) -> None:

@@ -21,6 +21,7 @@ import keras
 from regularize.core import atomic
 from regularize.core import custom_objects
 from regularize.core import inputs
+from regularize.core import preset_folder
 from regularize.core import safety
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import ModelSaveError
@@ -48,10 +49,14 @@ def load_model(
     compile: bool = True,
     **application_options,
 ) -> keras.Model:
-    """Loads a Keras 3 `.keras` file or a Keras `.h5` file, or builds a Keras Application.
+    """Loads a Keras 3 `.keras` file, a Keras `.h5` file or a keras-hub preset, or builds a
+    Keras Application.
 
     Args:
-        path: The model file, or a Keras Application by name, e.g.
+        path: The model file; a keras-hub preset folder (what `save_to_preset`
+            writes) or handle ("bert_base_en", "kaggle://...", "hf://...",
+            downloaded by keras-hub), checked as data before keras-hub reads it
+            (see `regularize.keras3.hub_preset`); or a Keras Application by name, e.g.
             "keras.applications.ResNet50" (a file of that name wins).
         custom_objects: A dict of custom classes, or the path of a Python file
             or the name of a module that defines (or registers) them.
@@ -89,6 +94,14 @@ def load_model(
         )
     from regularize.keras3 import mc_layers  # noqa: F401  registers the MC dropout layers of `--mc` files
 
+    if preset_folder.is_preset_folder(path) or (
+        not os.path.lexists(path) and preset_folder.is_handle(path)
+    ):
+        from regularize.keras3 import hub_preset
+
+        return hub_preset.load_preset(
+            path, custom_objects=_custom_objects(custom_objects), safe_mode=safe_mode
+        )
     path = Path(path)
     inputs.check_readable(path)
     objects = _custom_objects(custom_objects)

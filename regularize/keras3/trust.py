@@ -296,7 +296,17 @@ def _check_weights(path: Path, config: dict, received: str, custom_objects) -> N
 
 
 def _dry_build(path: Path, config: dict, custom_objects) -> list[budget.LayerWeights] | None:
+    return declared_weights(config, custom_objects, build=lambda c: _from_config(path, c))
+
+
+def declared_weights(
+    config: dict, custom_objects=None, *, build=None
+) -> list[budget.LayerWeights] | None:
     """Each layer's weight bytes, from the model built with no variable initialized.
+
+    `build` makes the model from `config` (default: Keras 3's
+    `deserialize_keras_object`, as for a `.keras` file or a preset's
+    `config.json` / `task.json`).
 
     Inside `StatelessScope(initialize_variables=False)` Keras creates each
     variable with its shape and its initializer but allocates nothing, and
@@ -316,7 +326,7 @@ def _dry_build(path: Path, config: dict, custom_objects) -> list[budget.LayerWei
             keras.saving.custom_object_scope(custom_objects or {}),
             StatelessScope(initialize_variables=False),
         ):
-            _from_config(path, config)
+            (build or _deserialize)(config)
         declared = global_state.get_global_attribute("uninitialized_variables") or []
         sizes: dict[str, int] = {}
         for variable in declared:
@@ -341,11 +351,15 @@ def _layer_classes(config) -> dict[str, str]:
 
 def _from_config(path: Path, config: dict):
     if path.suffix == ".keras":
-        config = {key: value for key, value in config.items() if key != "compile_config"}
-        return keras.saving.deserialize_keras_object(config, safe_mode=True)
+        return _deserialize(config)
     from keras.src.legacy.saving import saving_utils
 
     return saving_utils.model_from_config(config)
+
+
+def _deserialize(config: dict):
+    config = {key: value for key, value in config.items() if key != "compile_config"}
+    return keras.saving.deserialize_keras_object(config, safe_mode=True)
 
 
 def _variable_bytes(variable) -> int:
