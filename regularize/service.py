@@ -30,9 +30,7 @@ from regularize.core import terms
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import ModelSaveError
 from regularize.core.mode import Mode
-from regularize.core.paths import PRESET
 from regularize.core.paths import SAVE_SUFFIXES
-from regularize.core.paths import check_output_path
 from regularize.core.policy import Policy
 from regularize.keras3 import applications
 
@@ -88,30 +86,11 @@ def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: boo
     return input.with_name(f"{input.stem}_{suffix}.keras")
 
 
-def check_output(
-    input: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    to_keras3: bool = False,
-) -> None:
-    """Raises `ModelSaveError` if `output` may not be written for `input` (no TensorFlow).
-
-    One rule for every input (`regularize.core.kinds.check_output`, on
-    `regularize.core.paths`); a preset in gives a preset folder out, unless the
-    output is named as a `.keras` / `.h5` file.
-    """
-    if is_preset(input) and Path(output).suffix not in SAVE_SUFFIXES and not kinds.detect(input):
-        check_output_path(Path(output), overwrite=overwrite, source=Path(input), fmt=PRESET)
-    else:
-        kinds.check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
+# The output rule for any input, both engines (no TensorFlow).
+check_output = kinds.check_output
 
 
-def is_preset(input: str | os.PathLike) -> bool:
-    """Whether `input` is a keras-hub preset folder or handle (no Keras import)."""
-    if preset_folder.is_preset_folder(input):
-        return True
-    return not os.path.lexists(input) and preset_folder.is_handle(input)
+is_preset = preset_folder.is_preset
 
 
 def is_application(input: str | os.PathLike) -> bool:

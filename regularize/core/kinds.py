@@ -14,9 +14,12 @@ import json
 import os
 from pathlib import Path
 
+from regularize.core import preset_folder
 from regularize.core import safety
 from regularize.core.errors import ModelLoadError
 from regularize.core.errors import ModelSaveError
+from regularize.core.paths import PRESET
+from regularize.core.paths import SAVE_SUFFIXES
 from regularize.core.paths import check_output_path
 from regularize.core.paths import output_format
 
@@ -245,13 +248,17 @@ def check_output(
     followed, `overwrite` replaces only what the tool itself would write. For a
     Keras 2 input (`keras2`, by default `detect(input)`), an output ending in
     `.keras` means `to_keras3`; one ending in `.h5` is a Keras 2 HDF5 file; any
-    other path is a SavedModel folder.
+    other path is a SavedModel folder. A keras-hub preset in gives a preset folder
+    out, unless the output is named as a `.keras` / `.h5` file.
 
     Returns:
         The output format: "keras", "h5" or "savedmodel".
     """
     output = Path(output)
     if not (detect(input) if keras2 is None else keras2):
+        if preset_folder.is_preset(input) and output.suffix not in SAVE_SUFFIXES:
+            check_output_path(output, overwrite=overwrite, source=Path(input), fmt=PRESET)
+            return PRESET
         check_output_path(output, overwrite=overwrite, source=Path(input))
         return "keras"
     fmt = output_format(output)

@@ -54,6 +54,13 @@ def is_preset_folder(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_preset(input: str | os.PathLike) -> bool:
+    """Whether `input` is a keras-hub preset folder or handle (no Keras import)."""
+    if is_preset_folder(input):
+        return True
+    return not os.path.lexists(input) and is_handle(input)
+
+
 def is_remote(name: str | os.PathLike) -> bool:
     """Whether `name` is a remote preset handle (`kaggle://...`, `hf://...`): kept as a string."""
     return isinstance(name, str) and name.startswith(HANDLE_SCHEMES)
