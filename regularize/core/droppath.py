@@ -380,9 +380,9 @@ class GraphDropPaths:
     def after(self, node) -> None:
         """Records the drop-path sites of `node`; inserts what goes after it."""
         for site, action in self.pending.pop(id(node), ()):
-            self.graph._site(*site)
+            self.graph.record_site(*site)
             if action is not None:
-                self.graph._apply(node, action)
+                self.graph.apply(node, action)
 
     def _queue(self, node, site: tuple, action: Insert | None = None) -> None:
         self.pending.setdefault(id(node), []).append((site, action))
@@ -458,7 +458,7 @@ class GraphDropPaths:
             "kind": "Dropout",
             "rate": rate,
             "shape": shape,
-            "data_format": self.graph._data_format_near(node),
+            "data_format": self.graph.data_format_near(node),
             "noise_shape": noise_shape(shape),
         }
 

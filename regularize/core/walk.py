@@ -19,33 +19,27 @@ import dataclasses
 
 from regularize.core import droppath
 from regularize.core import gates
-from regularize.core import owned
 from regularize.core import terms
 from regularize.core.actions import Action
 from regularize.core.actions import Insert
-from regularize.core.actions import Rebuild
 from regularize.core.actions import Remove
 from regularize.core.actions import Retarget
 from regularize.core.guards import gc_paused
 from regularize.core.guards import recursion_limit
+from regularize.core.layer_sites import KEPT
+from regularize.core.layer_sites import LayerSites
 from regularize.core.mode import Mode
 from regularize.core.policy import Policy
 from regularize.core.protocols import Builder
 from regularize.core.protocols import GraphView
 from regularize.core.protocols import LayerFacts
 from regularize.core.report import INSERT
-from regularize.core.report import KEEP
 from regularize.core.report import REMOVE
-from regularize.core.report import SKIP
 from regularize.core.report import UPDATE
 from regularize.core.report import Site
-from regularize.core.rules import OWNED
-from regularize.core.rules import RECURRENT
 from regularize.core.rules import Candidate
 from regularize.core.rules import Decision
-
-# The fate of a dropout layer that stays as it is (see `_Run.fates`).
-_KEPT = "kept"
+from regularize.core.settings import SettingSites
 
 
 @dataclasses.dataclass
@@ -119,7 +113,7 @@ class _Run:
     matched: set = dataclasses.field(default_factory=set)  # rules that matched a site
     decisions: dict = dataclasses.field(default_factory=dict)  # anchor -> Decision
     inserted: dict = dataclasses.field(default_factory=dict)  # anchor -> new layer's name
-    fates: dict = dataclasses.field(default_factory=dict)  # dropout -> None | _KEPT | Retarget
+    fates: dict = dataclasses.field(default_factory=dict)  # dropout -> None | KEPT | Retarget
     total: int = 1  # levels from the inputs to the outputs of the whole model
     has_norm: bool = False
     drop: droppath.State = dataclasses.field(default_factory=droppath.State)
@@ -150,13 +144,6 @@ class _Run:
     def length(self, view: GraphView) -> int:
         ends = _levels(view, view.nodes(), self.weight)
         return max(ends.values(), default=1)
-
-
-def _is_softmax(facts: LayerFacts) -> bool:
-    """A standalone softmax (`Softmax`, `Activation("softmax")`, `ops.softmax`)."""
-    if facts.class_name == "Softmax":
-        return True
-    return facts.is_activation_layer and facts.activation == "softmax"
 
 
 def _levels(view: GraphView, nodes, weight) -> dict[int, int]:
@@ -194,7 +181,7 @@ def _walk_graph(
     return graph.builder.finish(changed=graph.changed, top=top), graph.changed
 
 
-class _GraphWalk:
+class _GraphWalk(LayerSites, SettingSites):
     """One pass over one graph: decides each node and has the builder replay it."""
 
     def __init__(
@@ -238,7 +225,7 @@ class _GraphWalk:
         self.builder = run.builder.graph(view) if run.builder is not None else None
         self.changed = False
         add = run.mode == Mode.ADD
-        self.drop_paths = droppath.GraphDropPaths(self, _KEPT) if add else None
+        self.drop_paths = droppath.GraphDropPaths(self, KEPT) if add else None
         self.gates = gates.find_gate_layers(view, self.nodes, self.facts) if add else {}
 
     def facts(self, op) -> LayerFacts:
@@ -264,7 +251,7 @@ class _GraphWalk:
                     action = self._activation(node, op, facts)
                 self._call(node, op)
                 if action is not None:
-                    self._apply(node, action)
+                    self.apply(node, action)
             if self.drop_paths is not None:
                 self.drop_paths.after(node)
 
@@ -316,7 +303,7 @@ class _GraphWalk:
             tokens[id(node)] = upstream or self.facts(self.view.operation(node)).starts_tokens
         return tokens
 
-    def _data_format_near(self, node, limit: int = 64) -> str:
+    def data_format_near(self, node, limit: int = 64) -> str:
         """The `data_format` of the nearest upstream layer that declares one.
 
         Standalone activations carry no `data_format`, so a channels_first
@@ -335,7 +322,7 @@ class _GraphWalk:
     def _depth(self, node) -> float:
         return round((self.offset + self.ends[id(node)]) / self.run_.total, 4)
 
-    def _site(self, node, facts: LayerFacts, kind, rate, action, reason, existing="") -> None:
+    def record_site(self, node, facts: LayerFacts, kind, rate, action, reason, existing="") -> None:
         shape = self.view.out_shape(node)
         self.run_.result.sites.append(
             Site(
@@ -352,15 +339,6 @@ class _GraphWalk:
         )
         if action in (INSERT, UPDATE, REMOVE):
             self.changed = True
-
-    def _decided(self, node, op, facts: LayerFacts, auto_kind: str, site, existing):
-        """The policy's decision for a layer's own settings, or None once `site` says why not."""
-        decision = self._decide(node, op, facts, auto_kind)
-        skip = self.inert or (decision.reason if decision.skipped else None)
-        if skip:
-            site(None, SKIP, skip, existing)
-            return None
-        return decision
 
     def _decide(self, node, op, facts: LayerFacts, auto_kind: str) -> Decision:
         """Asks the policy about the site at `node`; notes which rules matched."""
@@ -392,25 +370,11 @@ class _GraphWalk:
         # rebuilt once for all its calls.
         return self.run_.decisions.setdefault(id(op), self.policy.decide(candidate))
 
-    def _new_dropout(self, decision: Decision, shape: tuple, fmt: str) -> dict:
-        return {
-            "kind": decision.kind,
-            "rate": decision.rate,
-            "shape": shape,
-            "data_format": fmt,
-            "mc": self.policy.mc,
-        }
-
-    def _wanted_class(self, kind: str) -> str:
-        return ("MC" if self.policy.mc else "") + kind
-
-    # -- building ---------------------------------------------------------
-
     def _call(self, node, op) -> None:
         if self.builder is not None:
             self.builder.call(node, op)
 
-    def _apply(self, node, action: Action) -> None:
+    def apply(self, node, action: Action) -> None:
         self.run_.result.actions.append(action)
         if self.builder is None:
             return
@@ -469,251 +433,3 @@ class _GraphWalk:
         return outside
 
     # -- activation sites -------------------------------------------------
-
-    def _activation(self, node, op, facts: LayerFacts) -> Insert | None:
-        """Decides the site after `node`; returns the dropout to insert there, if any."""
-        keys = self.view.output_keys(node)
-        if len(keys) != 1:
-            return None
-        key = keys[0]
-        shape = tuple(self.view.out_shape(node))
-        if self.tokens[id(node)]:
-            fmt, auto_kind = "channels_last", "Dropout"
-        else:
-            fmt = self._data_format_near(node)
-            auto_kind = terms.dropout_kind(len(shape), fmt)
-        readers = self.readers.get(key, [])
-        dropouts = [
-            r
-            for r in readers
-            if self.facts(r).is_dropout and not droppath.claims(self.run_, r, self.facts(r))
-        ]
-        existing = ", ".join(f"{self.facts(d).label}({self.facts(d).rate:g})" for d in dropouts)
-        decision = self._decide(node, op, facts, auto_kind)
-
-        def skip(reason, action=SKIP):
-            self._site(node, facts, decision.kind, None, action, reason, existing)
-
-        if self.inert:
-            reason = self.inert
-        elif key in self.final:
-            return skip("model output")
-        elif decision.skipped:
-            reason = decision.reason
-        else:
-            reason = None
-        if dropouts:
-            for layer in dropouts:
-                other = self.facts(layer)
-                # A wrapped dropout (QuantizeWrapperV2(Dropout)) stays the user's.
-                if other.is_own_dropout or (
-                    self.policy.layer_existing != "keep" and other.wrapper is None
-                ):
-                    self._retarget(node, op, facts, layer, decision, shape, fmt, reason, existing)
-                else:
-                    skip(f"already followed by {other.label}", KEEP)
-            return None
-        if reason:
-            return skip(reason)
-        if any(self.facts(r).is_batchnorm for r in readers):
-            return skip("feeds BatchNormalization")
-        if any(_is_softmax(self.facts(r)) for r in readers):
-            # Dropout on a softmax's logits zeros scores, it drops no class or token:
-            # the probabilities shift towards the kept ones in training only.
-            return skip("feeds a softmax")
-        if not readers:
-            return skip("output not used")
-        if decision.rate == 0:
-            return skip(decision.reason)
-        self._site(node, facts, decision.kind, decision.rate, INSERT, decision.reason, existing)
-        if id(op) not in self.run_.inserted:
-            name = terms.unique_name(facts.name + terms.SUFFIX, self.names)
-            self.names.add(name)
-            self.run_.inserted[id(op)] = name
-        name = self.run_.inserted[id(op)]
-        return Insert(anchor=op, name=name, **self._new_dropout(decision, shape, fmt))
-
-    def _retarget(self, node, op, facts, layer, decision, shape, fmt, skip_reason, existing):
-        """Decides what becomes of a dropout layer after `node`.
-
-        The tool's own layers always follow the policy; the model's own ones
-        only with `existing = "retarget"` or `"remove"`.
-        """
-        run = self.run_
-        other = self.facts(layer)
-        old_kind = other.class_name
-        own = other.is_own_dropout
-
-        def site(kind, rate, action, reason):
-            self._site(node, facts, kind, rate, action, reason, existing)
-
-        if id(layer) in run.fates:  # a shared dropout, decided at its first call
-            done = run.fates[id(layer)]
-            why = "shared, same as its first call"
-            if done is None:
-                site(old_kind, other.rate, REMOVE, "shared, removed")
-            elif done == _KEPT:
-                site(old_kind, other.rate, KEEP, why)
-            else:
-                site(self._wanted_class(done.kind), done.rate, UPDATE, why)
-            return
-        if not own and self.policy.layer_existing == "remove":
-            skip_reason = "existing = remove"
-        elif not skip_reason and decision.rate == 0:
-            skip_reason = decision.reason
-        wanted = self._wanted_class(decision.kind)
-        if skip_reason:
-            site(old_kind, other.rate, REMOVE, skip_reason)
-            run.fates[id(layer)] = None
-        elif decision.rate == other.rate and old_kind == wanted:
-            why = "inserted earlier, same rate" if own else "already there, same rate"
-            site(decision.kind, decision.rate, KEEP, why)
-            run.fates[id(layer)] = _KEPT
-        else:
-            reason = f"{old_kind}({other.rate:g}) -> {wanted}({decision.rate:g})"
-            site(decision.kind, decision.rate, UPDATE, reason)
-            args = self._new_dropout(decision, shape, fmt)
-            run.fates[id(layer)] = Retarget(layer=layer, anchor=op, **args)
-
-    # -- existing dropout layers ------------------------------------------
-
-    def _dropout(self, node, op, facts: LayerFacts) -> None:
-        run = self.run_
-        strip = run.mode == Mode.STRIP or (
-            self.policy.layer_existing == "remove" and id(op) not in run.fates
-        )
-        if strip:
-            if self.view.output_keys(node)[0] in self.final:
-                self._site(node, facts, facts.class_name, facts.rate, KEEP, "model output")
-                return self._call(node, op)
-            why = "strip dropout" if run.mode == Mode.STRIP else "existing = remove"
-            self._site(node, facts, facts.class_name, facts.rate, REMOVE, why)
-            return self._apply(node, Remove(op, self.view.casts_input(node)))
-        fate = run.fates.get(id(op), _KEPT)  # a user's dropout is left as it is
-        if fate == _KEPT:
-            return self._call(node, op)
-        self.changed = True
-        if fate is None:
-            return self._apply(node, Remove(op, self.view.casts_input(node)))
-        return self._apply(node, fate)
-
-    # -- recurrent layers -------------------------------------------------
-
-    def _recurrent(self, node, op, facts: LayerFacts) -> None:
-        run = self.run_
-        config = self.view.config(op)
-        settings = list(terms.dropout_settings(config))
-
-        def site(rate, action, reason, existing=""):
-            self._site(node, facts, RECURRENT, rate, action, reason, existing)
-
-        if not settings:
-            site(None, SKIP, "cell has no dropout setting")
-            return self._call(node, op)
-        old = (settings[0]["dropout"], settings[0]["recurrent_dropout"])
-        existing = terms.describe_rnn(old)
-        if run.mode == Mode.STRIP:
-            new_values = (0.0, 0.0)
-        else:
-            decision = self._decided(node, op, facts, RECURRENT, site, existing)
-            if decision is None:
-                return self._call(node, op)
-            rec = decision.recurrent_rate
-            new_values = (decision.rate, old[1] if rec is None else rec)
-        reason = terms.describe_change(old, new_values)
-        if all((s["dropout"], s["recurrent_dropout"]) == new_values for s in settings):
-            action, reason = (SKIP, "rate is 0") if new_values == (0.0, 0.0) else (KEEP, reason)
-            site(new_values[0] or None, action, reason, existing)
-            return self._call(node, op)
-        if facts.wrapper is not None:
-            # Rebuilding from config would drop the wrapper and its pruning
-            # or quantization state.
-            site(None, SKIP, f"wrapped in {facts.wrapper}: left as it is", existing)
-            return self._call(node, op)
-        if run.mode == Mode.STRIP:
-            action = REMOVE
-        else:
-            action = INSERT if old == (0.0, 0.0) else UPDATE
-        site(new_values[0], action, reason, existing)
-        if new_values[1] > 0 and run.mode == Mode.ADD:
-            run.result.warn(terms.CUDNN)
-            if terms.has_lstm_cell(config):
-                run.result.warn(terms.LSTM_KERNEL)
-        elif old[1] > 0 and new_values[1] == 0 and terms.returns_to_fused_lstm(config, settings):
-            run.result.warn(terms.LSTM_KERNEL_BACK)
-        for s in settings:
-            s["dropout"], s["recurrent_dropout"] = new_values
-        self._apply(node, Rebuild(op, config, new_values))
-
-    # -- layers that own their dropout ----------------------------------------
-
-    def _owned(self, node, op, facts: LayerFacts) -> None:
-        """Rebuilds a layer with new values for the dropout keys of its config.
-
-        Like an RNN layer: dropout after a MultiHeadAttention or a transformer
-        block would not be the dropout it was trained with, so its own
-        settings (`LayerFacts.owned`) change. A layer that has none but
-        applies an activation inside is reported as skipped.
-        """
-        run = self.run_
-        keys = facts.owned
-
-        def site(rate, action, reason, existing=""):
-            self._site(node, facts, OWNED, rate, action, reason, existing)
-
-        if not keys:
-            why = f"{facts.class_name} applies its activation inside and has no dropout setting"
-            site(None, SKIP, why)
-            return self._call(node, op)
-        existing = owned.describe_existing(keys)
-        if run.mode == Mode.STRIP:
-            settings = dict.fromkeys(owned.Role, 0.0)
-        else:
-            decision = self._decided(node, op, facts, OWNED, site, existing)
-            if decision is None:
-                return self._call(node, op)
-            settings = {
-                owned.Role.GENERAL: decision.rate,
-                owned.Role.ATTENTION: decision.attention_rate,
-                owned.Role.RECURRENT: decision.recurrent_rate,
-            }
-        values = owned.new_values(keys, settings)
-        old = tuple(k.value for k in keys)
-        reason = owned.describe(keys, values)
-        top = max(values)
-        if values == old:
-            if top == 0:
-                unset = all(settings[k.role] is None for k in keys)
-                site(None, SKIP, owned.unset_reason(keys) if unset else "rate is 0", existing)
-            else:
-                site(top, KEEP, reason, existing)
-            return self._call(node, op)
-        switch = owned.switches_kernel(facts.attention_kernel, old, values)
-        if (
-            switch
-            and run.mode == Mode.ADD
-            and (settings[owned.Role.ATTENTION] is None or self.policy.exact)
-        ):
-            # Only a user who asked for attention dropout accepts the rounding.
-            site(None, SKIP, owned.KERNEL_SWITCH_SKIP, existing)
-            return self._call(node, op)
-        refusal = facts.rebuild_refusal
-        if refusal is None and facts.wrapper is not None:
-            refusal = f"wrapped in {facts.wrapper}: left as it is"
-        config = self.view.config(op)
-        if refusal is None:
-            refusal = owned.check_rebuild(self.view, config, keys, values)
-        if refusal is not None:
-            site(None, SKIP, refusal, existing)
-            return self._call(node, op)
-        if run.mode == Mode.STRIP:
-            action = REMOVE
-        else:
-            action = INSERT if not any(old) else UPDATE
-        site(top, action, reason, existing)
-        attention = [v for k, v in zip(keys, values, strict=True) if k.role == owned.Role.ATTENTION]
-        if run.mode == Mode.ADD and any(attention):
-            run.result.warn(owned.ATTENTION_WARNING)
-        if switch:
-            run.result.warn(owned.KERNEL_SWITCH_WARNING)
-        self._apply(node, Rebuild(op, config, values))
