@@ -32,6 +32,7 @@ import regularize
 from regularize import core
 from regularize.cli import cli
 from regularize.core import droppath
+from regularize.core import merges
 from regularize.core.errors import PolicyError
 from regularize.core.policy import Policy
 from regularize.core.report import INSERT
@@ -126,7 +127,7 @@ def _blocks(g: Graph, n: int, start) -> Node:
 
 
 def _merges(view):
-    return droppath.find_merges(view, view.nodes(), view.facts)
+    return merges.find_merges(view, view.nodes(), view.facts)
 
 
 def _drop_sites(sites):

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from regularize.core import droppath
+from regularize.core import merges
 from regularize.core.protocols import GraphView
 from regularize.core.protocols import LayerFacts
 
@@ -68,7 +68,7 @@ def find_gate_layers(view: GraphView, nodes, facts: Callable[[Any], LayerFacts])
     Returns:
         `{id(node): SQUEEZE_EXCITATION or GATE}`; empty for a graph without gates.
     """
-    producer, position, weight = droppath.index_nodes(view, nodes, facts)
+    producer, position, weight = merges.index_nodes(view, nodes, facts)
 
     inside: dict[int, str] = {}
     for node in nodes:
@@ -77,7 +77,7 @@ def find_gate_layers(view: GraphView, nodes, facts: Callable[[Any], LayerFacts])
         keys = list(view.input_keys(node))
         if len(keys) != 2 or keys[0] == keys[1] or not all(k in producer for k in keys):
             continue  # a constant scale, a square, or a graph input
-        found = droppath.nearest_fork(view, keys, producer, position, weight)
+        found = merges.nearest_fork(view, keys, producer, position, weight)
         if found is None:
             continue
         fork = found[0]
@@ -86,7 +86,7 @@ def find_gate_layers(view: GraphView, nodes, facts: Callable[[Any], LayerFacts])
             key = keys[side]
             if key == fork:
                 continue  # the feature map itself
-            region = droppath.between(view, fork, key, producer, position)
+            region = merges.between(view, fork, key, producer, position)
             reason = _gate_reason(
                 view, producer[key], shapes[side], shapes[1 - side], region, facts
             )
