@@ -12,7 +12,7 @@
 - the weights files (`preset_folder.weight_files`): HDF5 only, self-contained
   (`safety.check_h5_storage`), and the weights the configs declare, built
   with nothing allocated, against what the files store and the machine has
-  (`checker.check_weight_budget`).
+  (`budget.check_weight_budget`).
 
 Only then is the model loaded with keras-hub's own `Backbone.from_preset` or
 `<Task>.from_preset` (the task's class from `task.json`, as keras-hub's
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import keras
 
+from regularize.core import budget
 from regularize.core import checker
 from regularize.core import preset_folder
 from regularize.core.errors import ModelLoadError
@@ -123,10 +124,10 @@ def check_preset(folder: Path, *, custom_objects: dict | None = None, safe_mode:
     task = texts.get(Path(preset_folder.TASK_FILE))
     declared = trust.declared_weights(task or config, custom_objects)
     if declared:
-        checker.check_weight_budget(
+        budget.check_weight_budget(
             declared,
             stored=preset_folder.stored_bytes(folder, weights),
-            available=checker.available_memory(),
+            available=budget.available_memory(),
             received=received,
         )
 
