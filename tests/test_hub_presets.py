@@ -618,11 +618,12 @@ def test_a_backbone_whose_dropout_goes_into_its_graph_needs_a_keras_output(tmp_p
         stackwise_num_strides=[1],
         block_type="basic_block",
         image_shape=(32, 32, 3),
+        name="tiny_resnet",  # not auto-numbered: the message names it
     ).save_to_preset(str(folder))
     run = _regularize("add-dropout", folder, "--rate", "0.2")
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
-    assert lines[-1].startswith("Error: Cannot write 'res_net_backbone' as a keras-hub preset")
+    assert lines[-1].startswith("Error: Cannot write 'tiny_resnet' as a keras-hub preset")
     assert "Expected a `.keras` output path for it" in lines[-1]
     assert not (tmp_path / "resnet_dropout").exists()
     out = tmp_path / "resnet_dropout.keras"

@@ -106,7 +106,10 @@ def plan(model: keras.Model, policy: Policy, mode: str, report: Report) -> Edit 
     task_changes = {}
     if is_task:
         task_config = model.get_config()
-        task_changes, sites = hub._decide(model, task_config, policy, mode, trial, prefix="")
+        # The task's `backbone` argument is the backbone above, not a nested argument.
+        task_changes, sites = hub._decide(
+            model, task_config, policy, mode, trial, prefix="", nested=False
+        )
         for site in sites:
             trial.add(site)
         crossing += _crossing(task_config, task_changes)
