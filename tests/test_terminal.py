@@ -52,6 +52,23 @@ _WATCHED = textwrap.dedent(
 )
 
 
+# Only a guard against a hung child (the test fails instead of hanging CI), never a
+# budget: no assertion here depends on how fast the machine is.
+HANG = 900
+
+
+def _default_signals() -> None:
+    """In the child before it starts: SIGINT and SIGTERM as a terminal delivers them.
+
+    A process started in the background by a non-interactive shell (`cmd &` in a
+    CI script) inherits SIGINT *ignored*, and Python then installs no
+    KeyboardInterrupt handler: Ctrl-C would be a no-op for reasons outside the
+    tool. The child is given the default dispositions a user's shell gives.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _watched(*args) -> list[str]:
     return [sys.executable, "-c", _WATCHED, *map(str, args)]
 
@@ -76,6 +93,7 @@ class _Terminal:
             stderr=slave,
             cwd=cwd,
             env=ENV,
+            preexec_fn=_default_signals,
         )
         os.close(slave)
         self.master = master
@@ -95,13 +113,13 @@ class _Terminal:
         self.seen += chunk
         return True
 
-    def wait_for(self, text: bytes, seconds: float = 300) -> None:
+    def wait_for(self, text: bytes, seconds: float = HANG) -> None:
         deadline = time.monotonic() + seconds
         while text not in self.seen:
             assert time.monotonic() < deadline, self.seen[-2000:]
             assert self.read(0.5) or text in self.seen, self.seen[-2000:]
 
-    def finish(self, seconds: float = 300) -> tuple[int, str]:
+    def finish(self, seconds: float = HANG) -> tuple[int, str]:
         """Reads to the end; returns the exit code and stdout (if piped)."""
         deadline = time.monotonic() + seconds
         while self.read(0.5):
@@ -285,7 +303,8 @@ import regularize.core.report
 def stall(*args, **kwargs):
     {before}
     open({ready!r}, "w").close()
-    time.sleep(120)
+    while True:  # until the test's signal ends it
+        time.sleep(3600)
 
 {patch}
 from regularize.cli import main
@@ -317,15 +336,16 @@ def _interrupt_at(stage: str, folder: Path, args: list[str], signum=signal.SIGIN
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals,
     )
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + HANG
         while not ready.exists():
             assert child.poll() is None, child.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         child.send_signal(signum)
-        out, err = child.communicate(timeout=120)
+        out, err = child.communicate(timeout=HANG)
     finally:
         child.kill()
     return child.returncode, out, err
