@@ -57,12 +57,106 @@ class Outcome:
     empty: bool
 
 
+# What an input is, resolved once per job (`input_kind`); a Keras 2 input is
+# one of `kinds.detect`'s names.
+APPLICATION, PRESET, FILE = "application", "preset", "file"
+KERAS2_KINDS = (kinds.SAVEDMODEL, kinds.KERAS2_H5)
+
+
+def input_kind(input: str | os.PathLike) -> str:
+    """What `input` is, without TensorFlow.
+
+    One of "preset", "savedmodel", "keras2-h5", "application", "file".
+    "savedmodel" and "keras2-h5" are the inputs only the Keras 2 engine reads
+    (`kinds.detect`); "file" is anything else on disk (or not there: the
+    loader says why).
+    """
+    if is_preset(input):
+        return PRESET
+    keras2 = kinds.detect(input)
+    if keras2:
+        return keras2
+    if is_application(input):
+        return APPLICATION
+    return FILE
+
+
 def engine_of(input: str | os.PathLike) -> str:
     """ "keras2" for inputs only the Keras 2 engine reads, else "keras3" (no TensorFlow import)."""
-    return "keras2" if kinds.detect(input) else "keras3"
+    return "keras2" if input_kind(input) in KERAS2_KINDS else "keras3"
 
 
-def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: bool = False) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One checked request, from `prepare`: the input's kind resolved, the output checked.
+
+    Attributes:
+        input: The input path (a preset handle stays a string).
+        kind: `input_kind(input)`.
+        mode: What to do.
+        output: Where the model goes (for a dry run: would go); None for `Mode.PLAN`.
+        write: Whether `output` is written (not a dry run or a plan); its
+            output rule is checked then (`kinds.check_output`).
+        overwrite: Replace an output the tool itself would write.
+        to_keras3: Keras 2 inputs: write a Keras 3 `.keras` file.
+    """
+
+    input: Path | str
+    kind: str
+    mode: Mode
+    output: Path | None
+    write: bool
+    overwrite: bool = False
+    to_keras3: bool = False
+
+    @property
+    def engine(self) -> str:
+        """ "keras2" or "keras3"."""
+        return "keras2" if self.kind in KERAS2_KINDS else "keras3"
+
+
+def prepare(
+    input: str | os.PathLike,
+    mode: Mode | str = Mode.ADD,
+    *,
+    output: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    to_keras3: bool = False,
+    check_name: Callable[[Path], None] | None = None,
+) -> Job:
+    """The pre-flight of every command: resolves what `input` is and checks the output, once.
+
+    No TensorFlow is imported: a wrong output is refused before the slow part.
+
+    Args:
+        input, mode, output, dry_run, overwrite, to_keras3: As for `process`.
+        check_name: Called with the output path before the output rule (the
+            CLI's checks of the name itself, e.g. its length).
+
+    Raises:
+        ModelSaveError: The output may not be written (`kinds.check_output`).
+    """
+    mode = Mode(mode)
+    input = input if preset_folder.is_remote(input) else Path(input)
+    kind = input_kind(input)
+    if mode is Mode.PLAN:
+        return Job(input, kind, mode, None, False, overwrite, to_keras3)
+    if output is None:
+        output = default_output(input, mode, to_keras3=to_keras3, kind=kind)
+    output = Path(output)
+    write = not dry_run
+    if write:
+        if check_name is not None:
+            check_name(output)
+        keras2 = kind in KERAS2_KINDS
+        check_output(input, output, overwrite=overwrite, to_keras3=to_keras3, keras2=keras2)
+    return Job(input, kind, mode, output, write, overwrite, to_keras3)
+
+
+def default_output(
+    input: str | os.PathLike, mode: Mode | str, *, to_keras3: bool = False, kind: str | None = None
+) -> Path:
     """The output's name when none is given, beside the input and in its family.
 
     `model.keras` -> `model_dropout.keras`; a Keras 2 `model.h5` ->
@@ -70,18 +164,20 @@ def default_output(input: str | os.PathLike, mode: Mode | str, *, to_keras3: boo
     `to_keras3`: `model_dropout.keras`); a keras-hub preset folder `bert/` ->
     `bert_dropout/` (a handle `kaggle://.../bert_base_en/2` -> `bert_base_en_dropout/`
     in the working folder); `keras.applications.ResNet50` ->
-    `resnet50_dropout.keras` in the working folder.
+    `resnet50_dropout.keras` in the working folder. `kind` is
+    `input_kind(input)`, when known.
     """
     suffix = SUFFIXES[Mode(mode)]
-    if is_preset(input):
+    kind = kind or input_kind(input)
+    if kind == PRESET:
         if preset_folder.is_preset_folder(input):
             input = Path(input)
             return input.with_name(f"{input.name}_{suffix}")
         return Path(f"{preset_folder.handle_name(os.fspath(input))}_{suffix}")
     input = Path(input)
-    if kinds.detect(input):
+    if kind in KERAS2_KINDS:
         return kinds.default_output(input, suffix, to_keras3=to_keras3)
-    if is_application(input):
+    if kind == APPLICATION:
         return Path(f"{applications.short_name(input)}_{suffix}.keras")
     return input.with_name(f"{input.stem}_{suffix}.keras")
 
@@ -151,34 +247,48 @@ def process(
         ModelLoadError, ModelSaveError, PolicyError, UnsupportedModelError:
             one line each, nothing written.
     """
-    mode = Mode(mode)
-    input = input if preset_folder.is_remote(input) else Path(input)
+    job = prepare(
+        input, mode, output=output, dry_run=dry_run, overwrite=overwrite, to_keras3=to_keras3
+    )
+    return execute(
+        job,
+        policy=policy,
+        allow_empty=allow_empty,
+        custom_objects=custom_objects,
+        safe_mode=safe_mode,
+        step=step,
+        quiet=quiet,
+        debug=debug,
+        **application_options,
+    )
+
+
+def execute(
+    job: Job,
+    *,
+    policy: Policy | None = None,
+    allow_empty: bool = False,
+    custom_objects: dict | str | os.PathLike | None = None,
+    safe_mode: bool = True,
+    step: Callable[[str], None] | None = None,
+    quiet: Callable[[], contextlib.AbstractContextManager] | None = None,
+    debug: bool = False,
+    **application_options,
+) -> Outcome:
+    """Runs a `Job` from `prepare` on its engine; the arguments are `process`'s."""
     policy = policy if policy is not None else Policy()
     step = step or (lambda text: None)
     quiet = quiet or contextlib.nullcontext
-    save_to = None
-    if mode is not Mode.PLAN:
-        given = output is not None
-        output = Path(output) if given else default_output(input, mode, to_keras3=to_keras3)
-        if not dry_run:
-            check_output(input, output, overwrite=overwrite, to_keras3=to_keras3)
-            save_to = output
-    else:
-        output = None
-    asks = mode is not Mode.STRIP and policy.asks_for_dropout()
+    asks = job.mode is not Mode.STRIP and policy.asks_for_dropout()
 
     def keep(report) -> bool:
         return allow_empty or not (asks and report.with_dropout() == 0)
 
-    run = _run_keras2 if engine_of(input) == "keras2" else _run_keras3
+    run = _run_keras2 if job.engine == "keras2" else _run_keras3
     report, written = run(
-        input,
-        mode,
+        job,
         policy,
-        save_to,
         keep=keep,
-        overwrite=overwrite,
-        to_keras3=to_keras3,
         custom_objects=custom_objects,
         safe_mode=safe_mode,
         step=step,
@@ -187,11 +297,13 @@ def process(
         options=application_options,
     )
     empty = asks and report.with_dropout() == 0
-    return Outcome(report=report, output=output, written=written, empty=empty)
+    return Outcome(report=report, output=job.output, written=written, empty=empty)
 
 
-def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, **kwargs):
-    if not is_application(input) and not is_preset(input):
+def _run_keras3(job, policy, *, keep, step, quiet, **kwargs):
+    input, mode = job.input, job.mode
+    save_to = job.output if job.write else None
+    if job.kind not in (APPLICATION, PRESET):
         from regularize.core import inputs
 
         inputs.check_readable(input)  # a wrong file is said before the slow import
@@ -215,7 +327,7 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         if mode is not Mode.PLAN and save_to is not None:
             from regularize.keras3 import hub_edit
 
-            input_path = hub_preset_folder(input)
+            input_path = hub_preset_folder(input, job.kind)
             edit = None
             if hub_edit.kind_of(input_path, Path(save_to)):
                 edit = hub_edit.plan(model, policy, mode, report)
@@ -244,18 +356,19 @@ def _run_keras3(input, mode, policy, save_to, *, keep, overwrite, step, quiet, *
         if save_to is None or not keep(report):
             return report, False
         step(f"writing {save_to}")
-        if is_preset(input) and Path(save_to).suffix not in SAVE_SUFFIXES:
+        if job.kind == PRESET and Path(save_to).suffix not in SAVE_SUFFIXES:
             from regularize.keras3 import hub_edit
 
             hub_edit.save_preset(new, Path(save_to))
         else:
-            io.save_model(new, save_to, overwrite=overwrite)
+            io.publish(new, Path(save_to))  # the output rule: checked by `prepare`
     return report, True
 
 
-def hub_preset_folder(input) -> Path:
+def hub_preset_folder(input, kind: str | None = None) -> Path:
     """The local folder of a preset handle (keras-hub's download); any other input as is."""
-    if is_preset(input) and not preset_folder.is_preset_folder(input):
+    kind = kind or input_kind(input)
+    if kind == PRESET and not preset_folder.is_preset_folder(input):
         from regularize.keras3 import hub_preset
 
         return hub_preset.resolve(input)
@@ -293,7 +406,7 @@ def _has_batchnorm(model) -> bool:
     return False
 
 
-def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, step, quiet, **kw):
+def _run_keras2(job, policy, *, keep, step, quiet, **kw):
     """One job for the Keras 2 engine; its output is published only if `keep(report)`.
 
     The engine writes into a temporary folder beside the output, and the
@@ -302,6 +415,8 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
     """
     from regularize import keras2
 
+    input, mode, to_keras3 = job.input, job.mode, job.to_keras3
+    save_to = job.output if job.write else None
     if kw["options"]:
         given = ", ".join(f"{k}={v!r}" for k, v in kw["options"].items())
         raise ModelLoadError(
@@ -310,7 +425,7 @@ def _run_keras2(input, mode, policy, save_to, *, keep, overwrite, to_keras3, ste
             f"path={str(input)!r}, {given}"
         )
     request = {"mode": str(mode), "input": input, "custom_objects": kw["custom_objects"]}
-    request.update(safe_mode=kw["safe_mode"], overwrite=overwrite, to_keras3=to_keras3)
+    request.update(safe_mode=kw["safe_mode"], overwrite=job.overwrite, to_keras3=to_keras3)
     if mode is not Mode.STRIP:
         request["policy"] = policy
     step(f"rewriting {input} with the Keras 2 engine")

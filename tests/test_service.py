@@ -169,3 +169,46 @@ def test_the_api_warns_when_the_policy_puts_dropout_nowhere(cnn, cnn_before):
         warnings.simplefilter("error", RegularizeWarning)
         regularize.add_dropout(model, rate=0.0)  # asks for none: no warning
         assert _dropout_layers(regularize.add_dropout(model, rate=0.1))
+
+
+def test_one_job_resolves_the_input_once_and_checks_the_output_once(cnn, cnn_before, monkeypatch):
+    """The pre-flight (`service.prepare`) is the only place either happens."""
+    from regularize.core import kinds
+    from regularize.keras3 import io
+
+    calls = {"detect": 0, "output rule": 0}
+    detect, rule = kinds.detect, kinds.check_output_path
+
+    def counted_detect(*args, **kwargs):
+        calls["detect"] += 1
+        return detect(*args, **kwargs)
+
+    def counted_rule(*args, **kwargs):
+        calls["output rule"] += 1
+        return rule(*args, **kwargs)
+
+    monkeypatch.setattr(kinds, "detect", counted_detect)
+    monkeypatch.setattr(kinds, "check_output_path", counted_rule)
+    monkeypatch.setattr(io, "check_output_path", counted_rule)
+    job = service.prepare(cnn, "add")
+    assert (job.kind, job.engine, job.write) == (service.FILE, "keras3", True)
+    assert job.output == cnn.with_name("cnn_dropout.keras")
+    assert calls == {"detect": 1, "output rule": 1}
+    outcome = service.execute(job, policy=Policy(rate=0.2))
+    assert calls == {"detect": 1, "output rule": 1}  # nothing checked twice
+    assert outcome.written and outcome.output == job.output
+    x, expected, _ = cnn_before
+    new = keras.models.load_model(job.output)
+    assert _dropout_layers(new)  # the rewrite happened
+    np.testing.assert_array_equal(np.asarray(new(x, training=False)), expected)
+
+
+def test_the_pre_flight_refuses_a_taken_output_before_any_model_is_read(cnn, tmp_path):
+    taken = tmp_path / "taken.keras"
+    taken.write_bytes(b"not mine")
+    with pytest.raises(ModelSaveError, match="already exists"):
+        service.prepare(cnn, "add", output=taken)
+    assert taken.read_bytes() == b"not mine"
+    job = service.prepare(cnn, "add", output=taken, dry_run=True)
+    assert (job.output, job.write) == (taken, False)
+    assert service.prepare(cnn, "plan").output is None

@@ -150,34 +150,29 @@ def inspect_command(policy_file, preset, as_json, allow_empty, **common):
 
 
 def _process(mode, *, output, force, dry_run, as_json, to_keras3, allow_empty=False, **common):
-    """Checks the paths, then `service.process`; prints the report and what was written."""
+    """The pre-flight (`service.prepare`), then the job; prints the report and what was written."""
     from regularize import service
 
     input = common["input"]
     with _interrupts() as guard:
         with _progress(common["quiet"] or common["debug"]) as step:
-            given = output is not None
-            hint = OUTPUT_HINT if given else DEFAULT_OUTPUT_HINT
-            if output is None:
-                output = service.default_output(input, mode, to_keras3=to_keras3)
-            if not dry_run:
-                # A default output name may pass the 255-byte limit where INPUT's did not.
-                check_path(output, hint, follow=False)
-                try:
-                    service.check_output(input, output, overwrite=force, to_keras3=to_keras3)
-                except ModelSaveError as err:
-                    raise click.BadParameter(str(err), param_hint=hint) from err
-            guard.watch(None if dry_run else output)
-            outcome = _service(
-                mode,
-                step,
-                output=output,
-                overwrite=force,
-                dry_run=dry_run,
-                to_keras3=to_keras3,
-                allow_empty=allow_empty,
-                **common,
-            )
+            hint = OUTPUT_HINT if output is not None else DEFAULT_OUTPUT_HINT
+            try:
+                job = service.prepare(
+                    input,
+                    mode,
+                    output=output,
+                    dry_run=dry_run,
+                    overwrite=force,
+                    to_keras3=to_keras3,
+                    # A default output name may pass the 255-byte limit where INPUT's did not.
+                    check_name=lambda path: check_path(path, hint, follow=False),
+                )
+            except ModelSaveError as err:
+                raise click.BadParameter(str(err), param_hint=hint) from err
+            output = job.output
+            guard.watch(output if job.write else None)
+            outcome = _service(mode, step, job=job, allow_empty=allow_empty, **common)
         report = outcome.report
         _print_warnings(report)
         if as_json:
@@ -208,10 +203,13 @@ def _service(
     no_top,
     input_shape,
     classes,
-    to_keras3=False,
+    job=None,
     **kwargs,
 ):
-    """`service.process` with the command line's flags; its errors as one line each."""
+    """`service.execute` with the command line's flags; its errors as one line each.
+
+    `job` is the pre-flight's (`service.prepare`); a plan makes its own.
+    """
     from regularize import service
     from regularize.core.errors import UnknownApplicationError
 
@@ -221,12 +219,11 @@ def _service(
     signal.signal(signal.SIGTERM, _terminate)
     with one_line_errors(debug):
         try:
-            return service.process(
-                input,
-                mode,
+            job = job or service.prepare(input, mode)
+            return service.execute(
+                job,
                 custom_objects=custom_objects,
                 safe_mode=not unsafe,
-                to_keras3=to_keras3,
                 step=step,
                 quiet=lambda: _quiet(debug),
                 debug=debug,
@@ -237,7 +234,7 @@ def _service(
             raise click.BadParameter(str(err), param_hint="'INPUT'") from err
         except UnsupportedModelError as err:
             text = str(err)
-            if to_keras3 and "to_keras3" not in text and "Keras 3" in text:
+            if job.to_keras3 and "to_keras3" not in text and "Keras 3" in text:
                 hint = "Set `to_keras3=False` to write a Keras 2 model."
                 raise UnsupportedModelError(f"{text} {hint}") from err
             raise
