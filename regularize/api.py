@@ -84,16 +84,8 @@ def add_dropout(
         >>> head = regularize.add_dropout(base, policy=regularize.Policy(preset="head"))
         >>> deep = regularize.add_dropout(base, rate=0.0, drop_path=0.1)
     """
-    policy = resolve_policy(
-        policy,
-        rate=rate,
-        recurrent_rate=recurrent_rate,
-        attention_rate=attention_rate,
-        drop_path=drop_path,
-    )
     report = report if report is not None else Report()
-    model = _loaded(model)
-    new = _engine(model).rewrite(model, policy, report=report)
+    policy, new = _run(model, rate, recurrent_rate, drop_path, attention_rate, policy, report)
     if policy.asks_for_dropout() and report.with_dropout() == 0:
         warnings.warn(
             "The policy put dropout nowhere: the new model has the same graph as the "
@@ -180,6 +172,13 @@ def plan(
     from its config, since only running it tells whether an argument keeps
     inference exact (see `regularize.keras3.hub`).
     """
+    report = report if report is not None else Report()
+    _run(model, rate, recurrent_rate, drop_path, attention_rate, policy, report, build=False)
+    return report.sites
+
+
+def _run(model, rate, recurrent_rate, drop_path, attention_rate, policy, report, *, build=True):
+    """(the policy, the new model or None): `add_dropout` and `plan` (`build=False`) alike."""
     policy = resolve_policy(
         policy,
         rate=rate,
@@ -187,9 +186,8 @@ def plan(
         attention_rate=attention_rate,
         drop_path=drop_path,
     )
-    report = report if report is not None else Report()
-    _engine(model).rewrite(model, policy, build=False, report=report)
-    return report.sites
+    model = _loaded(model)
+    return policy, _engine(model).rewrite(model, policy, build=build, report=report)
 
 
 def _engine(model: keras.Model):

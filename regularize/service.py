@@ -194,23 +194,11 @@ def is_application(input: str | os.PathLike) -> bool:
     return applications.is_application_name(input) and not Path(input).exists()
 
 
-def process(
-    input: str | os.PathLike,
-    mode: Mode | str = Mode.ADD,
-    *,
-    policy: Policy | None = None,
-    output: str | os.PathLike | None = None,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    allow_empty: bool = False,
-    to_keras3: bool = False,
-    custom_objects: dict | str | os.PathLike | None = None,
-    safe_mode: bool = True,
-    step: Callable[[str], None] | None = None,
-    quiet: Callable[[], contextlib.AbstractContextManager] | None = None,
-    debug: bool = False,
-    **application_options,
-) -> Outcome:
+# The keyword arguments of `process` that are the pre-flight's (`prepare`).
+PREFLIGHT = ("output", "dry_run", "overwrite", "to_keras3")
+
+
+def process(input: str | os.PathLike, mode: Mode | str = Mode.ADD, **options) -> Outcome:
     """Loads `input`, rewrites it per `mode` and `policy`, and writes the result atomically.
 
     Args:
@@ -222,13 +210,14 @@ def process(
             (`regularize.keras3.hub_edit`).
         mode: "add" (dropout per `policy`), "strip" (remove it) or "plan"
             (decide every site; nothing is built or written).
-        policy: For "add" and "plan"; default `Policy()`.
+        **options: Keywords, `prepare`'s (the first four) and `execute`'s:
         output: Where to write; default `default_output(input, mode)`.
         dry_run: Decide and report, write nothing ("add" and "strip").
         overwrite: Replace an existing output the tool itself would write.
+        to_keras3: Keras 2 inputs: write a Keras 3 `.keras` file.
+        policy: For "add" and "plan"; default `Policy()`.
         allow_empty: Write the model even if the policy asks for dropout and
             put it nowhere (`Outcome.empty`).
-        to_keras3: Keras 2 inputs: write a Keras 3 `.keras` file.
         custom_objects: A dict of custom classes (Keras 3 inputs), or a
             module name or `.py` file (both engines).
         safe_mode: False runs what a model file asks to run (Python
@@ -247,20 +236,8 @@ def process(
         ModelLoadError, ModelSaveError, PolicyError, UnsupportedModelError:
             one line each, nothing written.
     """
-    job = prepare(
-        input, mode, output=output, dry_run=dry_run, overwrite=overwrite, to_keras3=to_keras3
-    )
-    return execute(
-        job,
-        policy=policy,
-        allow_empty=allow_empty,
-        custom_objects=custom_objects,
-        safe_mode=safe_mode,
-        step=step,
-        quiet=quiet,
-        debug=debug,
-        **application_options,
-    )
+    checks = {key: options.pop(key) for key in PREFLIGHT if key in options}
+    return execute(prepare(input, mode, **checks), **options)
 
 
 def execute(

@@ -18,6 +18,21 @@ from regularize.core.errors import first_line as _first_line
 EXPECTED = "a `.keras` file or a Keras `.h5` file"
 
 
+def check_is_model(
+    loaded: object, model_class: type, *, what: str, noun: str, expected: str, received: str
+) -> None:
+    """Raises `ModelLoadError` if what an engine loaded is not a `model_class` (both engines).
+
+    A file may hold a layer, a function or plain data that the engine loads
+    without complaint: `what` (the path, or "it") "holds a X, not `noun`".
+    """
+    if not isinstance(loaded, model_class):
+        raise ModelLoadError(
+            f"Cannot read model: {what} holds a {type(loaded).__name__}, not {noun}. "
+            f"Expected {expected}. {received}"
+        )
+
+
 def check_readable(path: Path) -> None:
     """Raises `ModelLoadError` unless `path` looks like a model file Keras 3 can read.
 

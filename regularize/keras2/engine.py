@@ -34,6 +34,7 @@ from tf_keras.src.saving.serialization_lib import SafeModeScope  # noqa: E402
 from regularize.core import atomic  # noqa: E402
 from regularize.core import budget
 from regularize.core import checker  # noqa: E402
+from regularize.core import inputs  # noqa: E402
 from regularize.core import safety  # noqa: E402
 from regularize.core import terms  # noqa: E402
 from regularize.core.custom_objects import load as load_custom_objects  # noqa: E402
@@ -146,11 +147,9 @@ def load(
         raise
     except Exception as err:  # tf_keras raises many types; one line each here
         raise ModelLoadError(_explain_load_error(err, received)) from err
-    if not isinstance(model, tf_keras.Model):
-        raise ModelLoadError(
-            f"Cannot read model: it holds a {type(model).__name__}, not a Keras model. "
-            f"Expected {EXPECTED}. {received}"
-        )
+    inputs.check_is_model(
+        model, tf_keras.Model, what="it", noun="a Keras model", expected=EXPECTED, received=received
+    )
     for layer in all_layers(model):
         # A SavedModel revives a layer whose class is unknown here from its
         # traced functions: it runs, but its config is gone, so the model

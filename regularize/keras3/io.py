@@ -125,11 +125,14 @@ def load_model(
                 training.compile_from_config(model, _saved_compile_config(path))
     except Exception as err:  # Keras raises many types; one line each here
         raise ModelLoadError(_explain_load_error(path, err)) from err
-    if not isinstance(model, keras.Model):
-        raise ModelLoadError(
-            f"Cannot read model: {path} holds a {type(model).__name__}, not a model. "
-            f"Expected {EXPECTED} holding a model. Received: path={str(path)!r}"
-        )
+    inputs.check_is_model(
+        model,
+        keras.Model,
+        what=str(path),
+        noun="a model",
+        expected=f"{EXPECTED} holding a model",
+        received=f"Received: path={str(path)!r}",
+    )
     return model
 
 
