@@ -29,6 +29,7 @@ from regularize.core.report import SKIP
 from regularize.core.report import UPDATE
 from regularize.core.report import Report
 from regularize.keras3 import hub
+from regularize.keras3 import hub_probe
 from regularize.keras3 import io
 
 FLAGS = {
@@ -111,7 +112,7 @@ def fresh_process(tmp_path_factory):
 
 def _check(name, flag, tmp_path, fresh=None):
     model = BACKBONES[name]()
-    x = hub._probe(model)
+    x = hub_probe.probe(model)
     before = _flat(model(x, training=False))
     report = Report()
     if (name, flag) in DEFECTS:
@@ -226,8 +227,8 @@ def test_a_backbone_without_argument_or_graph_site_says_why():
 def test_a_raw_waveform_backbone_is_probed_with_a_length_it_accepts():
     # Moonshine's stem (strides 64, 3, 2) fails on 8 samples: the probe tries 1024.
     moonshine = BACKBONES["Moonshine"]()
-    assert hub._probe(moonshine)["encoder_input_values"].shape == (2, 1024, 1)
-    assert hub._probe(BACKBONES["BERT"]())["token_ids"].shape == (2, 8)
+    assert hub_probe.probe(moonshine)["encoder_input_values"].shape == (2, 1024, 1)
+    assert hub_probe.probe(BACKBONES["BERT"]())["token_ids"].shape == (2, 8)
     new = regularize.add_dropout(moonshine, rate=0.2)
     assert type(new).__name__ == "MoonshineBackbone"
     assert new.get_config()["dropout"] == 0.2
@@ -237,7 +238,7 @@ def test_cli_bert_as_presets_ship_it(tmp_path):
     # The acceptance case: BERT's own dropout 0.1 -> 0.2, a BertBackbone again,
     # reloaded in a process that never imports regularize, bit-identical, one step.
     bert = BACKBONES["BERT"]()
-    x = hub._probe(bert)
+    x = hub_probe.probe(bert)
     before = bert(x, training=False)
     path = io.save_model(bert, tmp_path / "bert.keras")
     np.savez(tmp_path / "x.npz", **x)

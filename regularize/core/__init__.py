@@ -6,6 +6,7 @@ What it owns:
 - the walk that decides every site for dropout (`walk`) and drop path (`droppath`), with its
   helpers (`replay`, `gates`, `owned`, `guards`, `refusals`, `actions`) and the protocols an
   engine implements to be walked (`protocols`);
+- a model constructor's dropout arguments, decided from the policy (`arguments`: keras-hub);
 - the model-file checker (`checker`, `allowlist`, `budget`, `keras2_ops`, `opsize`,
   `safety`), input kinds (`kinds`, `inputs`, `preset_folder` for keras-hub preset folders),
   the output rule (`paths`), atomic writes (`atomic`) and `--custom-objects`

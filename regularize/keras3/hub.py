@@ -20,21 +20,21 @@ keras-hub itself is never imported here: the model's own class is used.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import keras
 import numpy as np
 
 from regularize.core import Mode
+from regularize.core import arguments
 from regularize.core import owned
 from regularize.core.errors import UnsupportedModelError
 from regularize.core.policy import Policy
-from regularize.core.report import KEEP
 from regularize.core.report import REMOVE
 from regularize.core.report import SKIP
 from regularize.core.report import UPDATE
 from regularize.core.report import Report
 from regularize.core.report import Site
+from regularize.keras3 import hub_probe
 from regularize.keras3 import rewrite as graph_rewrite
 from regularize.keras3 import training
 
@@ -119,7 +119,7 @@ def _rewrite_task(task, policy, mode, build, report):
     config["preprocessor"] = task.preprocessor
     new = _from_config(task, config)
     _copy_state(task, new)
-    if not switched and not _is_exact(task, new):
+    if not switched and not hub_probe.is_exact(task, new):
         raise UnsupportedModelError(
             f"Cannot rewrite {task.name!r} ({type(task).__name__}): the rebuilt task does not "
             "compute bit-identical outputs at inference. Expected the same outputs with "
@@ -169,13 +169,13 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
     with `NOT_EXACT`). Changes that do not cross 0 must stay bit-identical.
     """
     new = _rebuilt(model, config, changes)
-    if _is_exact(model, new):
+    if hub_probe.is_exact(model, new):
         return new, sites, []
     old = dropout_arguments(config)
     crossing = [key for key in changes if (old[key] == 0) != (changes[key] == 0)]
     kept = {key: value for key, value in changes.items() if key not in crossing}
     base = _rebuilt(model, config, kept) if kept != changes else new
-    if not _is_exact(model, base):
+    if not hub_probe.is_exact(model, base):
         raise UnsupportedModelError(
             f"Cannot rewrite {model.name!r} ({type(model).__name__}): the model rebuilt with "
             "the new dropout arguments does not compute bit-identical outputs at inference. "
@@ -183,7 +183,7 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
             f"{sorted(kept or changes)}"
         )
     if not policy.exact:
-        _warn_crossing(report, name, crossing, max_difference(model, new))
+        _warn_crossing(report, name, crossing, hub_probe.max_difference(model, new))
         return new, sites, crossing
     # One argument at a time: those that keep inference exact are set (`new`
     # is always the last model built with exactly `kept`).
@@ -191,7 +191,7 @@ def _rebuild_exact(model, config, changes, sites, policy, report, name):
     refused = set()
     for key in crossing:
         trial = _rebuilt(model, config, {**kept, key: changes[key]})
-        if _is_exact(model, trial):
+        if hub_probe.is_exact(model, trial):
             kept[key] = changes[key]
             new = trial
         else:
@@ -232,7 +232,7 @@ def _check_training(model, changes) -> None:
     # the model's non-trainable state is put back exactly as it was.
     state = [(v, keras.ops.convert_to_numpy(v)) for v in model.non_trainable_variables]
     try:
-        model(_probe(model), training=True)
+        model(hub_probe.probe(model), training=True)
     except Exception as err:  # the model's own layer fails; one line here
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise UnsupportedModelError(
@@ -251,120 +251,6 @@ def _rebuilt(model, config, changes):
     new = _from_config(model, owned.with_arguments(config, changes))
     _copy_state(model, new)
     return new
-
-
-# Keras attention layers that leave `ops.dot_product_attention` for explicit
-# einsums (other last bits) as soon as their dropout is above 0.
-_KERNEL_SWITCH = tuple(
-    getattr(keras.layers, name)
-    for name in ("MultiHeadAttention", "GroupedQueryAttention")
-    if hasattr(keras.layers, name)
-)
-
-
-def _is_exact(old: keras.Model, new: keras.Model) -> bool:
-    """Whether `new` computes what `old` does at inference.
-
-    Known kernel switches are found in the layers themselves (a probe input
-    can hide them: identical tokens make every attention weight equal); the
-    probe batch then catches what is not known.
-    """
-    before = [x for x in old._flatten_layers() if isinstance(x, _KERNEL_SWITCH)]
-    after = [x for x in new._flatten_layers() if isinstance(x, _KERNEL_SWITCH)]
-    for a, b in zip(before, after, strict=False):
-        if not _attention_dropout(a) and _attention_dropout(b):
-            return False
-    return _same_outputs(old, new)
-
-
-def _attention_dropout(layer) -> float:
-    return float(getattr(layer, "dropout", 0.0) or 0.0)
-
-
-def _probe(model: keras.Model):
-    """A small input batch `model` runs on: masks of ones, ids of 0 and 1, floats.
-
-    Unknown sizes: a batch of 2, 32 pixels of an image, and 8 steps of a
-    sequence (ids, or features as Whisper's: its position embedding holds no
-    more) unless the model fails on 8 steps: a raw waveform (Moonshine's
-    stem strides 64, then 3 and 2, so it needs 895 samples) gets 1024.
-    """
-    length = _PROBE_LENGTHS.get(model)
-    if length is None:
-        length = _SEQUENCE_LENGTHS[-1]
-        for candidate in _SEQUENCE_LENGTHS[:-1]:
-            try:
-                model(_probe_batch(model, candidate), training=False)
-            except Exception:  # the model's own error on too short an input; try longer
-                continue
-            length = candidate
-            break
-        _PROBE_LENGTHS[model] = length
-    return _probe_batch(model, length)
-
-
-_SEQUENCE_LENGTHS = (8, 1024)
-# The sequence length each model was found to run on (checked once per model object).
-_PROBE_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _probe_batch(model: keras.Model, length: int):
-    rng = np.random.default_rng(0)
-    arrays = []
-    for tensor in model.inputs:
-        size = length if len(tensor.shape) <= 3 else 32
-        shape = [2 if i == 0 else size for i in range(len(tensor.shape))]
-        shape = [d if d is not None else shape[i] for i, d in enumerate(tensor.shape)]
-        name = str(getattr(tensor, "name", "") or "")
-        if "bool" in str(tensor.dtype) or "mask" in name:
-            arrays.append(np.ones(shape, tensor.dtype))
-        elif "segment" in name:
-            arrays.append(np.zeros(shape, tensor.dtype))
-        elif "int" in str(tensor.dtype):
-            # Token ids 0 and 1 exist in every vocabulary; mixed, rows differ.
-            arrays.append(rng.integers(0, 2, size=shape).astype(tensor.dtype))
-        else:
-            arrays.append(rng.uniform(0, 1, size=shape).astype(tensor.dtype))
-    return keras.tree.pack_sequence_as(model._inputs_struct, arrays)
-
-
-def _same_outputs(old: keras.Model, new: keras.Model) -> bool:
-    before, after = _both_outputs(old, new)
-    return len(before) == len(after) and all(
-        np.array_equal(a, b) for a, b in zip(before, after, strict=True)
-    )
-
-
-def max_difference(old: keras.Model, new: keras.Model) -> float:
-    """The largest absolute difference of the two models' outputs on the probe batch."""
-    before, after = _both_outputs(old, new)
-    return max(
-        (
-            float(np.max(np.abs(a.astype("float64") - b.astype("float64"))))
-            for a, b in zip(before, after, strict=True)
-            if a.size
-        ),
-        default=0.0,
-    )
-
-
-def _both_outputs(old: keras.Model, new: keras.Model):
-    x = _probe(old)
-    try:
-        before = keras.tree.flatten(old(x, training=False))
-        after = keras.tree.flatten(new(x, training=False))
-    except Exception as err:  # the model's own error on an input it does not take
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        shapes = [tuple(a.shape) for a in keras.tree.flatten(x)]
-        raise UnsupportedModelError(
-            f"Cannot check {old.name!r} ({type(old).__name__}) on a probe batch: "
-            f"{type(err).__name__}: {first}. Expected a model that takes inputs of the "
-            f"shapes of its `inputs`. Received: probe shapes {shapes}"
-        ) from err
-    return (
-        [keras.ops.convert_to_numpy(a) for a in before],
-        [keras.ops.convert_to_numpy(b) for b in after],
-    )
 
 
 def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
@@ -397,59 +283,13 @@ def _rewrite_graph(backbone, policy, mode, build, report, *, prefix):
 
 def _decide(model, config, policy, mode, report, *, prefix, nested=True) -> tuple[dict, list[Site]]:
     """The new value of each dropout-like argument of `model`, and one `Site` each."""
-    changes = {}
-    sites = []
     name = f"{prefix}{model.name}"
-    cls = type(model).__name__
-    for key in owned.find_arguments(config, nested=nested):
-        old = key.value
-        new, action, reason = _target(key, policy, mode)
-        existing = f"{key.name}={old:g}"
-        if new is None:
-            rate = old if reason == "already at the rate" else None
-            sites.append(Site(name, cls, key.name, rate, action, reason, existing=existing))
-            continue
-        changes[key.name] = new
-        reason = f"{key.name}: {old:g} -> {new:g} ({reason})"
-        action = REMOVE if new == 0 else UPDATE
-        sites.append(Site(name, cls, key.name, new, action, reason, existing=existing))
-    if changes and policy.schedule is not None and mode == Mode.ADD:
-        graph_rewrite._warn(
-            report, f"{name}: a constructor argument has one rate, not a schedule: `rate` used"
-        )
+    changes, sites, notes = arguments.decide(
+        name, type(model).__name__, config, policy, mode, nested=nested
+    )
+    for text in notes:
+        graph_rewrite._warn(report, text)
     return changes, sites
-
-
-def _target(key: owned.Key, policy: Policy, mode: str) -> tuple[float | None, str, str]:
-    """(new value or None to leave it, action, reason) for one constructor argument.
-
-    The setting of the key's role drives it (`rate`, `attention_rate`,
-    `recurrent_rate`, `drop_path`). A value already above 0 is the model's
-    own dropout: `existing` decides, and by default ("retarget" for a
-    setting, see `Policy.setting_existing`) the rate asked for is set.
-    """
-    old = key.value
-    if mode == Mode.STRIP:
-        return (0.0, REMOVE, "removed") if old else (None, SKIP, "already 0")
-    if policy.mc:
-        return None, SKIP, "MC dropout cannot be set through a constructor argument"
-    rate = getattr(policy, key.role.value)
-    if rate is None:
-        return None, SKIP, f"`{key.role.value}` not set: {key.name}={old:g} left as it is"
-    existing = policy.setting_existing
-    if old and existing == "keep":
-        return None, KEEP, f"the model's own dropout ({key.name}={old:g}); existing='keep'"
-    if old and existing == "remove":
-        return 0.0, REMOVE, "existing='remove'"
-    if old and not rate and policy.existing is None:
-        # `rate=0` asks for no dropout from the tool (it removes the tool's own
-        # layers), not for the model's: that takes existing='remove'.
-        return None, KEEP, f"rate 0 leaves the model's own {key.name}={old:g}; existing='remove'"
-    if rate == old:
-        if not rate:
-            return None, SKIP, f"`{key.role.value}` is 0: {key.name}=0 left as it is"
-        return None, KEEP, "already at the rate"
-    return float(rate), UPDATE, key.role.value
 
 
 def _skip_all(model, config, reason, report, *, prefix) -> None:

@@ -46,6 +46,7 @@ from regularize.core.errors import first_line
 from regularize.core.policy import Policy
 from regularize.core.report import Report
 from regularize.keras3 import hub
+from regularize.keras3 import hub_probe
 
 KERAS = "keras"
 PRESET = "preset"
@@ -124,7 +125,7 @@ def plan(model: keras.Model, policy: Policy, mode: str, report: Report) -> Edit 
     for site in trial.sites:
         report.add(site)
     report.warnings.extend(w for w in trial.warnings if w not in report.warnings)
-    probe = hub._probe(model)
+    probe = hub_probe.probe(model)
     return Edit(
         name=f"{model.name!r} ({type(model).__name__})",
         where=f"{prefix}{backbone.name}",
@@ -364,9 +365,9 @@ def _outputs(model: keras.Model, probe) -> list:
 
 def _attention(model: keras.Model) -> list[float]:
     return [
-        hub._attention_dropout(layer)
+        hub_probe.attention_dropout(layer)
         for layer in model._flatten_layers()
-        if isinstance(layer, hub._KERNEL_SWITCH)
+        if isinstance(layer, hub_probe.KERNEL_SWITCH)
     ]
 
 
