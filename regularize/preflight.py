@@ -4,8 +4,9 @@
 Keras 2 file only the Keras 2 engine reads, a Keras Application by name, or a
 file), names the default output and checks it once against the output rule
 (`core/kinds.check_output`), and returns one typed `Job`. The CLI and
-`regularize.process` both start here; `service.execute` runs the job, and
-nothing after it checks again.
+`regularize.process` both start here; `service.execute` runs the job. The
+write checks the output once more (a file that appeared at the output during
+the run is not replaced without `overwrite`).
 
 Imports no TensorFlow: a wrong output is said before the slow import.
 """

@@ -208,7 +208,9 @@ def _run_keras3(job, policy, *, keep, step, quiet, **kwargs):
 
             hub_edit.save_preset(new, Path(save_to))
         else:
-            io.publish(new, Path(save_to))  # the output rule: checked by `prepare`
+            # The pre-flight checked the output before the slow part; the check at the
+            # write is the one that holds: a file that appeared meanwhile is not replaced.
+            io.save_model(new, save_to, overwrite=job.overwrite)
     return report, True
 
 

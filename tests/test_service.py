@@ -171,8 +171,10 @@ def test_the_api_warns_when_the_policy_puts_dropout_nowhere(cnn, cnn_before):
         assert _dropout_layers(regularize.add_dropout(model, rate=0.1))
 
 
-def test_one_job_resolves_the_input_once_and_checks_the_output_once(cnn, cnn_before, monkeypatch):
-    """The pre-flight (`service.prepare`) is the only place either happens."""
+def test_one_job_resolves_the_input_once_and_checks_the_output_before_and_at_the_write(
+    cnn, cnn_before, monkeypatch
+):
+    """The input is resolved once; the output is checked by the pre-flight and by the write."""
     from regularize.core import kinds
     from regularize.keras3 import io
 
@@ -195,12 +197,29 @@ def test_one_job_resolves_the_input_once_and_checks_the_output_once(cnn, cnn_bef
     assert job.output == cnn.with_name("cnn_dropout.keras")
     assert calls == {"detect": 1, "output rule": 1}
     outcome = service.execute(job, policy=Policy(rate=0.2))
-    assert calls == {"detect": 1, "output rule": 1}  # nothing checked twice
+    assert calls == {"detect": 1, "output rule": 2}  # the write's own check, nothing else
     assert outcome.written and outcome.output == job.output
     x, expected, _ = cnn_before
     new = keras.models.load_model(job.output)
     assert _dropout_layers(new)  # the rewrite happened
     np.testing.assert_array_equal(np.asarray(new(x, training=False)), expected)
+
+
+def test_a_file_that_appears_at_the_output_during_the_run_is_not_replaced(cnn, monkeypatch):
+    from regularize.keras3 import io
+
+    job = service.prepare(cnn, "add")  # the output is free now
+    load = io.load_model
+
+    def load_then_someone_writes_the_output(*args, **kwargs):
+        model = load(*args, **kwargs)
+        job.output.write_bytes(b"someone else's file")
+        return model
+
+    monkeypatch.setattr(io, "load_model", load_then_someone_writes_the_output)
+    with pytest.raises(ModelSaveError, match="already exists"):
+        service.execute(job, policy=Policy(rate=0.2))
+    assert job.output.read_bytes() == b"someone else's file"
 
 
 def test_the_pre_flight_refuses_a_taken_output_before_any_model_is_read(cnn, tmp_path):

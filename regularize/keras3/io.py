@@ -179,15 +179,6 @@ def save_model(model: keras.Model, path: str | os.PathLike, *, overwrite: bool =
     """
     path = Path(path)
     check_output_path(path, overwrite=overwrite)
-    return publish(model, path)
-
-
-def publish(model: keras.Model, path: Path) -> Path:
-    """`save_model` to a path whose output rule was already checked (`service.prepare`).
-
-    The write is still atomic and checked to reload; links at `path` are
-    replaced, never followed (`core.atomic`).
-    """
     _remove_stale_temps(path)
     try:
         with recursion_limit(DEEP):
